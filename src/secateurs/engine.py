@@ -1,0 +1,154 @@
+"""The block-by-block loop: calibrate -> score -> mask -> propagate, for every method.
+
+This is the only module that knows about hooks, devices and the order of blocks. The model
+stays where it was loaded; one block at a time moves to the compute device, so the memory
+needed beyond the model is one block plus two buffers of calibration activations.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from secateurs.model import (
+    BlockInputs,
+    block_output,
+    capture_block_inputs,
+    find_blocks,
+    find_linears,
+    weight_matrix,
+)
+from secateurs.patterns import SparsityPattern
+from secateurs.stats import ActivationStats
+
+MetricFn = Callable[[nn.Module, "ActivationStats | None"], torch.Tensor]
+
+
+@dataclass
+class LayerRecord:
+    """What happened to one linear layer."""
+
+    name: str
+    shape: tuple[int, int]
+    pruned: int
+
+    @property
+    def sparsity(self) -> float:
+        return self.pruned / (self.shape[0] * self.shape[1])
+
+
+@dataclass
+class PruneReport:
+    """Per-layer records and where the time went."""
+
+    layers: list[LayerRecord] = field(default_factory=list)
+    seconds: dict[str, float] = field(
+        default_factory=lambda: {"capture": 0.0, "calibrate": 0.0, "score": 0.0, "propagate": 0.0}
+    )
+
+    def to_dict(self) -> dict:
+        return {
+            "layers": [asdict(r) | {"sparsity": r.sparsity} for r in self.layers],
+            "seconds": dict(self.seconds),
+        }
+
+
+def run_block(
+    block: nn.Module, inputs: BlockInputs, batch_size: int, keep_outputs: bool
+) -> torch.Tensor | None:
+    """Send every calibration window through ``block`` in batches."""
+    hidden = inputs.hidden
+    outputs = torch.empty_like(hidden) if keep_outputs else None
+    with torch.no_grad():
+        for start in range(0, hidden.shape[0], batch_size):
+            batch = hidden[start : start + batch_size]
+            args, kwargs = inputs.call_args(batch.shape[0])
+            result = block_output(block(batch, *args, **kwargs))
+            if outputs is not None:
+                outputs[start : start + batch.shape[0]] = result
+    return outputs
+
+
+def _calibrate(
+    block: nn.Module, layers: dict[str, nn.Module], inputs: BlockInputs, batch_size: int
+) -> dict[str, ActivationStats]:
+    """One pass through the unpruned block, accumulating every layer's input statistics."""
+    stats = {
+        name: ActivationStats(weight_matrix(layer).shape[1], inputs.hidden.device)
+        for name, layer in layers.items()
+    }
+    handles = [
+        layer.register_forward_hook(lambda _m, args, _out, s=stats[name]: s.add_batch(args[0]))
+        for name, layer in layers.items()
+    ]
+    try:
+        run_block(block, inputs, batch_size, keep_outputs=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+def check_pattern_fits(model: nn.Module, pattern: SparsityPattern) -> None:
+    """Fail before any work if some layer cannot take the pattern."""
+    stack_name, blocks = find_blocks(model)
+    for name, layer in find_linears(blocks[0]).items():
+        pattern.check_columns(weight_matrix(layer).shape[1], f"{stack_name}.0.{name}")
+
+
+def prune_sequential(
+    model: nn.Module,
+    windows: torch.Tensor | None,
+    metric_fn: MetricFn,
+    pattern: SparsityPattern,
+    sparsity_ratio: float,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    calibrated: bool = True,
+    progress: bool = True,
+) -> PruneReport:
+    """Prune every linear layer of every decoder block, in block order.
+
+    With ``calibrated``, block ``i`` is scored on the outputs of the already-pruned blocks
+    ``0..i-1``: all its layers see the unpruned block's activations, all are pruned, then the
+    windows run through the pruned block to become the next block's inputs.
+    """
+    device = torch.device(device)
+    check_pattern_fits(model, pattern)
+    if calibrated and (windows is None or windows.shape[0] == 0):
+        raise ValueError("this method needs calibration windows")
+    report = PruneReport()
+    stack_name, blocks = find_blocks(model)
+    inputs = None
+    if calibrated:
+        start = time.perf_counter()
+        inputs = capture_block_inputs(model, windows, device, batch_size)
+        report.seconds["capture"] += time.perf_counter() - start
+    for index, block in enumerate(tqdm(blocks, desc="pruning blocks", disable=not progress)):
+        home = next(block.parameters()).device
+        block.to(device)
+        layers = find_linears(block)
+        stats: dict[str, ActivationStats] = {}
+        if inputs is not None:
+            start = time.perf_counter()
+            stats = _calibrate(block, layers, inputs, batch_size)
+            report.seconds["calibrate"] += time.perf_counter() - start
+        start = time.perf_counter()
+        for name, layer in layers.items():
+            mask = pattern.create_mask(metric_fn(layer, stats.get(name)), sparsity_ratio)
+            weight = weight_matrix(layer)
+            weight.masked_fill_(mask.to(weight.device), 0)
+            full_name = f"{stack_name}.{index}.{name}"
+            report.layers.append(LayerRecord(full_name, tuple(weight.shape), int(mask.sum())))
+        report.seconds["score"] += time.perf_counter() - start
+        if inputs is not None:
+            start = time.perf_counter()
+            inputs.hidden = run_block(block, inputs, batch_size, keep_outputs=True)
+            report.seconds["propagate"] += time.perf_counter() - start
+        block.to(home)
+    return report

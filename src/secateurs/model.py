@@ -1,0 +1,250 @@
+"""Loading models, finding their decoder blocks and linear layers, capturing block inputs.
+
+Nothing here names an architecture: the decoder stack is found as the largest
+``nn.ModuleList`` of identical blocks, and a block's prunable layers are its ``nn.Linear``
+modules (and GPT-2 style ``Conv1D``, whose weight is stored transposed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from secateurs import assets
+from secateurs.errors import SecateursError
+
+DEFAULT_SEQLEN = 2048
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def resolve_model_path(name: str) -> str:
+    """A built-in model name becomes its cached folder; anything else is passed through."""
+    if name in assets.BUILTIN_MODELS:
+        return str(assets.builtin_model_dir(name))
+    return name
+
+
+def load_config(name: str, cache_dir: str | None = None, trust_remote_code: bool = False):
+    """The model's config, cheaply, so bad input is caught before the weights load."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(
+            resolve_model_path(name), cache_dir=cache_dir, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise _load_failed(name, exc) from exc
+
+
+def _load_failed(name: str, exc: Exception) -> SecateursError:
+    return SecateursError(
+        f"could not load model '{name}': {exc}\nGive a Hugging Face hub id (needs the hub or its "
+        "local cache), a local model folder, or a built-in model: "
+        + ", ".join(assets.BUILTIN_MODELS)
+    )
+
+
+def load_tokenizer(name: str, cache_dir: str | None = None, trust_remote_code: bool = False):
+    """The model's tokenizer (cheap: loaded before the weights to check the data first)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(
+            resolve_model_path(name), cache_dir=cache_dir, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise _load_failed(name, exc) from exc
+
+
+def load_model(
+    name: str,
+    cache_dir: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    tokenizer=None,
+):
+    """Load a causal LM in eval mode, kept on the CPU, with its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve_model_path(name),
+            cache_dir=cache_dir,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+        )
+    except (OSError, ValueError) as exc:
+        raise _load_failed(name, exc) from exc
+    if tokenizer is None:
+        tokenizer = load_tokenizer(name, cache_dir, trust_remote_code)
+    model.eval()
+    return model, tokenizer
+
+
+def context_length(config) -> int | None:
+    """The longest sequence the model accepts, if its config says."""
+    text_config = getattr(config, "get_text_config", lambda: config)()
+    for key in _CONTEXT_KEYS:
+        value = getattr(text_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def choose_seqlen(config, requested: int | None) -> int:
+    """``requested``, checked against the context; by default 2048 capped by the context."""
+    context = context_length(config)
+    if requested is None:
+        return min(DEFAULT_SEQLEN, context) if context else DEFAULT_SEQLEN
+    if requested <= 1:
+        raise SecateursError(f"--seqlen must be at least 2 tokens, got {requested}")
+    if context is not None and requested > context:
+        raise SecateursError(
+            f"--seqlen {requested} is longer than the model's context of {context} tokens; "
+            f"use --seqlen {min(DEFAULT_SEQLEN, context)} or less"
+        )
+    return requested
+
+
+def _param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder stack: the ModuleList of same-type blocks holding the most parameters."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(block) for block in module}) != 1:
+            continue
+        if not find_linears(module[0]):
+            continue
+        size = _param_count(module)
+        if best is None or size > best[0]:
+            best = (size, name, module)
+    if best is None:
+        raise SecateursError(
+            f"found no stack of decoder blocks with linear layers in {type(model).__name__}"
+        )
+    return best[1], best[2]
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers' GPT-2 style Conv1D: a linear layer with its weight stored as (in, out).
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def find_linears(block: nn.Module) -> dict[str, nn.Module]:
+    """The prunable linear layers of a block, by their name inside the block."""
+    return {
+        name: module
+        for name, module in block.named_modules()
+        if isinstance(module, nn.Linear) or _is_conv1d(module)
+    }
+
+
+def weight_matrix(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight as (out_features, in_features); a view, so in-place edits stick."""
+    return layer.weight.data.t() if _is_conv1d(layer) else layer.weight.data
+
+
+def iter_prunable(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Every prunable layer of the decoder stack, by its full name in the model."""
+    stack_name, blocks = find_blocks(model)
+    for index, block in enumerate(blocks):
+        for name, layer in find_linears(block).items():
+            yield f"{stack_name}.{index}.{name}", layer
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: the rest of the model is not needed."""
+
+
+@dataclass
+class BlockInputs:
+    """Hidden states entering the first block, and the other arguments blocks are called with.
+
+    Blocks receive the same extra arguments (attention mask, position ids, rotary embeddings)
+    at every depth; they depend only on the batch size, so one set per batch size is kept.
+    """
+
+    hidden: torch.Tensor
+    extra: dict[int, tuple[tuple, dict[str, Any]]] = field(default_factory=dict)
+
+    def call_args(self, batch_size: int) -> tuple[tuple, dict[str, Any]]:
+        return self.extra[batch_size]
+
+
+def _non_block_modules(model: nn.Module, blocks: nn.ModuleList) -> list[nn.Module]:
+    """Top-level modules that hold no decoder block, so they can move to the device."""
+    block_ids = {id(b) for b in blocks}
+    keep: list[nn.Module] = []
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            if child is blocks:
+                continue
+            if any(id(m) in block_ids for m in child.modules()):
+                visit(child)
+            else:
+                keep.append(child)
+
+    visit(model)
+    return keep
+
+
+def _move(modules: list[nn.Module], device: torch.device) -> None:
+    for module in modules:
+        module.to(device)
+
+
+def capture_block_inputs(
+    model: nn.Module, windows: torch.Tensor, device: torch.device, batch_size: int
+) -> BlockInputs:
+    """Run the model up to its first block for every batch of windows; keep what block 0 gets.
+
+    A forward pre-hook records the first block's exact call and ends the forward pass there,
+    so no module is replaced and the layers after the embedding never run.
+    """
+    _, blocks = find_blocks(model)
+    outer = _non_block_modules(model, blocks)
+    original = next(model.parameters()).device
+    recorded: dict[str, Any] = {}
+
+    def hook(_module, args, kwargs):
+        recorded["args"], recorded["kwargs"] = args, kwargs
+        raise _StopForward
+
+    hidden_batches = []
+    extra: dict[int, tuple[tuple, dict[str, Any]]] = {}
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    _move(outer, device)
+    try:
+        with torch.no_grad():
+            for start in range(0, windows.shape[0], batch_size):
+                batch = windows[start : start + batch_size].to(device)
+                with contextlib.suppress(_StopForward):
+                    model(input_ids=batch, use_cache=False)
+                args, kwargs = recorded["args"], recorded["kwargs"]
+                hidden = args[0] if args else kwargs.pop("hidden_states")
+                hidden_batches.append(hidden)
+                extra.setdefault(batch.shape[0], (tuple(args[1:]), dict(kwargs)))
+    finally:
+        handle.remove()
+        _move(outer, original)
+    return BlockInputs(torch.cat(hidden_batches), extra)
+
+
+def block_output(output: Any) -> torch.Tensor:
+    """The hidden states a block returns (older blocks return a tuple, newer a tensor)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def model_size_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())

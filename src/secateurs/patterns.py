@@ -1,0 +1,137 @@
+"""Pure mask functions: a score matrix in, a boolean prune mask out (True = weight removed).
+
+Ties are broken by a stable sort, so the same scores always give the same mask.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from abc import ABC, abstractmethod
+
+import torch
+
+from secateurs.errors import SecateursError
+
+SCOPES = ("row", "layer")
+
+
+def check_ratio(ratio: float) -> float:
+    if not 0.0 <= ratio < 1.0:
+        raise SecateursError(
+            f"--sparsity_ratio must be in [0, 1), got {ratio}; 0.5 removes half of the weights"
+        )
+    return float(ratio)
+
+
+def _lowest(score: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` lowest entries along ``dim``."""
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    if k > 0:
+        order = torch.argsort(score, dim=dim, stable=True)
+        mask.scatter_(dim, order.narrow(dim, 0, k), True)
+    return mask
+
+
+def row_mask(score: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Prune the ``int(cols * ratio)`` lowest scores of every row."""
+    return _lowest(score, int(score.shape[1] * ratio), dim=1)
+
+
+def layer_mask(score: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Prune the ``int(numel * ratio)`` lowest scores of the whole matrix."""
+    flat = _lowest(score.reshape(-1), int(score.numel() * ratio), dim=0)
+    return flat.view_as(score)
+
+
+def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """In every group of ``m`` consecutive columns of a row, prune the ``n`` lowest scores."""
+    rows, cols = score.shape
+    if cols % m:
+        raise ValueError(f"{cols} columns do not split into groups of {m}")
+    groups = score.reshape(rows, cols // m, m)
+    return _lowest(groups, n, dim=2).view(rows, cols)
+
+
+class SparsityPattern(ABC):
+    """Turns a score matrix into a prune mask. Subclass it to add a pattern."""
+
+    @abstractmethod
+    def create_mask(self, metric: torch.Tensor, sparsity_ratio: float) -> torch.Tensor:
+        """Boolean mask, True where the weight is pruned."""
+
+    def check_columns(self, columns: int, layer: str) -> None:  # noqa: B027 (optional hook)
+        """Raise before any work if a layer with this many input columns cannot take it."""
+
+    @abstractmethod
+    def describe(self) -> str: ...
+
+
+class Unstructured(SparsityPattern):
+    """Any weight may go; scores compete within a row or within the whole layer."""
+
+    def __init__(self, scope: str = "row") -> None:
+        if scope not in SCOPES:
+            raise SecateursError(f"unstructured scope must be one of {SCOPES}, got '{scope}'")
+        self.scope = scope
+
+    def create_mask(self, metric: torch.Tensor, sparsity_ratio: float) -> torch.Tensor:
+        fn = row_mask if self.scope == "row" else layer_mask
+        return fn(metric, sparsity_ratio)
+
+    def describe(self) -> str:
+        return f"unstructured (per {self.scope})"
+
+
+class NMSparsity(SparsityPattern):
+    """N of every M consecutive input columns pruned in each row (2:4 runs fast on GPUs)."""
+
+    def __init__(self, n: int, m: int) -> None:
+        if m <= 0 or n <= 0 or n >= m:
+            raise SecateursError(
+                f"an N:M pattern needs 0 < N < M, got {n}:{m}; for example 2:4 or 4:8"
+            )
+        self.n, self.m = n, m
+
+    @property
+    def ratio(self) -> float:
+        return self.n / self.m
+
+    def create_mask(self, metric: torch.Tensor, sparsity_ratio: float = 0.5) -> torch.Tensor:
+        return nm_mask(metric, self.n, self.m)
+
+    def check_columns(self, columns: int, layer: str) -> None:
+        if columns % self.m:
+            raise SecateursError(
+                f"{self.describe()} needs input columns in multiples of {self.m}, but {layer} has "
+                f"{columns}; choose an M that divides it or use unstructured"
+            )
+
+    def describe(self) -> str:
+        return f"{self.n}:{self.m}"
+
+
+_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def parse_pattern(sparsity_type: str, scope: str = "row") -> SparsityPattern:
+    """``unstructured`` or ``N:M``; a clear error for anything else."""
+    if sparsity_type == "unstructured":
+        return Unstructured(scope)
+    match = _NM.match(sparsity_type)
+    if not match:
+        raise SecateursError(
+            f"unknown --sparsity_type '{sparsity_type}': use 'unstructured' or N:M such as 2:4, 4:8"
+        )
+    return NMSparsity(int(match.group(1)), int(match.group(2)))
+
+
+def effective_ratio(pattern: SparsityPattern, ratio: float) -> float:
+    """The ratio a pattern really prunes; N:M forces N/M (with a warning if it differs)."""
+    if isinstance(pattern, NMSparsity) and abs(ratio - pattern.ratio) > 1e-9:
+        warnings.warn(
+            f"--sparsity_ratio {ratio} does not match {pattern.describe()}; using {pattern.ratio}",
+            stacklevel=2,
+        )
+        return pattern.ratio
+    return check_ratio(ratio)

@@ -1,0 +1,77 @@
+"""Wall time and peak memory of a stretch of work."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import resource
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+_STATUS = Path("/proc/self/status")
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        match = re.search(rf"^{field}:\s+(\d+)\s+kB", _STATUS.read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def rss_bytes() -> int | None:
+    """Resident memory of this process now (Linux), or None where it cannot be read."""
+    kib = _status_kib("VmRSS")
+    return None if kib is None else kib * 1024
+
+
+def _reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS counter (Linux); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+@dataclass
+class Measurement:
+    """Filled in when the measured block ends."""
+
+    seconds: float = 0.0
+    start_rss: int | None = None
+    peak_rss: int | None = None
+    peak_is_lifetime: bool = False
+    cuda_peak: int | None = None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@contextlib.contextmanager
+def measure(device: torch.device | str = "cpu") -> Iterator[Measurement]:
+    """Time a block and record its peak resident memory (and CUDA peak on a GPU)."""
+    device = torch.device(device)
+    result = Measurement(start_rss=rss_bytes())
+    result.peak_is_lifetime = not _reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    try:
+        yield result
+    finally:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            result.cuda_peak = torch.cuda.max_memory_allocated(device)
+        result.seconds = time.perf_counter() - start
+        hwm = _status_kib("VmHWM")
+        if hwm is not None:
+            result.peak_rss = hwm * 1024
+        else:
+            result.peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            result.peak_is_lifetime = True

@@ -1,0 +1,154 @@
+"""The Python API: pruner classes over the engine, and a one-call :func:`prune`."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from secateurs import data
+from secateurs.engine import PruneReport, prune_sequential
+from secateurs.model import choose_seqlen, load_model, weight_matrix
+from secateurs.patterns import effective_ratio, parse_pattern
+from secateurs.scores import Method, get_method
+from secateurs.stats import ActivationStats
+
+
+def as_windows(dataloader: Any) -> torch.Tensor | None:
+    """Calibration windows as one (n, seqlen) tensor.
+
+    Accepts a tensor, or an iterable of tensors or of ``(input_ids, target)`` pairs as the
+    reference data loaders yield.
+    """
+    if dataloader is None or isinstance(dataloader, torch.Tensor):
+        return dataloader
+    rows = []
+    for item in dataloader:
+        ids = item[0] if isinstance(item, (tuple, list)) else item
+        rows.append(ids if ids.dim() == 2 else ids.unsqueeze(0))
+    return torch.cat(rows) if rows else None
+
+
+class BasePruner(ABC):
+    """A pruning method: subclass it and implement :meth:`compute_pruning_metric`.
+
+    ``default_scope`` is how unstructured pruning compares scores (``row`` or ``layer``),
+    ``calibrated`` whether the method needs calibration activations.
+    """
+
+    default_scope = "row"
+    calibrated = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any = None,
+        device: torch.device | str = "cpu",
+        batch_size: int = 8,
+        progress: bool = True,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.progress = progress
+
+    @abstractmethod
+    def compute_pruning_metric(
+        self, layer: nn.Module, activation_stats: ActivationStats | None
+    ) -> torch.Tensor:
+        """Score every weight of ``layer`` as (out, in); the lowest scores are pruned."""
+
+    def prune(
+        self,
+        dataloader: Any = None,
+        sparsity_ratio: float = 0.5,
+        sparsity_type: str = "unstructured",
+        scope: str | None = None,
+    ) -> PruneReport:
+        """Prune the model in place, block by block."""
+        pattern = parse_pattern(sparsity_type, scope or self.default_scope)
+        ratio = effective_ratio(pattern, sparsity_ratio)
+        return prune_sequential(
+            self.model,
+            as_windows(dataloader) if self.calibrated else None,
+            self.compute_pruning_metric,
+            pattern,
+            ratio,
+            device=self.device,
+            batch_size=self.batch_size,
+            calibrated=self.calibrated,
+            progress=self.progress,
+        )
+
+
+class MethodPruner(BasePruner):
+    """A pruner for any method of the registry in :mod:`secateurs.scores`."""
+
+    def __init__(self, model: nn.Module, method: str | Method = "wanda", **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
+        self.method = method if isinstance(method, Method) else get_method(method)
+        self.default_scope = self.method.scope
+        self.calibrated = self.method.calibrated
+
+    def compute_pruning_metric(
+        self, layer: nn.Module, activation_stats: ActivationStats | None
+    ) -> torch.Tensor:
+        return self.method.score(weight_matrix(layer), activation_stats)
+
+
+class WandaPruner(MethodPruner):
+    """Wanda: ``|W| * ||X||``, pruned per output row."""
+
+    def __init__(self, model: nn.Module, **kwargs: Any) -> None:
+        super().__init__(model, "wanda", **kwargs)
+
+
+class MagnitudePruner(MethodPruner):
+    """Magnitude: ``|W|``, one threshold per layer, no calibration."""
+
+    def __init__(self, model: nn.Module, **kwargs: Any) -> None:
+        super().__init__(model, "magnitude", **kwargs)
+
+
+@dataclass
+class Pruned:
+    """A pruned model, its tokenizer and what the engine reported."""
+
+    model: nn.Module
+    tokenizer: Any
+    report: PruneReport
+
+
+def prune(
+    model: str | nn.Module,
+    tokenizer: Any = None,
+    method: str = "wanda",
+    sparsity_ratio: float = 0.5,
+    sparsity_type: str = "unstructured",
+    dataset: str = "wiki-sample",
+    nsamples: int = 128,
+    seqlen: int | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    progress: bool = True,
+) -> Pruned:
+    """Load (if given a name), calibrate and prune a model in one call."""
+    if isinstance(model, str):
+        model, tokenizer = load_model(model)
+    if tokenizer is None:
+        raise ValueError("pass the tokenizer along with a model object")
+    pruner = MethodPruner(
+        model, method, tokenizer=tokenizer, device=device, batch_size=batch_size, progress=progress
+    )
+    windows = None
+    if pruner.calibrated:
+        length = choose_seqlen(model.config, seqlen)
+        source = data.resolve_source(dataset)
+        windows = data.calibration_windows(tokenizer, source, nsamples, length, seed)
+    report = pruner.prune(windows, sparsity_ratio, sparsity_type)
+    return Pruned(model, tokenizer, report)

@@ -1,0 +1,198 @@
+"""A whole pruning job: check the input, load, calibrate, prune, verify, evaluate, save.
+
+Every check that needs no model runs first; the data is tokenized before the weights load,
+so a bad dataset or window count fails in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from secateurs import data
+from secateurs.engine import check_pattern_fits
+from secateurs.errors import SecateursError
+from secateurs.evaluate import check_sparsity, perplexity
+from secateurs.io import atomic_dir, ensure_free
+from secateurs.model import choose_seqlen, load_config, load_model, load_tokenizer
+from secateurs.patterns import SCOPES, effective_ratio, parse_pattern
+from secateurs.profiling import measure
+from secateurs.pruning import MethodPruner
+from secateurs.report import versions, write_json, write_log
+from secateurs.scores import get_method
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class PruneConfig:
+    """Every setting of a pruning run; names follow the reference command line."""
+
+    model: str = "smollm2-135m"
+    prune_method: str = "wanda"
+    sparsity_ratio: float = 0.5
+    sparsity_type: str = "unstructured"
+    scope: str | None = None
+    dataset: str = "wiki-sample"
+    eval_dataset: str | None = None
+    nsamples: int = 128
+    seqlen: int | None = None
+    seed: int = 0
+    batch_size: int = 8
+    eval_batch_size: int = 1
+    eval_limit: int | None = None
+    eval_dense: bool = True
+    device: str = "cpu"
+    dtype: str = "float32"
+    cache_dir: str | None = None
+    trust_remote_code: bool = False
+    save_model: str | None = None
+    save_json: str | None = None
+    save_log: str | None = None
+    progress: bool = True
+
+
+def check_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise SecateursError(f"unknown --device '{name}': use cpu, cuda or cuda:N") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SecateursError("--device cuda was asked for but no CUDA GPU is visible; use cpu")
+    return device
+
+
+def _positive(value: int | None, flag: str) -> None:
+    if value is not None and value <= 0:
+        raise SecateursError(f"{flag} must be at least 1, got {value}")
+
+
+def check_eval_args(cfg: PruneConfig) -> None:
+    _positive(cfg.eval_limit, "--eval_limit")
+    _positive(cfg.eval_batch_size, "--eval_batch_size")
+    if cfg.dtype not in DTYPES:
+        raise SecateursError(f"--dtype must be one of {', '.join(DTYPES)}, got '{cfg.dtype}'")
+    check_device(cfg.device)
+
+
+def check_config(cfg: PruneConfig) -> None:
+    """Every check that needs neither model nor data."""
+    method = get_method(cfg.prune_method)
+    if cfg.scope is not None and cfg.scope not in SCOPES:
+        raise SecateursError(f"--scope must be one of {', '.join(SCOPES)}, got '{cfg.scope}'")
+    pattern = parse_pattern(cfg.sparsity_type, cfg.scope or method.scope)
+    effective_ratio(pattern, cfg.sparsity_ratio)
+    _positive(cfg.nsamples, "--nsamples")
+    _positive(cfg.batch_size, "--batch_size")
+    check_eval_args(cfg)
+    data.resolve_source(cfg.dataset)
+    data.resolve_source(cfg.eval_dataset or cfg.dataset)
+    ensure_free(cfg.save_model, "--save_model")
+    ensure_free(cfg.save_json, "--save_json")
+    ensure_free(cfg.save_log, "--save_log")
+
+
+def load_eval_windows(tokenizer, dataset: str, seqlen: int, limit: int | None) -> torch.Tensor:
+    """Test-split windows of an evaluation source."""
+    source = data.resolve_source(dataset)
+    return data.evaluation_windows(data.evaluation_tokens(tokenizer, source), seqlen, limit, source)
+
+
+def save_pruned_model(model, tokenizer, path: str, result: dict[str, Any]) -> None:
+    """A Hugging Face folder (safetensors) plus the run's result, written atomically."""
+    with atomic_dir(Path(path)) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "secateurs.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+
+def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run a pruning job end to end and return its result (also written where asked)."""
+    check_config(cfg)
+    method = get_method(cfg.prune_method)
+    pattern = parse_pattern(cfg.sparsity_type, cfg.scope or method.scope)
+    ratio = effective_ratio(pattern, cfg.sparsity_ratio)
+    device = check_device(cfg.device)
+    timings: dict[str, float] = {}
+
+    config = load_config(cfg.model, cfg.cache_dir, cfg.trust_remote_code)
+    seqlen = choose_seqlen(config, cfg.seqlen)
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir, cfg.trust_remote_code)
+
+    start = time.perf_counter()
+    windows = None
+    if method.calibrated:
+        source = data.resolve_source(cfg.dataset)
+        windows = data.calibration_windows(tokenizer, source, cfg.nsamples, seqlen, cfg.seed)
+    eval_name = cfg.eval_dataset or cfg.dataset
+    eval_windows = load_eval_windows(tokenizer, eval_name, seqlen, cfg.eval_limit)
+    timings["data"] = time.perf_counter() - start
+
+    log(f"loading {cfg.model}")
+    start = time.perf_counter()
+    model, tokenizer = load_model(
+        cfg.model, cfg.cache_dir, DTYPES[cfg.dtype], cfg.trust_remote_code, tokenizer
+    )
+    timings["load_model"] = time.perf_counter() - start
+    check_pattern_fits(model, pattern)
+
+    def evaluate(label: str) -> float:
+        start = time.perf_counter()
+        value = perplexity(
+            model, eval_windows, device, cfg.eval_batch_size, cfg.progress, f"{label} perplexity"
+        )
+        timings[f"eval_{label}"] = time.perf_counter() - start
+        log(f"{label} perplexity: {value:.3f}")
+        return value
+
+    dense_ppl = evaluate("dense") if cfg.eval_dense else None
+
+    pruner = MethodPruner(
+        model,
+        method,
+        tokenizer=tokenizer,
+        device=device,
+        batch_size=cfg.batch_size,
+        progress=cfg.progress,
+    )
+    log(f"pruning with {method.name}, {pattern.describe()}, sparsity {ratio}")
+    with measure(device) as memory:
+        report = pruner.prune(windows, ratio, cfg.sparsity_type, cfg.scope)
+    timings["prune"] = memory.seconds
+
+    check = check_sparsity(model, pattern, ratio)
+    pruned_ppl = evaluate("pruned")
+
+    result = {
+        "config": asdict(cfg) | {"seqlen": seqlen, "sparsity_ratio": ratio},
+        "pattern": pattern.describe(),
+        "versions": versions(),
+        "model": {
+            "class": type(model).__name__,
+            "parameters": sum(p.numel() for p in model.parameters()),
+        },
+        "perplexity": {
+            "eval_dataset": eval_name,
+            "windows": int(eval_windows.shape[0]),
+            "dense": dense_ppl,
+            "pruned": pruned_ppl,
+        },
+        "sparsity": check.to_dict(),
+        "prune": report.to_dict(),
+        "timings": timings,
+        "memory": memory.to_dict(),
+    }
+    if cfg.save_model:
+        save_pruned_model(model, tokenizer, cfg.save_model, result)
+        log(f"saved the pruned model to {cfg.save_model}")
+    if cfg.save_json:
+        write_json(cfg.save_json, result)
+    if cfg.save_log:
+        write_log(cfg.save_log, result)
+    return result
