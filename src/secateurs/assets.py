@@ -67,7 +67,7 @@ BUILTIN_TEXTS: dict[str, PackagedFile] = {
 
 # Every TEST_EVERY-th article (by position in the dump) is held out for evaluation.
 TEST_EVERY = 10
-_TEXT_CACHE_VERSION = 1
+_TEXT_CACHE_VERSION = 3
 
 
 def cache_root() -> Path:
@@ -101,13 +101,28 @@ def builtin_model_dir(name: str) -> Path:
     return target
 
 
+_NON_PROSE_TAGS = {"ref", "table", "gallery", "math", "timeline", "imagemap", "score"}
+# Table rows the parser could not match to a table (malformed markup in the dump).
+_TABLE_ROW = re.compile(r"^\s*(\{\||\|\}|\|[-+]?|!)")
+
+
 def _clean_wikitext(markup: str) -> str:
+    """Prose of an article: markup parsed away; a second pass cleans what the first exposed."""
+    text = markup
+    for _ in range(3):
+        cleaned = _strip_once(text)
+        if cleaned == text:
+            break
+        text = cleaned
+    return text
+
+
+def _strip_once(markup: str) -> str:
     import mwparserfromhell
 
     code = mwparserfromhell.parse(markup)
-    # strip_code drops templates and markup but keeps the text inside <ref> tags and the
-    # captions of file and category links: citations and captions are not prose, so go first.
-    for tag in code.filter_tags(recursive=False, matches=lambda t: t.tag.lower() == "ref"):
+    # strip_code keeps the text of citations, tables and file captions; none of it is prose.
+    for tag in code.filter_tags(matches=lambda t: str(t.tag).strip().lower() in _NON_PROSE_TAGS):
         with contextlib.suppress(ValueError):
             code.remove(tag)
     for link in code.filter_wikilinks():
@@ -115,9 +130,8 @@ def _clean_wikitext(markup: str) -> str:
             with contextlib.suppress(ValueError):
                 code.remove(link)
     text = code.strip_code(normalize=True, collapse=True)
-    lines = [line.strip() for line in text.splitlines()]
-    text = "\n".join(lines)
-    return re.sub(r"\n{3,}", "\n\n", text).strip()
+    lines = [line.strip() for line in text.splitlines() if not _TABLE_ROW.match(line)]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
 def _parse_dump(path: Path) -> list[dict[str, str]]:

@@ -21,11 +21,11 @@ from secateurs.errors import SecateursError
 from secateurs.evaluate import check_sparsity, perplexity
 from secateurs.io import atomic_dir, ensure_free
 from secateurs.model import choose_seqlen, load_config, load_model, load_tokenizer
-from secateurs.patterns import SCOPES, effective_ratio, parse_pattern
+from secateurs.patterns import SCOPES, SparsityPattern, effective_ratio, parse_pattern
 from secateurs.profiling import measure
 from secateurs.pruning import MethodPruner
 from secateurs.report import versions, write_json, write_log
-from secateurs.scores import get_method
+from secateurs.scores import Method, get_method
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -81,13 +81,13 @@ def check_eval_args(cfg: PruneConfig) -> None:
     check_device(cfg.device)
 
 
-def check_config(cfg: PruneConfig) -> None:
-    """Every check that needs neither model nor data."""
+def check_config(cfg: PruneConfig) -> tuple[Method, SparsityPattern, float]:
+    """Every check that needs neither model nor data; the method, pattern and true ratio."""
     method = get_method(cfg.prune_method)
     if cfg.scope is not None and cfg.scope not in SCOPES:
         raise SecateursError(f"--scope must be one of {', '.join(SCOPES)}, got '{cfg.scope}'")
     pattern = parse_pattern(cfg.sparsity_type, cfg.scope or method.scope)
-    effective_ratio(pattern, cfg.sparsity_ratio)
+    ratio = effective_ratio(pattern, cfg.sparsity_ratio)
     _positive(cfg.nsamples, "--nsamples")
     _positive(cfg.batch_size, "--batch_size")
     check_eval_args(cfg)
@@ -96,6 +96,7 @@ def check_config(cfg: PruneConfig) -> None:
     ensure_free(cfg.save_model, "--save_model")
     ensure_free(cfg.save_json, "--save_json")
     ensure_free(cfg.save_log, "--save_log")
+    return method, pattern, ratio
 
 
 def load_eval_windows(tokenizer, dataset: str, seqlen: int, limit: int | None) -> torch.Tensor:
@@ -114,10 +115,7 @@ def save_pruned_model(model, tokenizer, path: str, result: dict[str, Any]) -> No
 
 def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run a pruning job end to end and return its result (also written where asked)."""
-    check_config(cfg)
-    method = get_method(cfg.prune_method)
-    pattern = parse_pattern(cfg.sparsity_type, cfg.scope or method.scope)
-    ratio = effective_ratio(pattern, cfg.sparsity_ratio)
+    method, pattern, ratio = check_config(cfg)
     device = check_device(cfg.device)
     timings: dict[str, float] = {}
 

@@ -1,0 +1,121 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from secateurs import runner
+from secateurs.cli import app
+from secateurs.model import iter_prunable, weight_matrix
+
+cli = CliRunner()
+
+
+def invoke(*args: str):
+    return cli.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Bad input must be refused before the weights are loaded."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(runner, "load_model", forbidden)
+
+
+def test_help_teaches_the_flags():
+    result = invoke("prune", "--help")
+    assert result.exit_code == 0
+    for flag in ("--sparsity_ratio", "--sparsity_type", "--nsamples", "--save_model",
+                 "--eval_limit", "--prune_method", "wiki-sample"):
+        assert flag in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--sparsity_ratio", "1.0"], "[0, 1)"),
+        (["--sparsity_ratio", "-0.2"], "[0, 1)"),
+        (["--sparsity_type", "3:2"], "0 < N < M"),
+        (["--sparsity_type", "2:0"], "0 < N < M"),
+        (["--sparsity_type", "block"], "unknown --sparsity_type"),
+        (["--prune_method", "sparsegpt2"], "unknown pruning method"),
+        (["--dataset", "nowhere-text"], "unknown dataset"),
+        (["--nsamples", "0"], "--nsamples must be at least 1"),
+        (["--seqlen", "100000"], "longer than the model's context"),
+        (["--nsamples", "5000", "--seqlen", "64"], "lower --nsamples"),
+        (["--model", "no/such-model-here"], "could not load model"),
+        (["--device", "cuda:0"], "no CUDA GPU"),
+    ],
+)
+def test_bad_input_fails_fast_with_a_fix(args, message, tiny_model_dir, text_dir, no_model_load):
+    base = ["prune", "--model", tiny_model_dir, "--dataset", text_dir, "--quiet"]
+    if "--model" in args:
+        base = ["prune", "--dataset", text_dir, "--quiet"]
+    if args[:2] == ["--device", "cuda:0"] and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    result = invoke(*base, *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+def test_existing_output_is_refused_before_work(tmp_path, tiny_model_dir, text_dir, no_model_load):
+    out = tmp_path / "exists"
+    out.mkdir()
+    result = invoke("prune", "--model", tiny_model_dir, "--dataset", text_dir,
+                    "--save_model", out)
+    assert result.exit_code == 2 and "already exists" in result.output
+
+
+def test_n_m_that_does_not_divide_the_columns(tiny_model_dir, text_dir):
+    result = invoke("prune", "--model", tiny_model_dir, "--dataset", text_dir, "--seqlen", "32",
+                    "--nsamples", "4", "--sparsity_type", "2:128", "--quiet")
+    assert result.exit_code == 2 and "multiples of 128" in result.output
+
+
+def test_prune_save_and_reload(tmp_path, tiny_model_dir, text_dir):
+    saved, report = tmp_path / "pruned", tmp_path / "run.json"
+    log = tmp_path / "run.log"
+    result = invoke("prune", "--model", tiny_model_dir, "--dataset", text_dir, "--seqlen", "32",
+                    "--nsamples", "8", "--sparsity_type", "2:4", "--save_model", saved,
+                    "--save_json", report, "--save_log", log, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "dense ppl" in result.output and "pruned ppl" in result.output
+    data = json.loads(report.read_text())
+    assert data["sparsity"]["overall"] == pytest.approx(0.5)
+    assert data["sparsity"]["violations"] == []
+    assert data["config"]["sparsity_type"] == "2:4"
+    assert data["perplexity"]["pruned"] > 0 and data["perplexity"]["dense"] > 0
+    assert {"torch", "transformers", "secateurs"} <= set(data["versions"])
+    assert data["memory"]["peak_rss"] > 0 and data["timings"]["prune"] > 0
+    assert "per-layer sparsity" in log.read_text()
+    assert (saved / "model.safetensors").is_file() and (saved / "secateurs.json").is_file()
+
+    reloaded = AutoModelForCausalLM.from_pretrained(saved)
+    for _, layer in iter_prunable(reloaded):
+        weight = weight_matrix(layer)
+        assert torch.equal((weight == 0).view(weight.shape[0], -1, 4).sum(-1),
+                           torch.full((weight.shape[0], weight.shape[1] // 4), 2))
+    again = invoke("eval", "--model", saved, "--dataset", text_dir, "--seqlen", "32", "--quiet")
+    assert again.exit_code == 0, again.output
+    assert f"{data['perplexity']['pruned']:.3f}" in again.output
+    assert "sparsity     0.5000" in again.output
+
+
+def test_interrupted_run_leaves_no_output(tmp_path, tiny_model_dir, text_dir, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("secateurs.runner.write_json", interrupt)
+    saved = tmp_path / "pruned"
+    result = invoke("prune", "--model", tiny_model_dir, "--dataset", text_dir, "--seqlen", "32",
+                    "--nsamples", "4", "--save_model", saved, "--save_json", tmp_path / "r.json",
+                    "--no_eval_dense", "--quiet")
+    assert result.exit_code == 130
+    assert "interrupted" in result.output
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("tiny-llama", "text")]
+    assert leftovers == ["pruned"]  # the model folder landed whole before the interrupt
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.rglob("*"))

@@ -1,0 +1,143 @@
+import pytest
+import torch
+from conftest import make_model, make_windows
+
+from secateurs import MagnitudePruner, WandaPruner, check_sparsity
+from secateurs.engine import prune_sequential
+from secateurs.errors import SecateursError
+from secateurs.model import find_blocks, find_linears, iter_prunable, weight_matrix
+from secateurs.patterns import NMSparsity, Unstructured, row_mask
+from secateurs.scores import wanda_score
+from secateurs.stats import ActivationStats
+
+
+def zero_masks(model) -> dict[str, torch.Tensor]:
+    return {name: weight_matrix(layer) == 0 for name, layer in iter_prunable(model)}
+
+
+def naive_sequential_wanda(model, windows, ratio):
+    """Slow reference: for each block, run the whole (partly pruned) model window by window."""
+    _, blocks = find_blocks(model)
+    for block in blocks:
+        layers = find_linears(block)
+        stats = {n: ActivationStats(weight_matrix(l).shape[1]) for n, l in layers.items()}
+        hooks = [
+            l.register_forward_hook(lambda _m, a, _o, s=stats[n]: s.add_batch(a[0]))
+            for n, l in layers.items()
+        ]
+        with torch.no_grad():
+            for window in windows:
+                model(window.unsqueeze(0), use_cache=False)
+        for hook in hooks:
+            hook.remove()
+        for name, layer in layers.items():
+            weight = weight_matrix(layer)
+            weight.masked_fill_(row_mask(wanda_score(weight, stats[name]), ratio), 0)
+
+
+def test_engine_matches_a_naive_sequential_wanda(arch):
+    windows = make_windows(4, 16)
+    fast, slow = make_model(arch), make_model(arch)
+    WandaPruner(fast, batch_size=1, progress=False).prune(windows, 0.5)
+    naive_sequential_wanda(slow, windows, 0.5)
+    fast_masks, slow_masks = zero_masks(fast), zero_masks(slow)
+    for name in fast_masks:
+        assert torch.equal(fast_masks[name], slow_masks[name]), name
+
+
+def test_blocks_are_calibrated_on_pruned_outputs():
+    """Block 1's mask differs from what the dense model's activations would give."""
+    windows = make_windows(4, 16)
+    sequential = make_model("llama")
+    WandaPruner(sequential, progress=False).prune(windows, 0.5)
+    one_shot = make_model("llama")
+    _, blocks = find_blocks(one_shot)
+    dense_stats = {}
+    hooks = []
+    for name, layer in find_linears(blocks[2]).items():
+        dense_stats[name] = ActivationStats(weight_matrix(layer).shape[1])
+        hooks.append(layer.register_forward_hook(
+            lambda _m, a, _o, s=dense_stats[name]: s.add_batch(a[0])))
+    with torch.no_grad():
+        one_shot(windows, use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    layer = find_linears(find_blocks(sequential)[1][2])["mlp.down_proj"]
+    dense_mask = row_mask(
+        wanda_score(weight_matrix(find_linears(blocks[2])["mlp.down_proj"]),
+                    dense_stats["mlp.down_proj"]), 0.5)
+    assert not torch.equal(weight_matrix(layer) == 0, dense_mask)
+
+
+@pytest.mark.parametrize("sparsity_type", ["unstructured", "2:4", "4:8"])
+def test_every_layer_meets_the_pattern(arch, sparsity_type):
+    model = make_model(arch)
+    report = WandaPruner(model, progress=False).prune(make_windows(), 0.5, sparsity_type)
+    pattern = NMSparsity(*map(int, sparsity_type.split(":"))) if ":" in sparsity_type \
+        else Unstructured("row")
+    check = check_sparsity(model, pattern, 0.5)
+    assert check.ok, check.violations
+    assert check.overall == pytest.approx(0.5)
+    for record in report.layers:
+        assert record.sparsity == pytest.approx(0.5)
+    for name, layer in iter_prunable(model):
+        weight = weight_matrix(layer)
+        assert torch.equal((weight == 0).sum(dim=1),
+                           torch.full((weight.shape[0],), weight.shape[1] // 2)), name
+
+
+def test_same_seed_and_inputs_give_identical_masks(arch):
+    masks = []
+    for _ in range(2):
+        model = make_model(arch, seed=3)
+        WandaPruner(model, batch_size=3, progress=False).prune(make_windows(seed=5), 0.6)
+        masks.append(zero_masks(model))
+    assert masks[0].keys() == masks[1].keys()
+    for name in masks[0]:
+        assert torch.equal(masks[0][name], masks[1][name])
+
+
+def test_magnitude_needs_no_calibration_and_uses_one_threshold_per_layer():
+    model = make_model("llama")
+    reference = {name: weight_matrix(layer).clone() for name, layer in iter_prunable(model)}
+    MagnitudePruner(model, progress=False).prune(None, 0.5)
+    for name, layer in iter_prunable(model):
+        weight, dense = weight_matrix(layer), reference[name]
+        pruned = weight == 0
+        assert int(pruned.sum()) == dense.numel() // 2
+        assert dense[pruned].abs().max() <= dense[~pruned].abs().min()
+
+
+def test_pruned_weights_stay_zero_through_a_second_prune():
+    model = make_model("qwen2")
+    windows = make_windows()
+    WandaPruner(model, progress=False).prune(windows, 0.5)
+    first = zero_masks(model)
+    WandaPruner(model, progress=False).prune(windows, 0.5)
+    for name, mask in zero_masks(model).items():
+        assert bool(mask[first[name]].all())
+
+
+def test_n_m_needs_columns_divisible_by_m():
+    model = make_model("qwen2")  # intermediate size 96 is not a multiple of 64
+    with pytest.raises(SecateursError, match="multiples of 64"):
+        prune_sequential(model, make_windows(), lambda l, s: l.weight.abs(),
+                         NMSparsity(2, 64), 0.5, progress=False)
+    assert not any((weight_matrix(l) == 0).any() for _, l in iter_prunable(model))
+
+
+def test_seed_style_dataloader_of_pairs_is_accepted():
+    windows = make_windows(4, 16)
+    pairs = [(w.unsqueeze(0), w.unsqueeze(0)) for w in windows]
+    a, b = make_model("llama"), make_model("llama")
+    WandaPruner(a, progress=False).prune(pairs, 0.5)
+    WandaPruner(b, progress=False).prune(windows, 0.5)
+    for name, mask in zero_masks(a).items():
+        assert torch.equal(mask, zero_masks(b)[name])
+
+
+def test_report_times_every_phase():
+    report = WandaPruner(make_model("opt"), progress=False).prune(make_windows(), 0.5)
+    assert set(report.seconds) == {"capture", "calibrate", "score", "propagate"}
+    assert all(v >= 0 for v in report.seconds.values())
+    assert len(report.to_dict()["layers"]) == 18

@@ -1,0 +1,116 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from secateurs.errors import SecateursError
+from secateurs.patterns import (
+    NMSparsity,
+    Unstructured,
+    effective_ratio,
+    layer_mask,
+    nm_mask,
+    parse_pattern,
+    row_mask,
+)
+
+
+@st.composite
+def scores(draw, multiple_of: int = 1):
+    rows = draw(st.integers(1, 12))
+    cols = draw(st.integers(1, 10)) * multiple_of
+    seed = draw(st.integers(0, 2**31 - 1))
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.rand(rows, cols, generator=generator)
+    if draw(st.booleans()):  # many ties: the count must still be exact
+        values = (values * 3).floor()
+    return values
+
+
+ratios = st.floats(0.0, 0.99, allow_nan=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(scores(), ratios)
+def test_row_mask_prunes_exactly_the_ratio_in_every_row(score, ratio):
+    mask = row_mask(score, ratio)
+    expected = int(score.shape[1] * ratio)
+    assert torch.equal(mask.sum(dim=1), torch.full((score.shape[0],), expected))
+
+
+@settings(max_examples=60, deadline=None)
+@given(scores(), ratios)
+def test_row_mask_prunes_the_lowest_scores(score, ratio):
+    mask = row_mask(score, ratio)
+    for row, pruned in zip(score, mask, strict=True):
+        if pruned.any() and (~pruned).any():
+            assert row[pruned].max() <= row[~pruned].min()
+
+
+@settings(max_examples=60, deadline=None)
+@given(scores(), ratios)
+def test_layer_mask_prunes_exactly_the_ratio_of_the_matrix(score, ratio):
+    mask = layer_mask(score, ratio)
+    assert int(mask.sum()) == int(score.numel() * ratio)
+    if mask.any() and (~mask).any():
+        assert score[mask].max() <= score[~mask].min()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([(1, 2), (2, 4), (4, 8), (3, 4), (1, 4)]), st.data())
+def test_nm_mask_prunes_n_of_every_m(nm, data):
+    n, m = nm
+    score = data.draw(scores(multiple_of=m))
+    mask = nm_mask(score, n, m)
+    groups = mask.reshape(score.shape[0], -1, m)
+    assert bool((groups.sum(dim=2) == n).all())
+    values = score.reshape(score.shape[0], -1, m)
+    kept_min = values.masked_fill(groups, float("inf")).amin(dim=2)
+    pruned_max = values.masked_fill(~groups, float("-inf")).amax(dim=2)
+    assert bool((pruned_max <= kept_min).all())
+
+
+@settings(max_examples=40, deadline=None)
+@given(scores(multiple_of=4), ratios)
+def test_pruned_weights_stay_zero_when_pruned_again(score, ratio):
+    weight = score.clone()
+    for pattern in (Unstructured("row"), Unstructured("layer"), NMSparsity(2, 4)):
+        pruned = weight.masked_fill(pattern.create_mask(weight.abs(), ratio), 0)
+        again = pruned.masked_fill(pattern.create_mask(pruned.abs(), ratio), 0)
+        assert bool((again[pruned == 0] == 0).all())
+        # zeros are the lowest magnitudes, so pruning the pruned matrix again changes nothing
+        assert torch.equal(again, pruned)
+
+
+def test_masks_are_identical_for_identical_scores():
+    score = torch.rand(64, 64).round(decimals=1)  # heavy ties
+    for pattern in (Unstructured("row"), Unstructured("layer"), NMSparsity(4, 8)):
+        assert torch.equal(pattern.create_mask(score, 0.5), pattern.create_mask(score.clone(), 0.5))
+
+
+@pytest.mark.parametrize("text", ["3:2", "2:0", "0:4", "2:2", "a:b", "2-4", "structured", ""])
+def test_bad_patterns_are_refused(text):
+    with pytest.raises(SecateursError, match="N:M|sparsity_type"):
+        parse_pattern(text)
+
+
+def test_parse_pattern():
+    nm = parse_pattern("4:8")
+    assert isinstance(nm, NMSparsity) and (nm.n, nm.m) == (4, 8)
+    assert parse_pattern("unstructured", "layer").scope == "layer"
+
+
+def test_columns_not_divisible_by_m_are_refused():
+    with pytest.raises(SecateursError, match="multiples of 8"):
+        NMSparsity(2, 8).check_columns(12, "layer.x")
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5])
+def test_ratio_outside_unit_interval_is_refused(ratio):
+    with pytest.raises(SecateursError, match=r"\[0, 1\)"):
+        effective_ratio(Unstructured(), ratio)
+
+
+def test_nm_ratio_is_corrected_with_a_warning():
+    with pytest.warns(UserWarning, match="using 0.5"):
+        assert effective_ratio(NMSparsity(2, 4), 0.3) == 0.5
