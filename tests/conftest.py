@@ -26,29 +26,43 @@ def _configs():
         "llama": (
             LlamaForCausalLM,
             LlamaConfig(
-                hidden_size=64, intermediate_size=128, num_key_value_heads=2,
-                max_position_embeddings=256, **common,
+                hidden_size=64,
+                intermediate_size=128,
+                num_key_value_heads=2,
+                max_position_embeddings=256,
+                **common,
             ),
         ),
         "qwen2": (
             Qwen2ForCausalLM,
             Qwen2Config(
-                hidden_size=64, intermediate_size=96, num_key_value_heads=2,
-                max_position_embeddings=256, **common,
+                hidden_size=64,
+                intermediate_size=96,
+                num_key_value_heads=2,
+                max_position_embeddings=256,
+                **common,
             ),
         ),
         "opt": (
             OPTForCausalLM,
             OPTConfig(
-                hidden_size=64, ffn_dim=128, word_embed_proj_dim=64,
-                max_position_embeddings=256, **common,
+                hidden_size=64,
+                ffn_dim=128,
+                word_embed_proj_dim=64,
+                max_position_embeddings=256,
+                **common,
             ),
         ),
         "gpt2": (
             GPT2LMHeadModel,
             GPT2Config(
-                n_embd=64, n_layer=3, n_head=4, n_positions=256, vocab_size=VOCAB,
-                bos_token_id=0, eos_token_id=0,
+                n_embd=64,
+                n_layer=3,
+                n_head=4,
+                n_positions=256,
+                vocab_size=VOCAB,
+                bos_token_id=0,
+                eos_token_id=0,
             ),
         ),
     }

@@ -29,8 +29,15 @@ def no_model_load(monkeypatch):
 def test_help_teaches_the_flags():
     result = invoke("prune", "--help")
     assert result.exit_code == 0
-    for flag in ("--sparsity_ratio", "--sparsity_type", "--nsamples", "--save_model",
-                 "--eval_limit", "--prune_method", "wiki-sample"):
+    for flag in (
+        "--sparsity_ratio",
+        "--sparsity_type",
+        "--nsamples",
+        "--save_model",
+        "--eval_limit",
+        "--prune_method",
+        "wiki-sample",
+    ):
         assert flag in result.output
 
 
@@ -65,23 +72,51 @@ def test_bad_input_fails_fast_with_a_fix(args, message, tiny_model_dir, text_dir
 def test_existing_output_is_refused_before_work(tmp_path, tiny_model_dir, text_dir, no_model_load):
     out = tmp_path / "exists"
     out.mkdir()
-    result = invoke("prune", "--model", tiny_model_dir, "--dataset", text_dir,
-                    "--save_model", out)
+    result = invoke("prune", "--model", tiny_model_dir, "--dataset", text_dir, "--save_model", out)
     assert result.exit_code == 2 and "already exists" in result.output
 
 
 def test_n_m_that_does_not_divide_the_columns(tiny_model_dir, text_dir):
-    result = invoke("prune", "--model", tiny_model_dir, "--dataset", text_dir, "--seqlen", "32",
-                    "--nsamples", "4", "--sparsity_type", "2:128", "--quiet")
+    result = invoke(
+        "prune",
+        "--model",
+        tiny_model_dir,
+        "--dataset",
+        text_dir,
+        "--seqlen",
+        "32",
+        "--nsamples",
+        "4",
+        "--sparsity_type",
+        "2:128",
+        "--quiet",
+    )
     assert result.exit_code == 2 and "multiples of 128" in result.output
 
 
 def test_prune_save_and_reload(tmp_path, tiny_model_dir, text_dir):
     saved, report = tmp_path / "pruned", tmp_path / "run.json"
     log = tmp_path / "run.log"
-    result = invoke("prune", "--model", tiny_model_dir, "--dataset", text_dir, "--seqlen", "32",
-                    "--nsamples", "8", "--sparsity_type", "2:4", "--save_model", saved,
-                    "--save_json", report, "--save_log", log, "--quiet")
+    result = invoke(
+        "prune",
+        "--model",
+        tiny_model_dir,
+        "--dataset",
+        text_dir,
+        "--seqlen",
+        "32",
+        "--nsamples",
+        "8",
+        "--sparsity_type",
+        "2:4",
+        "--save_model",
+        saved,
+        "--save_json",
+        report,
+        "--save_log",
+        log,
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
     assert "dense ppl" in result.output and "pruned ppl" in result.output
     data = json.loads(report.read_text())
@@ -97,8 +132,10 @@ def test_prune_save_and_reload(tmp_path, tiny_model_dir, text_dir):
     reloaded = AutoModelForCausalLM.from_pretrained(saved)
     for _, layer in iter_prunable(reloaded):
         weight = weight_matrix(layer)
-        assert torch.equal((weight == 0).view(weight.shape[0], -1, 4).sum(-1),
-                           torch.full((weight.shape[0], weight.shape[1] // 4), 2))
+        assert torch.equal(
+            (weight == 0).view(weight.shape[0], -1, 4).sum(-1),
+            torch.full((weight.shape[0], weight.shape[1] // 4), 2),
+        )
     again = invoke("eval", "--model", saved, "--dataset", text_dir, "--seqlen", "32", "--quiet")
     assert again.exit_code == 0, again.output
     assert f"{data['perplexity']['pruned']:.3f}" in again.output
@@ -111,9 +148,23 @@ def test_interrupted_run_leaves_no_output(tmp_path, tiny_model_dir, text_dir, mo
 
     monkeypatch.setattr("secateurs.runner.write_json", interrupt)
     saved = tmp_path / "pruned"
-    result = invoke("prune", "--model", tiny_model_dir, "--dataset", text_dir, "--seqlen", "32",
-                    "--nsamples", "4", "--save_model", saved, "--save_json", tmp_path / "r.json",
-                    "--no_eval_dense", "--quiet")
+    result = invoke(
+        "prune",
+        "--model",
+        tiny_model_dir,
+        "--dataset",
+        text_dir,
+        "--seqlen",
+        "32",
+        "--nsamples",
+        "4",
+        "--save_model",
+        saved,
+        "--save_json",
+        tmp_path / "r.json",
+        "--no_eval_dense",
+        "--quiet",
+    )
     assert result.exit_code == 130
     assert "interrupted" in result.output
     leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("tiny-llama", "text")]

@@ -20,10 +20,10 @@ def naive_sequential_wanda(model, windows, ratio):
     _, blocks = find_blocks(model)
     for block in blocks:
         layers = find_linears(block)
-        stats = {n: ActivationStats(weight_matrix(l).shape[1]) for n, l in layers.items()}
+        stats = {n: ActivationStats(weight_matrix(lay).shape[1]) for n, lay in layers.items()}
         hooks = [
-            l.register_forward_hook(lambda _m, a, _o, s=stats[n]: s.add_batch(a[0]))
-            for n, l in layers.items()
+            lay.register_forward_hook(lambda _m, a, _o, s=stats[n]: s.add_batch(a[0]))
+            for n, lay in layers.items()
         ]
         with torch.no_grad():
             for window in windows:
@@ -56,16 +56,20 @@ def test_blocks_are_calibrated_on_pruned_outputs():
     hooks = []
     for name, layer in find_linears(blocks[2]).items():
         dense_stats[name] = ActivationStats(weight_matrix(layer).shape[1])
-        hooks.append(layer.register_forward_hook(
-            lambda _m, a, _o, s=dense_stats[name]: s.add_batch(a[0])))
+        hooks.append(
+            layer.register_forward_hook(lambda _m, a, _o, s=dense_stats[name]: s.add_batch(a[0]))
+        )
     with torch.no_grad():
         one_shot(windows, use_cache=False)
     for hook in hooks:
         hook.remove()
     layer = find_linears(find_blocks(sequential)[1][2])["mlp.down_proj"]
     dense_mask = row_mask(
-        wanda_score(weight_matrix(find_linears(blocks[2])["mlp.down_proj"]),
-                    dense_stats["mlp.down_proj"]), 0.5)
+        wanda_score(
+            weight_matrix(find_linears(blocks[2])["mlp.down_proj"]), dense_stats["mlp.down_proj"]
+        ),
+        0.5,
+    )
     assert not torch.equal(weight_matrix(layer) == 0, dense_mask)
 
 
@@ -73,8 +77,11 @@ def test_blocks_are_calibrated_on_pruned_outputs():
 def test_every_layer_meets_the_pattern(arch, sparsity_type):
     model = make_model(arch)
     report = WandaPruner(model, progress=False).prune(make_windows(), 0.5, sparsity_type)
-    pattern = NMSparsity(*map(int, sparsity_type.split(":"))) if ":" in sparsity_type \
+    pattern = (
+        NMSparsity(*map(int, sparsity_type.split(":")))
+        if ":" in sparsity_type
         else Unstructured("row")
+    )
     check = check_sparsity(model, pattern, 0.5)
     assert check.ok, check.violations
     assert check.overall == pytest.approx(0.5)
@@ -82,8 +89,9 @@ def test_every_layer_meets_the_pattern(arch, sparsity_type):
         assert record.sparsity == pytest.approx(0.5)
     for name, layer in iter_prunable(model):
         weight = weight_matrix(layer)
-        assert torch.equal((weight == 0).sum(dim=1),
-                           torch.full((weight.shape[0],), weight.shape[1] // 2)), name
+        assert torch.equal(
+            (weight == 0).sum(dim=1), torch.full((weight.shape[0],), weight.shape[1] // 2)
+        ), name
 
 
 def test_same_seed_and_inputs_give_identical_masks(arch):
@@ -121,9 +129,15 @@ def test_pruned_weights_stay_zero_through_a_second_prune():
 def test_n_m_needs_columns_divisible_by_m():
     model = make_model("qwen2")  # intermediate size 96 is not a multiple of 64
     with pytest.raises(SecateursError, match="multiples of 64"):
-        prune_sequential(model, make_windows(), lambda l, s: l.weight.abs(),
-                         NMSparsity(2, 64), 0.5, progress=False)
-    assert not any((weight_matrix(l) == 0).any() for _, l in iter_prunable(model))
+        prune_sequential(
+            model,
+            make_windows(),
+            lambda layer, _s: layer.weight.abs(),
+            NMSparsity(2, 64),
+            0.5,
+            progress=False,
+        )
+    assert not any((weight_matrix(lay) == 0).any() for _, lay in iter_prunable(model))
 
 
 def test_seed_style_dataloader_of_pairs_is_accepted():

@@ -11,8 +11,14 @@ from secateurs.runner import PruneConfig, run_prune
 
 pytestmark = pytest.mark.integration
 
-SMALL = {"model": "smollm2-135m", "dataset": "wiki-sample", "nsamples": 8, "seqlen": 128,
-         "eval_limit": 8, "progress": False}
+SMALL = {
+    "model": "smollm2-135m",
+    "dataset": "wiki-sample",
+    "nsamples": 8,
+    "seqlen": 128,
+    "eval_limit": 8,
+    "progress": False,
+}
 
 
 def test_wiki_sample_is_clean_and_split_deterministically():
@@ -59,8 +65,9 @@ def test_saved_model_reloads_with_the_same_zeros_and_perplexity(tmp_path):
         groups = (weight == 0).view(weight.shape[0], -1, 4).sum(-1)
         assert bool((groups >= 2).all())
     again = run_prune(
-        PruneConfig(**(SMALL | {"model": str(saved)}), prune_method="magnitude",
-                    sparsity_ratio=0.0),
+        PruneConfig(
+            **(SMALL | {"model": str(saved)}), prune_method="magnitude", sparsity_ratio=0.0
+        ),
         log=lambda _m: None,
     )
     assert again["perplexity"]["dense"] == pytest.approx(result["perplexity"]["pruned"], rel=1e-5)

@@ -14,8 +14,12 @@ from secateurs.model import (
     weight_matrix,
 )
 
-EXPECTED_STACK = {"llama": "model.layers", "qwen2": "model.layers",
-                  "opt": "model.decoder.layers", "gpt2": "transformer.h"}
+EXPECTED_STACK = {
+    "llama": "model.layers",
+    "qwen2": "model.layers",
+    "opt": "model.decoder.layers",
+    "gpt2": "transformer.h",
+}
 EXPECTED_LINEARS = {"llama": 7, "qwen2": 7, "opt": 6, "gpt2": 4}
 
 

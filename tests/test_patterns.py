@@ -90,7 +90,7 @@ def test_masks_are_identical_for_identical_scores():
 
 @pytest.mark.parametrize("text", ["3:2", "2:0", "0:4", "2:2", "a:b", "2-4", "structured", ""])
 def test_bad_patterns_are_refused(text):
-    with pytest.raises(SecateursError, match="N:M|sparsity_type"):
+    with pytest.raises(SecateursError, match=r"N:M|sparsity_type"):
         parse_pattern(text)
 
 
