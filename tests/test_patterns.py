@@ -114,3 +114,18 @@ def test_ratio_outside_unit_interval_is_refused(ratio):
 def test_nm_ratio_is_corrected_with_a_warning():
     with pytest.warns(UserWarning, match="using 0.5"):
         assert effective_ratio(NMSparsity(2, 4), 0.3) == 0.5
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 70), st.integers(0, 2**31 - 1), ratios)
+def test_masks_equal_a_stable_sort_even_with_ties(rows, cols, seed, ratio):
+    generator = torch.Generator().manual_seed(seed)
+    score = torch.randint(0, 4, (rows, cols), generator=generator).float()
+    k = int(cols * ratio)
+    expected = torch.zeros_like(score, dtype=torch.bool)
+    expected.scatter_(1, torch.argsort(score, dim=1, stable=True)[:, :k], True)
+    assert torch.equal(row_mask(score, ratio), expected)
+    flat_k = int(score.numel() * ratio)
+    flat = torch.zeros(score.numel(), dtype=torch.bool)
+    flat[torch.argsort(score.flatten(), stable=True)[:flat_k]] = True
+    assert torch.equal(layer_mask(score, ratio), flat.view_as(score))

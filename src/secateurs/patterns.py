@@ -14,6 +14,7 @@ import torch
 from secateurs.errors import SecateursError
 
 SCOPES = ("row", "layer")
+_SORT_BELOW = 16
 
 
 def check_ratio(ratio: float) -> float:
@@ -25,12 +26,22 @@ def check_ratio(ratio: float) -> float:
 
 
 def _lowest(score: torch.Tensor, k: int, dim: int) -> torch.Tensor:
-    """Boolean mask of the ``k`` lowest entries along ``dim``."""
-    mask = torch.zeros_like(score, dtype=torch.bool)
-    if k > 0:
+    """Boolean mask of the ``k`` lowest entries along ``dim``, ties taken in index order.
+
+    This is exactly what a stable sort would select. Along long dimensions a k-th value
+    search is several times faster than sorting; short N:M groups sort faster.
+    """
+    if k <= 0:
+        return torch.zeros_like(score, dtype=torch.bool)
+    if score.shape[dim] <= _SORT_BELOW:
+        mask = torch.zeros_like(score, dtype=torch.bool)
         order = torch.argsort(score, dim=dim, stable=True)
-        mask.scatter_(dim, order.narrow(dim, 0, k), True)
-    return mask
+        return mask.scatter_(dim, order.narrow(dim, 0, k), True)
+    kth = score.kthvalue(k, dim=dim, keepdim=True).values
+    below = score < kth
+    tied = score == kth
+    still_needed = k - below.sum(dim=dim, keepdim=True)
+    return below | (tied & (tied.cumsum(dim=dim) <= still_needed))
 
 
 def row_mask(score: torch.Tensor, ratio: float) -> torch.Tensor:

@@ -1,0 +1,204 @@
+"""Benchmark: dense / magnitude / wanda at 50% unstructured, 2:4 and 4:8 on SmolLM2 + wiki-sample.
+
+For every row it records perplexity on the test split, the measured sparsity, the prune wall
+time, the peak resident memory during pruning, and, in the same run, the time of one plain
+forward pass of the same calibration windows through the decoder (the floor: any sequential
+method makes two such passes, one through each dense block and one through each pruned block).
+
+    python benchmarks/prune_bench.py                 # CPU settings of the core issue
+    python benchmarks/prune_bench.py --eval_limit 8  # a quick look
+
+Writes benchmarks/results/prune_bench.json and the table between the markers in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from secateurs import data
+from secateurs.evaluate import check_sparsity, perplexity
+from secateurs.io import atomic_write_text
+from secateurs.model import load_model, load_tokenizer, model_size_bytes
+from secateurs.patterns import effective_ratio, parse_pattern
+from secateurs.profiling import measure, rss_bytes
+from secateurs.pruning import MethodPruner
+from secateurs.report import versions
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = [
+    ("magnitude", "unstructured"),
+    ("wanda", "unstructured"),
+    ("magnitude", "2:4"),
+    ("wanda", "2:4"),
+    ("magnitude", "4:8"),
+    ("wanda", "4:8"),
+]
+START, END = "<!-- prune_bench:start -->", "<!-- prune_bench:end -->"
+
+
+def forward_floor(model, windows: torch.Tensor, batch_size: int) -> float:
+    """Seconds for one plain forward pass of the windows through the decoder (no LM head)."""
+    decoder = model.get_decoder()
+    start = time.perf_counter()
+    with torch.no_grad():
+        for offset in range(0, windows.shape[0], batch_size):
+            decoder(input_ids=windows[offset : offset + batch_size], use_cache=False)
+    return time.perf_counter() - start
+
+
+def run_row(args, method: str, sparsity_type: str, windows, eval_windows) -> dict:
+    model, _ = load_model(args.model)
+    row: dict = {"method": method, "pattern": sparsity_type}
+    if method == "dense":
+        row |= {"sparsity": check_sparsity(model).overall}
+    else:
+        pruner = MethodPruner(model, method, batch_size=args.batch_size, progress=False)
+        pattern = parse_pattern(sparsity_type, pruner.default_scope)
+        ratio = effective_ratio(pattern, 0.5)
+        floors = []
+        if pruner.calibrated:
+            floors = [forward_floor(model, windows, args.batch_size) for _ in range(args.repeats)]
+        gc.collect()
+        with measure() as memory:
+            report = pruner.prune(windows, ratio, sparsity_type)
+        check = check_sparsity(model, pattern, ratio)
+        row |= {
+            "sparsity": check.overall,
+            "pattern_ok": check.ok,
+            "prune_s": memory.seconds,
+            "phases_s": report.seconds,
+            "peak_rss": memory.peak_rss,
+            "rss_before_prune": memory.start_rss,
+        }
+        if floors:
+            floor = statistics.median(floors)
+            row |= {"forward_s": floor, "prune_over_two_forwards": memory.seconds / (2 * floor)}
+    start = time.perf_counter()
+    row["ppl"] = perplexity(model, eval_windows, batch_size=args.eval_batch_size, progress=False)
+    row["eval_s"] = time.perf_counter() - start
+    del model
+    gc.collect()
+    return row
+
+
+def fmt(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def table(rows: list[dict]) -> str:
+    head = (
+        "| method | pattern | ppl | sparsity | prune s | 1 forward s | prune / 2 forwards "
+        "| peak RSS during prune |\n|---|---|---|---|---|---|---|---|\n"
+    )
+    body = []
+    for r in rows:
+        peak = r.get("peak_rss")
+        body.append(
+            f"| {r['method']} | {r['pattern']} | {r['ppl']:.2f} | {r['sparsity']:.4f} "
+            f"| {fmt(r.get('prune_s'), '.1f')} | {fmt(r.get('forward_s'), '.1f')} "
+            f"| {fmt(r.get('prune_over_two_forwards'), '.2f')} "
+            f"| {'n/a' if peak is None else f'{peak / 2**20:,.0f} MiB'} |"
+        )
+    return head + "\n".join(body)
+
+
+def memory_note(result: dict) -> str:
+    """Peak during pruning against 1.5x the fp32 model plus the calibration activations."""
+    wanda = [r for r in result["rows"] if r["method"] == "wanda" and r.get("peak_rss")]
+    if not wanda:
+        return ""
+    base, model_bytes = result["rss_runtime"], result["model_fp32_bytes"]
+    acts = result["activation_bytes"]
+    worst = max(r["peak_rss"] for r in wanda) - base
+    budget = 1.5 * model_bytes + acts
+    return (
+        f"Memory: the largest Wanda peak is {worst / 2**20:,.0f} MiB above the "
+        f"{base / 2**20:,.0f} MiB the process held before loading the model (libraries, tokenizer, data), against a "
+        f"budget of 1.5 x {model_bytes / 2**20:,.0f} MiB (fp32 model) + "
+        f"{acts / 2**20:,.0f} MiB (one buffer of calibration activations) = "
+        f"{budget / 2**20:,.0f} MiB: ratio {worst / budget:.2f}."
+    )
+
+
+def update_benchmarks_md(result: dict, path: Path) -> None:
+    cfg = result["settings"]
+    section = (
+        f"{START}\n"
+        f"SmolLM2-135M (fp32) on `wiki-sample`: calibration {cfg['nsamples']} x {cfg['seqlen']} "
+        f"tokens (seed 0, batch {cfg['batch_size']}), perplexity on "
+        f"{result['eval_windows']} test windows of {cfg['seqlen']}. Machine: {result['machine']}; "
+        f"{result['date']}. Target sparsity 0.5.\n\n"
+        f"{table(result['rows'])}\n\n{memory_note(result)}\n{END}"
+    )
+    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    if START in text and END in text:
+        text = text[: text.index(START)] + section + text[text.index(END) + len(END) :]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    atomic_write_text(path, text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--dataset", default="wiki-sample")
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--eval_batch_size", type=int, default=4)
+    parser.add_argument("--eval_limit", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=1, help="forward-floor timings per row")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "prune_bench.json"))
+    parser.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"))
+    args = parser.parse_args()
+
+    tokenizer = load_tokenizer(args.model)
+    source = data.resolve_source(args.dataset)
+    windows = data.calibration_windows(tokenizer, source, args.nsamples, args.seqlen, seed=0)
+    eval_windows = data.evaluation_windows(
+        data.evaluation_tokens(tokenizer, source), args.seqlen, args.eval_limit, source
+    )
+    # What the process holds before any model: interpreter, libraries, tokenizer, token ids.
+    gc.collect()
+    rss_runtime = rss_bytes()
+    probe, _ = load_model(args.model)
+    model_bytes = model_size_bytes(probe)
+    hidden = probe.get_input_embeddings().embedding_dim
+    del probe
+    gc.collect()
+
+    rows = []
+    for method, sparsity_type in [("dense", "-"), *RUNS]:
+        row = run_row(args, method, sparsity_type, windows, eval_windows)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    result = {
+        "settings": vars(args),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, CPU",
+        "date": time.strftime("%Y-%m-%d"),
+        "versions": versions(),
+        "eval_windows": int(eval_windows.shape[0]),
+        "rss_runtime": rss_runtime,
+        "model_fp32_bytes": model_bytes,
+        "activation_bytes": args.nsamples * args.seqlen * hidden * 4,
+        "rows": rows,
+    }
+    out = Path(args.out)
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    print(table(rows))
+    print(memory_note(result))
+    if args.eval_limit is None:
+        update_benchmarks_md(result, Path(args.markdown))
+
+
+if __name__ == "__main__":
+    main()
