@@ -121,7 +121,8 @@ def memory_note(result: dict) -> str:
     budget = 1.5 * model_bytes + acts
     return (
         f"Memory: the largest Wanda peak is {worst / 2**20:,.0f} MiB above the "
-        f"{base / 2**20:,.0f} MiB the process held before loading the model (libraries, tokenizer, data), against a "
+        f"{base / 2**20:,.0f} MiB the process held before loading the model (libraries, "
+        "tokenizer, data), against a "
         f"budget of 1.5 x {model_bytes / 2**20:,.0f} MiB (fp32 model) + "
         f"{acts / 2**20:,.0f} MiB (one buffer of calibration activations) = "
         f"{budget / 2**20:,.0f} MiB: ratio {worst / budget:.2f}."

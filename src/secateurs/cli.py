@@ -66,7 +66,11 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _guarded(action) -> None:
+def _guarded(action, quiet: bool = False) -> None:
+    if quiet:
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
     try:
         action()
     except SecateursError as exc:
@@ -116,6 +120,29 @@ def prune(
     ] = None,
     save_json: Annotated[str | None, _flag("save_json", "Write the run's result as JSON.")] = None,
     save_log: Annotated[str | None, _flag("save_log", "Write a readable summary here.")] = None,
+    use_recovery: Annotated[
+        bool,
+        _flag("use_recovery", "After pruning each layer, give the lost signal to its survivors."),
+    ] = False,
+    recovery: Annotated[
+        str,
+        _flag(
+            "recovery",
+            "inverse_wanda: the seed's first-moment rule, cheap; "
+            "least_squares: minimise the layer's output error (OBS updates), stronger.",
+        ),
+    ] = _DEFAULTS["recovery"],
+    inverse_wanda_update_fraction: Annotated[
+        float,
+        _flag("inverse_wanda_update_fraction", "Fraction of survivors per row updated, (0, 1]."),
+    ] = _DEFAULTS["inverse_wanda_update_fraction"],
+    inverse_wanda_max_relative_update: Annotated[
+        float,
+        _flag("inverse_wanda_max_relative_update", "Cap: |dW| <= this x |W|; must be > 0."),
+    ] = _DEFAULTS["inverse_wanda_max_relative_update"],
+    least_squares_damp: Annotated[
+        float, _flag("least_squares_damp", "Ridge damping, relative to the mean Hessian diagonal.")
+    ] = _DEFAULTS["least_squares_damp"],
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Prune a model, then print dense and pruned perplexity and the sparsity check."""
@@ -142,6 +169,11 @@ def prune(
         save_json=save_json,
         save_log=save_log,
         progress=not quiet,
+        use_recovery=use_recovery,
+        recovery=recovery,
+        inverse_wanda_update_fraction=inverse_wanda_update_fraction,
+        inverse_wanda_max_relative_update=inverse_wanda_max_relative_update,
+        least_squares_damp=least_squares_damp,
     )
 
     def action() -> None:
@@ -151,7 +183,7 @@ def prune(
         result = run_prune(cfg, log=log)
         typer.echo("\n".join(summary_lines(result)))
 
-    _guarded(action)
+    _guarded(action, quiet)
 
 
 @app.command("eval")
@@ -192,4 +224,4 @@ def evaluate(
         typer.echo(f"perplexity   {value:.3f}  ({time.perf_counter() - start:.1f} s)")
         typer.echo(f"sparsity     {check.overall:.4f} over {len(check.layers)} linear layers")
 
-    _guarded(action)
+    _guarded(action, quiet)

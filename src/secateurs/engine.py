@@ -24,6 +24,7 @@ from secateurs.model import (
     weight_matrix,
 )
 from secateurs.patterns import SparsityPattern
+from secateurs.recovery import LayerRecovery, WeightRedistributor
 from secateurs.stats import ActivationStats
 
 MetricFn = Callable[[nn.Module, "ActivationStats | None"], torch.Tensor]
@@ -33,9 +34,15 @@ MetricFn = Callable[[nn.Module, "ActivationStats | None"], torch.Tensor]
 class LayerRecord:
     """What happened to one linear layer."""
 
-    name: str
+    block: str
+    sublayer: str
     shape: tuple[int, int]
     pruned: int
+    recovery: LayerRecovery | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.block}.{self.sublayer}"
 
     @property
     def sparsity(self) -> float:
@@ -48,13 +55,30 @@ class PruneReport:
 
     layers: list[LayerRecord] = field(default_factory=list)
     seconds: dict[str, float] = field(
-        default_factory=lambda: {"capture": 0.0, "calibrate": 0.0, "score": 0.0, "propagate": 0.0}
+        default_factory=lambda: {
+            "capture": 0.0,
+            "calibrate": 0.0,
+            "score": 0.0,
+            "recover": 0.0,
+            "propagate": 0.0,
+        }
     )
+
+    def mean_relative_error(self) -> dict[str, float] | None:
+        """Mean over layers of the relative output error before and after recovery."""
+        done = [r.recovery for r in self.layers if r.recovery is not None]
+        if not done:
+            return None
+        return {
+            "before": sum(r.relative_error_before for r in done) / len(done),
+            "after": sum(r.relative_error_after for r in done) / len(done),
+        }
 
     def to_dict(self) -> dict:
         return {
-            "layers": [asdict(r) | {"sparsity": r.sparsity} for r in self.layers],
+            "layers": [asdict(r) | {"name": r.name, "sparsity": r.sparsity} for r in self.layers],
             "seconds": dict(self.seconds),
+            "recovery_mean_relative_error": self.mean_relative_error(),
         }
 
 
@@ -75,11 +99,18 @@ def run_block(
 
 
 def _calibrate(
-    block: nn.Module, layers: dict[str, nn.Module], inputs: BlockInputs, batch_size: int
+    block: nn.Module,
+    layers: dict[str, nn.Module],
+    inputs: BlockInputs,
+    batch_size: int,
+    redistributor: WeightRedistributor | None,
 ) -> dict[str, ActivationStats]:
     """One pass through the unpruned block, accumulating every layer's input statistics."""
+    extra = {}
+    if redistributor is not None:
+        extra = {"track_mean": redistributor.track_mean, "track_gram": redistributor.track_gram}
     stats = {
-        name: ActivationStats(weight_matrix(layer).shape[1], inputs.hidden.device)
+        name: ActivationStats(weight_matrix(layer).shape[1], inputs.hidden.device, **extra)
         for name, layer in layers.items()
     }
     handles = [
@@ -111,15 +142,18 @@ def prune_sequential(
     batch_size: int = 8,
     calibrated: bool = True,
     progress: bool = True,
+    redistributor: WeightRedistributor | None = None,
 ) -> PruneReport:
     """Prune every linear layer of every decoder block, in block order.
 
     With ``calibrated``, block ``i`` is scored on the outputs of the already-pruned blocks
-    ``0..i-1``: all its layers see the unpruned block's activations, all are pruned, then the
-    windows run through the pruned block to become the next block's inputs.
+    ``0..i-1``: all its layers see the unpruned block's activations, all are pruned (and
+    recovered, with a ``redistributor``), then the windows run through the pruned block to
+    become the next block's inputs.
     """
     device = torch.device(device)
     check_pattern_fits(model, pattern)
+    calibrated = calibrated or redistributor is not None
     if calibrated and (windows is None or windows.shape[0] == 0):
         raise ValueError("this method needs calibration windows")
     report = PruneReport()
@@ -136,16 +170,25 @@ def prune_sequential(
         stats: dict[str, ActivationStats] = {}
         if inputs is not None:
             start = time.perf_counter()
-            stats = _calibrate(block, layers, inputs, batch_size)
+            stats = _calibrate(block, layers, inputs, batch_size, redistributor)
             report.seconds["calibrate"] += time.perf_counter() - start
-        start = time.perf_counter()
         for name, layer in layers.items():
-            mask = pattern.create_mask(metric_fn(layer, stats.get(name)), sparsity_ratio)
+            start = time.perf_counter()
+            score = metric_fn(layer, stats.get(name))
             weight = weight_matrix(layer)
-            weight.masked_fill_(mask.to(weight.device), 0)
-            full_name = f"{stack_name}.{index}.{name}"
-            report.layers.append(LayerRecord(full_name, tuple(weight.shape), int(mask.sum())))
-        report.seconds["score"] += time.perf_counter() - start
+            mask = pattern.create_mask(score, sparsity_ratio).to(weight.device)
+            record = LayerRecord(
+                f"{stack_name}.{index}", name, tuple(weight.shape), int(mask.sum())
+            )
+            if redistributor is None:
+                weight.masked_fill_(mask, 0)
+                report.seconds["score"] += time.perf_counter() - start
+            else:
+                report.seconds["score"] += time.perf_counter() - start
+                start = time.perf_counter()
+                record.recovery = redistributor.apply(weight, mask, score, stats[name])
+                report.seconds["recover"] += time.perf_counter() - start
+            report.layers.append(record)
         if inputs is not None:
             start = time.perf_counter()
             inputs.hidden = run_block(block, inputs, batch_size, keep_outputs=True)

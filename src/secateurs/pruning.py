@@ -13,6 +13,7 @@ from secateurs import data
 from secateurs.engine import PruneReport, prune_sequential
 from secateurs.model import choose_seqlen, load_model, weight_matrix
 from secateurs.patterns import effective_ratio, parse_pattern
+from secateurs.recovery import WeightRedistributor
 from secateurs.scores import Method, get_method
 from secateurs.stats import ActivationStats
 
@@ -36,7 +37,8 @@ class BasePruner(ABC):
     """A pruning method: subclass it and implement :meth:`compute_pruning_metric`.
 
     ``default_scope`` is how unstructured pruning compares scores (``row`` or ``layer``),
-    ``calibrated`` whether the method needs calibration activations.
+    ``calibrated`` whether the method needs calibration activations. A ``redistributor``
+    (see :mod:`secateurs.recovery`) updates each layer's survivors right after it is pruned.
     """
 
     default_scope = "row"
@@ -49,8 +51,10 @@ class BasePruner(ABC):
         device: torch.device | str = "cpu",
         batch_size: int = 8,
         progress: bool = True,
+        redistributor: WeightRedistributor | None = None,
     ) -> None:
         self.model = model
+        self.redistributor = redistributor
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.batch_size = batch_size
@@ -72,9 +76,10 @@ class BasePruner(ABC):
         """Prune the model in place, block by block."""
         pattern = parse_pattern(sparsity_type, scope or self.default_scope)
         ratio = effective_ratio(pattern, sparsity_ratio)
+        needs_data = self.calibrated or self.redistributor is not None
         return prune_sequential(
             self.model,
-            as_windows(dataloader) if self.calibrated else None,
+            as_windows(dataloader) if needs_data else None,
             self.compute_pruning_metric,
             pattern,
             ratio,
@@ -82,6 +87,7 @@ class BasePruner(ABC):
             batch_size=self.batch_size,
             calibrated=self.calibrated,
             progress=self.progress,
+            redistributor=self.redistributor,
         )
 
 
@@ -136,6 +142,7 @@ def prune(
     device: torch.device | str = "cpu",
     batch_size: int = 8,
     progress: bool = True,
+    redistributor: WeightRedistributor | None = None,
 ) -> Pruned:
     """Load (if given a name), calibrate and prune a model in one call."""
     if isinstance(model, str):
@@ -143,10 +150,16 @@ def prune(
     if tokenizer is None:
         raise ValueError("pass the tokenizer along with a model object")
     pruner = MethodPruner(
-        model, method, tokenizer=tokenizer, device=device, batch_size=batch_size, progress=progress
+        model,
+        method,
+        tokenizer=tokenizer,
+        device=device,
+        batch_size=batch_size,
+        progress=progress,
+        redistributor=redistributor,
     )
     windows = None
-    if pruner.calibrated:
+    if pruner.calibrated or redistributor is not None:
         length = choose_seqlen(model.config, seqlen)
         source = data.resolve_source(dataset)
         windows = data.calibration_windows(tokenizer, source, nsamples, length, seed)

@@ -51,7 +51,36 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         f"prune time       {timing['prune']:.1f} s",
         f"peak memory      {fmt_bytes(memory['peak_rss'])} resident during pruning",
     ]
+    recovery = result["prune"].get("recovery_mean_relative_error")
+    if recovery:
+        lines.insert(
+            6,
+            f"recovery         {cfg['recovery']}: mean relative output error "
+            f"{recovery['before']:.4f} -> {recovery['after']:.4f}",
+        )
     lines += [f"  violation: {v}" for v in sp["violations"]]
+    return lines
+
+
+def recovery_lines(layers: list[dict[str, Any]]) -> list[str]:
+    """Per-sublayer pruning and recovery, grouped by block."""
+    lines: list[str] = []
+    block = None
+    for layer in layers:
+        if layer["block"] != block:
+            block = layer["block"]
+            lines.append(f"Processing layer: {block}")
+        rows, cols = layer["shape"]
+        lines.append(f"  Sublayer: {layer['sublayer']}")
+        lines.append(
+            f"    Pruned {layer['pruned']}/{rows * cols} weights ({layer['sparsity']:.2%})"
+        )
+        recovery = layer.get("recovery")
+        if recovery:
+            lines.append(
+                f"    Recovery - Relative error: {recovery['relative_error_after']:.6f} "
+                f"(without recovery {recovery['relative_error_before']:.6f})"
+            )
     return lines
 
 
@@ -60,6 +89,7 @@ def write_json(path: str | Path, result: dict[str, Any]) -> None:
 
 
 def write_log(path: str | Path, result: dict[str, Any]) -> None:
-    body = [*summary_lines(result), "", "per-layer sparsity:"]
+    body = [*summary_lines(result), "", *recovery_lines(result["prune"]["layers"])]
+    body += ["", "per-layer sparsity (measured):"]
     body += [f"  {name:<48} {value:.4f}" for name, value in result["sparsity"]["layers"].items()]
     atomic_write_text(path, "\n".join(body) + "\n")

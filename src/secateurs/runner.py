@@ -24,6 +24,12 @@ from secateurs.model import choose_seqlen, load_config, load_model, load_tokeniz
 from secateurs.patterns import SCOPES, SparsityPattern, effective_ratio, parse_pattern
 from secateurs.profiling import measure
 from secateurs.pruning import MethodPruner
+from secateurs.recovery import (
+    STRATEGIES,
+    InverseWandaStrategy,
+    LeastSquaresStrategy,
+    WeightRedistributor,
+)
 from secateurs.report import versions, write_json, write_log
 from secateurs.scores import Method, get_method
 
@@ -56,6 +62,11 @@ class PruneConfig:
     save_json: str | None = None
     save_log: str | None = None
     progress: bool = True
+    use_recovery: bool = False
+    recovery: str = "inverse_wanda"
+    inverse_wanda_update_fraction: float = 0.3
+    inverse_wanda_max_relative_update: float = 2.0
+    least_squares_damp: float = 0.01
 
 
 def check_device(name: str) -> torch.device:
@@ -81,9 +92,27 @@ def check_eval_args(cfg: PruneConfig) -> None:
     check_device(cfg.device)
 
 
+def make_redistributor(cfg: PruneConfig) -> WeightRedistributor | None:
+    """The recovery asked for by the configuration (its parameters checked), or None."""
+    if not cfg.use_recovery:
+        return None
+    if cfg.recovery == "inverse_wanda":
+        strategy = InverseWandaStrategy(
+            cfg.inverse_wanda_update_fraction, cfg.inverse_wanda_max_relative_update
+        )
+    elif cfg.recovery == "least_squares":
+        strategy = LeastSquaresStrategy(cfg.least_squares_damp)
+    else:
+        raise SecateursError(
+            f"unknown --recovery '{cfg.recovery}'; choose one of: {', '.join(STRATEGIES)}"
+        )
+    return WeightRedistributor(strategy)
+
+
 def check_config(cfg: PruneConfig) -> tuple[Method, SparsityPattern, float]:
     """Every check that needs neither model nor data; the method, pattern and true ratio."""
     method = get_method(cfg.prune_method)
+    make_redistributor(cfg)
     if cfg.scope is not None and cfg.scope not in SCOPES:
         raise SecateursError(f"--scope must be one of {', '.join(SCOPES)}, got '{cfg.scope}'")
     pattern = parse_pattern(cfg.sparsity_type, cfg.scope or method.scope)
@@ -124,8 +153,9 @@ def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str,
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir, cfg.trust_remote_code)
 
     start = time.perf_counter()
+    redistributor = make_redistributor(cfg)
     windows = None
-    if method.calibrated:
+    if method.calibrated or redistributor is not None:
         source = data.resolve_source(cfg.dataset)
         windows = data.calibration_windows(tokenizer, source, cfg.nsamples, seqlen, cfg.seed)
     eval_name = cfg.eval_dataset or cfg.dataset
@@ -158,6 +188,7 @@ def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str,
         device=device,
         batch_size=cfg.batch_size,
         progress=cfg.progress,
+        redistributor=redistributor,
     )
     log(f"pruning with {method.name}, {pattern.describe()}, sparsity {ratio}")
     with measure(device) as memory:

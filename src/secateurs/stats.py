@@ -13,11 +13,24 @@ class ActivationStats:
     windows of each window's sum of ``x_j^2``.
     """
 
-    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        in_features: int,
+        device: torch.device | str = "cpu",
+        track_mean: bool = False,
+        track_gram: bool = False,
+    ) -> None:
         self.in_features = in_features
         self.windows = 0
         self.tokens = 0
         self.sq_norm = torch.zeros(in_features, dtype=torch.float32, device=device)
+        zeros = torch.zeros
+        self._sum = zeros(in_features, dtype=torch.float64, device=device) if track_mean else None
+        self._gram = (
+            zeros(in_features, in_features, dtype=torch.float32, device=device)
+            if track_gram
+            else None
+        )
 
     def add_batch(self, inputs: torch.Tensor) -> None:
         """Fold in a batch of layer inputs shaped (windows, tokens, in_features)."""
@@ -29,8 +42,26 @@ class ActivationStats:
         self.windows += batch
         self.tokens += flat.shape[0]
         self.sq_norm.add_(flat.square().sum(dim=0) / self.windows)
+        if self._sum is not None:
+            self._sum.add_(flat.sum(dim=0, dtype=torch.float64))
+        if self._gram is not None:
+            self._gram.addmm_(flat.t(), flat)
 
     @property
     def norm(self) -> torch.Tensor:
         """Per-channel ``sqrt(s_j)``, the activation factor of the Wanda score."""
         return self.sq_norm.sqrt()
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Per-channel mean of the input over every token seen (needs ``track_mean``)."""
+        if self._sum is None:
+            raise ValueError("this statistic was gathered without track_mean")
+        return (self._sum / max(self.tokens, 1)).float()
+
+    @property
+    def gram(self) -> torch.Tensor:
+        """``X^T X`` summed over every token seen, (in, in) (needs ``track_gram``)."""
+        if self._gram is None:
+            raise ValueError("this statistic was gathered without track_gram")
+        return self._gram
