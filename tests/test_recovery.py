@@ -84,15 +84,22 @@ def test_inverse_wanda_skips_channels_with_near_zero_mean():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"update_fraction": 0.0}, {"update_fraction": 1.5}, {"update_fraction": -0.2},
-               {"max_relative_update": 0.0}, {"max_relative_update": -1.0}])
+    "kwargs",
+    [
+        {"update_fraction": 0.0},
+        {"update_fraction": 1.5},
+        {"update_fraction": -0.2},
+        {"max_relative_update": 0.0},
+        {"max_relative_update": -1.0},
+    ],
+)
 def test_bad_inverse_wanda_parameters_are_refused(kwargs):
     with pytest.raises(SecateursError, match="must be"):
         InverseWandaStrategy(**kwargs)
 
 
 def test_least_squares_reaches_the_exact_per_row_optimum():
-    weight, x, stats, score, mask = problem(rows=8, cols=24, seed=5)
+    weight, _, stats, score, mask = problem(rows=8, cols=24, seed=5)
     new = LeastSquaresStrategy(damp=1e-6, tol=1e-6).recover(weight, mask, score, stats)
     exact = weight.double().masked_fill(mask, 0)
     gram = stats.gram.double()
@@ -124,13 +131,21 @@ def test_relative_error_matches_the_activations():
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s.name)
-@pytest.mark.parametrize("pattern", [Unstructured("row"), Unstructured("layer"), NMSparsity(2, 4)],
-                         ids=lambda p: p.describe())
+@pytest.mark.parametrize(
+    "pattern",
+    [Unstructured("row"), Unstructured("layer"), NMSparsity(2, 4)],
+    ids=lambda p: p.describe(),
+)
 def test_engine_applies_recovery_to_every_layer(arch, strategy, pattern):
     model = make_model(arch)
     report = prune_sequential(
-        model, make_windows(), lambda layer, s: wanda_score(weight_matrix(layer), s), pattern,
-        0.5, redistributor=WeightRedistributor(strategy), progress=False,
+        model,
+        make_windows(),
+        lambda layer, s: wanda_score(weight_matrix(layer), s),
+        pattern,
+        0.5,
+        redistributor=WeightRedistributor(strategy),
+        progress=False,
     )
     assert all(r.recovery is not None for r in report.layers)
     mean = report.mean_relative_error()
@@ -158,7 +173,8 @@ def test_recovery_is_deterministic():
     masks = []
     for _ in range(2):
         model = make_model("opt", seed=4)
-        WandaPruner(model, redistributor=WeightRedistributor(LeastSquaresStrategy()),
-                    progress=False).prune(make_windows(seed=2), 0.5, "2:4")
+        WandaPruner(
+            model, redistributor=WeightRedistributor(LeastSquaresStrategy()), progress=False
+        ).prune(make_windows(seed=2), 0.5, "2:4")
         masks.append([weight_matrix(layer).clone() for _, layer in iter_prunable(model)])
     assert all(torch.equal(a, b) for a, b in zip(*masks, strict=True))

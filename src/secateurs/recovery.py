@@ -20,8 +20,8 @@ from secateurs.stats import ActivationStats
 
 def output_error(delta: torch.Tensor, gram: torch.Tensor) -> float:
     """``||delta X||_F^2`` from the Gram matrix ``X^T X``, without the activations."""
-    delta = delta.double()
-    return float(((delta @ gram.double()) * delta).sum().clamp_min(0))
+    delta = delta.to(gram.dtype)
+    return float(((delta @ gram) * delta).sum(dtype=torch.float64).clamp_min(0))
 
 
 def relative_output_error(dense: torch.Tensor, new: torch.Tensor, gram: torch.Tensor) -> float:
@@ -121,8 +121,8 @@ class LeastSquaresStrategy(RecoveryStrategy):
     """
 
     damp: float = 0.01
-    max_iter: int = 200
-    tol: float = 1e-4
+    max_iter: int = 100
+    tol: float = 1e-3
     name: str = field(default="least_squares", init=False)
     track_gram: bool = field(default=True, init=False)
 
