@@ -113,8 +113,22 @@ def _calibrate(
         name: ActivationStats(weight_matrix(layer).shape[1], inputs.hidden.device, **extra)
         for name, layer in layers.items()
     }
+    # Layers fed the very same tensor (q/k/v, gate/up) share one set of statistics: the last
+    # input is held, so an identity match can never be a freed tensor's reused memory.
+    last: dict[str, object] = {"input": None, "owner": None}
+    shares: dict[str, str] = {}
+
+    def observe(name: str, x: torch.Tensor) -> None:
+        if name in shares:
+            return
+        if x is last["input"]:
+            shares[name] = last["owner"]
+            return
+        last["input"], last["owner"] = x, name
+        stats[name].add_batch(x)
+
     handles = [
-        layer.register_forward_hook(lambda _m, args, _out, s=stats[name]: s.add_batch(args[0]))
+        layer.register_forward_hook(lambda _m, args, _out, n=name: observe(n, args[0]))
         for name, layer in layers.items()
     ]
     try:
@@ -122,6 +136,8 @@ def _calibrate(
     finally:
         for handle in handles:
             handle.remove()
+    for name, owner in shares.items():
+        stats[name] = stats[owner]
     return stats
 
 

@@ -1,0 +1,143 @@
+"""Benchmark: Wanda with and without recovery at 50% unstructured and 2:4 on SmolLM2 + wiki-sample.
+
+Rows: plain Wanda; Wanda + inverse-Wanda at the seed's conservative (0.2, 1.0), balanced
+(0.3, 2.0) and aggressive (0.5, 5.0) settings; Wanda + least squares. For each: perplexity,
+mean relative output error over layers before and after recovery, prune time, and the time
+added against plain Wanda measured in the same run.
+
+    python benchmarks/recovery_bench.py                  # 32 x 512 calibration, 32 eval windows
+    python benchmarks/recovery_bench.py --eval_limit 0   # the whole test split
+
+Writes benchmarks/results/recovery_bench.json and the table between the markers in
+BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from secateurs import data
+from secateurs.evaluate import perplexity
+from secateurs.io import atomic_write_text
+from secateurs.model import load_model, load_tokenizer
+from secateurs.profiling import measure
+from secateurs.pruning import WandaPruner
+from secateurs.recovery import InverseWandaStrategy, LeastSquaresStrategy, WeightRedistributor
+from secateurs.report import versions
+
+ROOT = Path(__file__).resolve().parent.parent
+START, END = "<!-- recovery_bench:start -->", "<!-- recovery_bench:end -->"
+SETTINGS = {
+    "none": None,
+    "inverse_wanda conservative (0.2, 1.0)": lambda: InverseWandaStrategy(0.2, 1.0),
+    "inverse_wanda balanced (0.3, 2.0)": lambda: InverseWandaStrategy(0.3, 2.0),
+    "inverse_wanda aggressive (0.5, 5.0)": lambda: InverseWandaStrategy(0.5, 5.0),
+    "least_squares": LeastSquaresStrategy,
+}
+
+
+def run_row(args, pattern: str, label: str, windows, eval_windows) -> dict:
+    model, _ = load_model(args.model)
+    make = SETTINGS[label]
+    redistributor = WeightRedistributor(make()) if make else None
+    pruner = WandaPruner(
+        model, batch_size=args.batch_size, progress=False, redistributor=redistributor
+    )
+    gc.collect()
+    with measure() as timing:
+        report = pruner.prune(windows, 0.5, pattern)
+    row = {
+        "pattern": pattern,
+        "recovery": label,
+        "prune_s": timing.seconds,
+        "phases_s": report.seconds,
+        "relative_error": report.mean_relative_error(),
+        "ppl": perplexity(model, eval_windows, batch_size=args.eval_batch_size, progress=False),
+    }
+    del model
+    gc.collect()
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| pattern | recovery | ppl | vs plain Wanda | rel. error before -> after "
+        "| prune s | time vs plain Wanda |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    base = {r["pattern"]: r for r in rows if r["recovery"] == "none"}
+    for r in rows:
+        plain = base[r["pattern"]]
+        err = r["relative_error"]
+        err_text = "-" if err is None else f"{err['before']:.4f} -> {err['after']:.4f}"
+        lines.append(
+            f"| {r['pattern']} | {r['recovery']} | {r['ppl']:.2f} "
+            f"| {r['ppl'] / plain['ppl'] - 1:+.1%} | {err_text} | {r['prune_s']:.1f} "
+            f"| {r['prune_s'] / plain['prune_s']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def update_markdown(result: dict, path: Path) -> None:
+    cfg = result["settings"]
+    section = (
+        f"{START}\nSmolLM2-135M (fp32), Wanda at 50%, calibration {cfg['nsamples']} x "
+        f"{cfg['seqlen']} tokens of `wiki-sample` (seed 0), perplexity on {result['eval_windows']} "
+        f"test windows of {cfg['seqlen']}. Machine: {result['machine']}; {result['date']}.\n\n"
+        f"{table(result['rows'])}\n{END}"
+    )
+    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    if START in text and END in text:
+        text = text[: text.index(START)] + section + text[text.index(END) + len(END) :]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    atomic_write_text(path, text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--dataset", default="wiki-sample")
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--eval_batch_size", type=int, default=4)
+    parser.add_argument("--eval_limit", type=int, default=32, help="0 = the whole test split")
+    parser.add_argument("--patterns", default="unstructured,2:4")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/recovery_bench.json"))
+    parser.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"))
+    args = parser.parse_args()
+
+    tokenizer = load_tokenizer(args.model)
+    source = data.resolve_source(args.dataset)
+    windows = data.calibration_windows(tokenizer, source, args.nsamples, args.seqlen, seed=0)
+    eval_windows = data.evaluation_windows(
+        data.evaluation_tokens(tokenizer, source), args.seqlen, args.eval_limit or None, source
+    )
+    rows = []
+    for pattern in args.patterns.split(","):
+        for label in SETTINGS:
+            rows.append(run_row(args, pattern, label, windows, eval_windows))
+            print(json.dumps(rows[-1]), flush=True)
+    result = {
+        "settings": vars(args),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, CPU",
+        "date": time.strftime("%Y-%m-%d"),
+        "versions": versions(),
+        "eval_windows": int(eval_windows.shape[0]),
+        "rows": rows,
+    }
+    atomic_write_text(Path(args.out), json.dumps(result, indent=2) + "\n")
+    print(table(rows))
+    update_markdown(result, Path(args.markdown))
+
+
+if __name__ == "__main__":
+    main()
