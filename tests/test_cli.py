@@ -56,6 +56,8 @@ def test_help_teaches_the_flags():
         (["--nsamples", "5000", "--seqlen", "64"], "lower --nsamples"),
         (["--model", "no/such-model-here"], "could not load model"),
         (["--device", "cuda:0"], "no CUDA GPU"),
+        (["--use_recovery", "--recovery_report_fraction", "0"], "report_fraction"),
+        (["--use_recovery", "--inverse_wanda_update_fraction", "1.5"], "update_fraction"),
     ],
 )
 def test_bad_input_fails_fast_with_a_fix(args, message, tiny_model_dir, text_dir, no_model_load):

@@ -178,3 +178,24 @@ def test_recovery_is_deterministic():
         ).prune(make_windows(seed=2), 0.5, "2:4")
         masks.append([weight_matrix(layer).clone() for _, layer in iter_prunable(model)])
     assert all(torch.equal(a, b) for a, b in zip(*masks, strict=True))
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5])
+def test_bad_report_fraction_is_refused(fraction):
+    with pytest.raises(SecateursError, match="report_fraction"):
+        WeightRedistributor(InverseWandaStrategy(), report_fraction=fraction)
+
+
+def test_report_gram_is_exact_only_where_the_strategy_needs_it():
+    assert WeightRedistributor(LeastSquaresStrategy(), report_fraction=0.25).gram_fraction == 1.0
+    assert WeightRedistributor(InverseWandaStrategy(), report_fraction=0.25).gram_fraction == 0.25
+
+
+def test_sampled_report_estimates_the_exact_error():
+    weight, x, exact, score, mask = problem(tokens=4000, seed=5)
+    sampled = ActivationStats(x.shape[1], track_gram=True, gram_fraction=0.25)
+    sampled.add_batch(x.reshape(8, -1, x.shape[1]))
+    assert 800 < sampled.gram_tokens < 1200
+    pruned = weight.masked_fill(mask, 0)
+    estimate = relative_output_error(weight, pruned, sampled.gram)
+    assert estimate == pytest.approx(relative_output_error(weight, pruned, exact.gram), rel=0.05)

@@ -39,3 +39,27 @@ def test_low_precision_inputs_accumulate_in_fp32():
     stats.add_batch(torch.full((1, 4, 3), 300.0, dtype=torch.float16))
     assert stats.sq_norm.dtype == torch.float32
     torch.testing.assert_close(stats.sq_norm, torch.full((3,), 4 * 300.0**2))
+
+
+def test_mean_is_over_every_token():
+    x = torch.randn(6, 7, 5) + 2.0
+    stats = ActivationStats(5, track_mean=True)
+    for chunk in x.split(4):
+        stats.add_batch(chunk)
+    torch.testing.assert_close(stats.mean, x.reshape(-1, 5).mean(dim=0))
+
+
+def test_full_gram_is_exact_and_sampled_gram_is_reproducible():
+    x = torch.randn(4, 50, 6)
+    full = ActivationStats(6, track_gram=True)
+    full.add_batch(x)
+    flat = x.reshape(-1, 6)
+    torch.testing.assert_close(full.gram, flat.T @ flat)
+    grams = []
+    for _ in range(2):
+        sampled = ActivationStats(6, track_gram=True, gram_fraction=0.3)
+        for chunk in x.split(2):
+            sampled.add_batch(chunk)
+        grams.append(sampled.gram)
+        assert 0 < sampled.gram_tokens < 200
+    assert torch.equal(grams[0], grams[1])

@@ -143,6 +143,14 @@ def prune(
     least_squares_damp: Annotated[
         float, _flag("least_squares_damp", "Ridge damping, relative to the mean Hessian diagonal.")
     ] = _DEFAULTS["least_squares_damp"],
+    recovery_report_fraction: Annotated[
+        float,
+        _flag(
+            "recovery_report_fraction",
+            "Share of calibration tokens the error report samples, (0, 1]; 1 = exact "
+            "(least_squares always reports exactly).",
+        ),
+    ] = _DEFAULTS["recovery_report_fraction"],
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Prune a model, then print dense and pruned perplexity and the sparsity check."""
@@ -174,6 +182,7 @@ def prune(
         inverse_wanda_update_fraction=inverse_wanda_update_fraction,
         inverse_wanda_max_relative_update=inverse_wanda_max_relative_update,
         least_squares_damp=least_squares_damp,
+        recovery_report_fraction=recovery_report_fraction,
     )
 
     def action() -> None:

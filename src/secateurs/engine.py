@@ -108,7 +108,11 @@ def _calibrate(
     """One pass through the unpruned block, accumulating every layer's input statistics."""
     extra = {}
     if redistributor is not None:
-        extra = {"track_mean": redistributor.track_mean, "track_gram": redistributor.track_gram}
+        extra = {
+            "track_mean": redistributor.track_mean,
+            "track_gram": redistributor.track_gram,
+            "gram_fraction": redistributor.gram_fraction,
+        }
     stats = {
         name: ActivationStats(weight_matrix(layer).shape[1], inputs.hidden.device, **extra)
         for name, layer in layers.items()

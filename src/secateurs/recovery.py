@@ -173,12 +173,28 @@ class LayerRecovery:
 
 
 class WeightRedistributor:
-    """Applies a recovery strategy to each pruned layer and keeps its error report."""
+    """Applies a recovery strategy to each pruned layer and keeps its error report.
 
-    track_gram = True  # the before/after error report needs X^T X
+    The before/after error report needs ``X^T X``. A strategy that solves with it gets the
+    exact matrix; for the others the report estimates it from a seeded random
+    ``report_fraction`` of the calibration tokens, because the full product costs about as
+    much as a forward pass through the block.
+    """
 
-    def __init__(self, strategy: RecoveryStrategy) -> None:
+    track_gram = True
+
+    def __init__(self, strategy: RecoveryStrategy, report_fraction: float = 0.25) -> None:
+        if not 0.0 < report_fraction <= 1.0:
+            raise SecateursError(
+                f"report_fraction must be in (0, 1], got {report_fraction}; "
+                "1.0 reports exact errors, 0.25 estimates them from a quarter of the tokens"
+            )
         self.strategy = strategy
+        self.report_fraction = report_fraction
+
+    @property
+    def gram_fraction(self) -> float:
+        return 1.0 if self.strategy.track_gram else self.report_fraction
 
     @property
     def track_mean(self) -> bool:

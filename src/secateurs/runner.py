@@ -67,6 +67,7 @@ class PruneConfig:
     inverse_wanda_update_fraction: float = 0.3
     inverse_wanda_max_relative_update: float = 2.0
     least_squares_damp: float = 0.01
+    recovery_report_fraction: float = 0.25
 
 
 def check_device(name: str) -> torch.device:
@@ -106,7 +107,7 @@ def make_redistributor(cfg: PruneConfig) -> WeightRedistributor | None:
         raise SecateursError(
             f"unknown --recovery '{cfg.recovery}'; choose one of: {', '.join(STRATEGIES)}"
         )
-    return WeightRedistributor(strategy)
+    return WeightRedistributor(strategy, cfg.recovery_report_fraction)
 
 
 def check_config(cfg: PruneConfig) -> tuple[Method, SparsityPattern, float]:

@@ -19,6 +19,7 @@ class ActivationStats:
         device: torch.device | str = "cpu",
         track_mean: bool = False,
         track_gram: bool = False,
+        gram_fraction: float = 1.0,
     ) -> None:
         self.in_features = in_features
         self.windows = 0
@@ -31,6 +32,10 @@ class ActivationStats:
             if track_gram
             else None
         )
+        self.gram_fraction = gram_fraction
+        self.gram_tokens = 0
+        # A fixed seed keeps the sampled Gram, and every report built on it, reproducible.
+        self._sampler = torch.Generator().manual_seed(0)
 
     def add_batch(self, inputs: torch.Tensor) -> None:
         """Fold in a batch of layer inputs shaped (windows, tokens, in_features)."""
@@ -43,9 +48,16 @@ class ActivationStats:
         self.tokens += flat.shape[0]
         self.sq_norm.add_(flat.square().sum(dim=0) / self.windows)
         if self._sum is not None:
-            self._sum.add_(flat.sum(dim=0, dtype=torch.float64))
+            self._sum.add_(flat.sum(dim=0).double())  # fp32 within a batch, fp64 across
         if self._gram is not None:
-            self._gram.addmm_(flat.t(), flat)
+            rows = flat if self.gram_fraction >= 1.0 else flat[self._sample(flat.shape[0])]
+            self.gram_tokens += rows.shape[0]
+            self._gram.addmm_(rows.t(), rows)
+
+    def _sample(self, count: int) -> torch.Tensor:
+        """Indices of a seeded random ``gram_fraction`` of ``count`` tokens."""
+        keep = torch.rand(count, generator=self._sampler) < self.gram_fraction
+        return keep.nonzero().squeeze(1).to(self._gram.device)
 
     @property
     def norm(self) -> torch.Tensor:
@@ -61,7 +73,11 @@ class ActivationStats:
 
     @property
     def gram(self) -> torch.Tensor:
-        """``X^T X`` summed over every token seen, (in, in) (needs ``track_gram``)."""
+        """``X^T X`` summed over the tokens seen, (in, in) (needs ``track_gram``).
+
+        With ``gram_fraction < 1`` the sum runs over a seeded random sample of that fraction
+        of the tokens: an estimate, cheap enough for error reports.
+        """
         if self._gram is None:
             raise ValueError("this statistic was gathered without track_gram")
         return self._gram
