@@ -192,7 +192,7 @@ def test_report_gram_is_exact_only_where_the_strategy_needs_it():
 
 
 def test_sampled_report_estimates_the_exact_error():
-    weight, x, exact, score, mask = problem(tokens=4000, seed=5)
+    weight, x, exact, _, mask = problem(tokens=4000, seed=5)
     sampled = ActivationStats(x.shape[1], track_gram=True, gram_fraction=0.25)
     sampled.add_batch(x.reshape(8, -1, x.shape[1]))
     assert 800 < sampled.gram_tokens < 1200
