@@ -17,7 +17,7 @@ from secateurs.recovery import (
     relative_output_error,
 )
 from secateurs.scores import wanda_score
-from secateurs.stats import ActivationStats
+from secateurs.stats import ActivationStats, StatsRequest
 
 
 def problem(rows=24, cols=32, tokens=400, seed=0, offset=0.7):
@@ -26,7 +26,7 @@ def problem(rows=24, cols=32, tokens=400, seed=0, offset=0.7):
     mix = torch.randn(cols, cols, generator=generator) / math.sqrt(cols)
     x = torch.randn(4, tokens // 4, cols, generator=generator) @ (torch.eye(cols) + mix) + offset
     weight = torch.randn(rows, cols, generator=generator)
-    stats = ActivationStats(cols, track_mean=True, track_gram=True)
+    stats = ActivationStats(cols, request=StatsRequest(mean=True, gram=True))
     stats.add_batch(x)
     score = wanda_score(weight, stats)
     return weight, x.reshape(-1, cols), stats, score, row_mask(score, 0.5)
@@ -187,13 +187,15 @@ def test_bad_report_fraction_is_refused(fraction):
 
 
 def test_report_gram_is_exact_only_where_the_strategy_needs_it():
-    assert WeightRedistributor(LeastSquaresStrategy(), report_fraction=0.25).gram_fraction == 1.0
-    assert WeightRedistributor(InverseWandaStrategy(), report_fraction=0.25).gram_fraction == 0.25
+    exact = WeightRedistributor(LeastSquaresStrategy(), report_fraction=0.25).request
+    sampled = WeightRedistributor(InverseWandaStrategy(), report_fraction=0.25).request
+    assert exact.gram and exact.gram_fraction == 1.0
+    assert sampled.gram and sampled.gram_fraction == 0.25 and sampled.mean
 
 
 def test_sampled_report_estimates_the_exact_error():
     weight, x, exact, _, mask = problem(tokens=4000, seed=5)
-    sampled = ActivationStats(x.shape[1], track_gram=True, gram_fraction=0.25)
+    sampled = ActivationStats(x.shape[1], request=StatsRequest(gram=True, gram_fraction=0.25))
     sampled.add_batch(x.reshape(8, -1, x.shape[1]))
     assert 800 < sampled.gram_tokens < 1200
     pruned = weight.masked_fill(mask, 0)

@@ -1,7 +1,30 @@
+import pytest
 import torch
 
-from secateurs.scores import METHODS, get_method, magnitude_score, wanda_score
-from secateurs.stats import ActivationStats
+from secateurs.errors import SecateursError
+from secateurs.scores import (
+    METHODS,
+    check_classes,
+    fisher_score,
+    get_method,
+    magnitude_score,
+    wanda_idf_score,
+    wanda_score,
+    wanda_select_score,
+    wanda_spiky_score,
+)
+from secateurs.stats import ActivationStats, SelectivityOptions, StatsRequest
+
+FULL = StatsRequest(selectivity=SelectivityOptions(exact=True), classes=3)
+
+
+def full_stats(columns: int, seed: int = 0) -> ActivationStats:
+    generator = torch.Generator().manual_seed(seed)
+    stats = ActivationStats(columns, request=FULL)
+    x = torch.randn(2, 50, columns, generator=generator)
+    labels = torch.randint(-1, 3, (2, 50), generator=generator)
+    stats.add_batch(x, labels)
+    return stats
 
 
 def test_wanda_score_is_weight_times_activation_norm():
@@ -20,8 +43,7 @@ def test_magnitude_score_is_absolute_weight():
 
 def test_scores_keep_the_weight_shape_and_are_nonnegative():
     weight = torch.randn(6, 10)
-    stats = ActivationStats(10)
-    stats.add_batch(torch.randn(2, 5, 10))
+    stats = full_stats(10)
     for method in METHODS.values():
         score = method.score(weight, stats)
         assert score.shape == weight.shape
@@ -31,3 +53,40 @@ def test_scores_keep_the_weight_shape_and_are_nonnegative():
 def test_registry_defaults_match_the_reference():
     assert get_method("wanda").scope == "row" and get_method("wanda").calibrated
     assert get_method("magnitude").scope == "layer" and not get_method("magnitude").calibrated
+
+
+@pytest.mark.parametrize(
+    ("score", "factors"),
+    [
+        (wanda_idf_score, ("idf",)),
+        (wanda_spiky_score, ("spikiness",)),
+        (wanda_select_score, ("idf", "spikiness")),
+        (fisher_score, ("fisher",)),
+    ],
+)
+def test_selective_scores_scale_wanda_per_input_channel(score, factors):
+    weight = torch.randn(4, 9)
+    stats = full_stats(9, seed=1)
+    expected = wanda_score(weight, stats)
+    for factor in factors:
+        expected = expected * getattr(stats, factor).unsqueeze(0)
+    torch.testing.assert_close(score(weight, stats), expected)
+
+
+def test_methods_name_the_statistics_they_need():
+    assert get_method("wanda_select").needs == {"selectivity"}
+    assert get_method("neuronrank_fisher").needs == {"classes"}
+    assert not get_method("wanda").needs
+
+
+def test_a_score_without_its_statistics_says_so():
+    with pytest.raises(ValueError, match="gathered without selectivity"):
+        wanda_idf_score(torch.ones(2, 3), ActivationStats(3))
+    with pytest.raises(ValueError, match="needs activation statistics"):
+        fisher_score(torch.ones(2, 3), None)
+
+
+@pytest.mark.parametrize("classes", [0, -3])
+def test_class_count_must_be_positive(classes):
+    with pytest.raises(SecateursError, match="neuronrank_max_classes must be > 0"):
+        check_classes(classes)

@@ -1,6 +1,14 @@
+import pytest
 import torch
 
-from secateurs.stats import ActivationStats
+from secateurs.errors import SecateursError
+from secateurs.stats import (
+    ActivationStats,
+    MagnitudeHistogram,
+    SelectivityOptions,
+    StatsRequest,
+    token_classes,
+)
 
 
 def test_sq_norm_is_mean_over_windows_of_window_sums():
@@ -43,7 +51,7 @@ def test_low_precision_inputs_accumulate_in_fp32():
 
 def test_mean_is_over_every_token():
     x = torch.randn(6, 7, 5) + 2.0
-    stats = ActivationStats(5, track_mean=True)
+    stats = ActivationStats(5, request=StatsRequest(mean=True))
     for chunk in x.split(4):
         stats.add_batch(chunk)
     torch.testing.assert_close(stats.mean, x.reshape(-1, 5).mean(dim=0))
@@ -51,15 +59,170 @@ def test_mean_is_over_every_token():
 
 def test_full_gram_is_exact_and_sampled_gram_is_reproducible():
     x = torch.randn(4, 50, 6)
-    full = ActivationStats(6, track_gram=True)
+    full = ActivationStats(6, request=StatsRequest(gram=True))
     full.add_batch(x)
     flat = x.reshape(-1, 6)
     torch.testing.assert_close(full.gram, flat.T @ flat)
     grams = []
     for _ in range(2):
-        sampled = ActivationStats(6, track_gram=True, gram_fraction=0.3)
+        sampled = ActivationStats(6, request=StatsRequest(gram=True, gram_fraction=0.3))
         for chunk in x.split(2):
             sampled.add_batch(chunk)
         grams.append(sampled.gram)
         assert 0 < sampled.gram_tokens < 200
     assert torch.equal(grams[0], grams[1])
+
+
+def test_exact_selectivity_matches_a_direct_computation():
+    x = torch.tensor(
+        [[0.0, 1.0, -4.0], [0.5, -1.0, 0.0], [0.1, 2.0, 0.0], [-0.2, 1.0, 0.0], [0.3, -3.0, 8.0]]
+    )  # 5 tokens, 3 channels
+    stats = ActivationStats(3, request=StatsRequest(selectivity=SelectivityOptions(exact=True)))
+    stats.add_batch(x[:2].unsqueeze(0))
+    stats.add_batch(x[2:].unsqueeze(0))
+    magnitudes = x.abs()
+    tau = magnitudes.reshape(-1).sort().values[8]  # 60th percentile of 15 values: the 9th
+    assert stats._selectivity.tau == pytest.approx(float(tau))
+    active = (magnitudes > tau).float().mean(dim=0)
+    expected_idf = torch.log(1 / (active + 1e-10)).clamp(0, 10)
+    torch.testing.assert_close(stats.idf, expected_idf)
+    top = magnitudes.max(dim=0).values  # the top 10% of 5 tokens is one token
+    expected_spiky = (top / (magnitudes.mean(dim=0) + 1e-10)).clamp(1, 10)
+    torch.testing.assert_close(stats.spikiness, expected_spiky)
+
+
+def test_selectivity_options_change_the_statistics():
+    x = torch.randn(1, 400, 4) * torch.tensor([0.1, 1.0, 3.0, 10.0])
+    loose = ActivationStats(4, request=StatsRequest(selectivity=SelectivityOptions(idf_clip=0.5)))
+    loose.add_batch(x)
+    assert float(loose.idf.max()) <= 0.5
+    strict = ActivationStats(
+        4, request=StatsRequest(selectivity=SelectivityOptions(tau_percentile=0.95))
+    )
+    strict.add_batch(x)
+    assert bool((strict.idf >= loose.idf).all())
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"tau_percentile": 1.0}, "tau_percentile"),
+        ({"top_quantile": 0.0}, "top_quantile"),
+        ({"idf_clip": 0.0}, "idf_clip"),
+        ({"spiky_clip": 0.5}, "spiky_clip"),
+        ({"eps": 0.0}, "eps"),
+    ],
+)
+def test_bad_selectivity_options_are_refused(options, message):
+    with pytest.raises(SecateursError, match=message):
+        SelectivityOptions(**options)
+
+
+DISTRIBUTIONS = {
+    "gaussian": lambda g, n, c: torch.randn(n, c, generator=g) * torch.logspace(-2, 1, c),
+    "heavy tailed": lambda g, n, c: (
+        torch.randn(n, c, generator=g) / torch.rand(n, c, generator=g).clamp_min(1e-3)
+    ),
+    "relu sparse": lambda g, n, c: torch.relu(
+        torch.randn(n, c, generator=g) - torch.linspace(0, 2, c)
+    ),
+    "log-normal": lambda g, n, c: torch.exp(2 * torch.randn(n, c, generator=g)),
+}
+
+
+@pytest.mark.parametrize("name", DISTRIBUTIONS)
+def test_streaming_selectivity_is_within_the_stated_bound_of_exact(name):
+    # The bound stated in the docs: active rate within 0.002, IDF within 0.05 where the
+    # rate is not tiny, spikiness within 0.5% (16k tokens, 1/32-octave bins).
+    generator = torch.Generator().manual_seed(3)
+    channels = 48
+    exact = ActivationStats(
+        channels, request=StatsRequest(selectivity=SelectivityOptions(exact=True))
+    )
+    streamed = ActivationStats(channels, request=StatsRequest(selectivity=SelectivityOptions()))
+    for _ in range(8):
+        x = DISTRIBUTIONS[name](generator, 2048, channels).reshape(4, 512, channels)
+        exact.add_batch(x)
+        streamed.add_batch(x)
+    rate_exact, rate_streamed = torch.exp(-exact.idf), torch.exp(-streamed.idf)
+    assert float((rate_exact - rate_streamed).abs().max()) < 0.002
+    common = rate_exact > 0.01
+    assert float((exact.idf - streamed.idf)[common].abs().max()) < 0.05
+    relative = (exact.spikiness - streamed.spikiness).abs() / exact.spikiness
+    assert float(relative.max()) < 0.005
+
+
+def test_streaming_memory_does_not_grow_with_tokens():
+    stats = ActivationStats(16, request=StatsRequest(selectivity=SelectivityOptions()))
+    held = stats._selectivity._histogram.counts
+    shape = held.shape
+    for _ in range(5):
+        stats.add_batch(torch.randn(4, 256, 16))
+    assert stats._selectivity._histogram.counts.shape == shape
+    assert stats._selectivity._values == []
+    assert int(held.sum()) == 5 * 4 * 256 * 16
+
+
+def test_histogram_bins_are_at_most_a_32nd_octave_wide():
+    histogram = MagnitudeHistogram(1)
+    edges = histogram.edges()[1:-1]
+    width = (edges[:, 1] - edges[:, 0]) / edges[:, 0]
+    assert float(width.max()) <= 1 / 32 + 1e-12
+    values = torch.tensor([[0.0], [1e-9], [1.0], [1.5], [70000.0], [float("inf")]])
+    histogram.add(values)
+    hits = histogram.counts[0].nonzero().squeeze(1).tolist()
+    assert hits[0] == 0 and hits[-1] == histogram.bins - 1
+    one = int(hits[1])
+    assert float(histogram.edges()[one, 0]) == 1.0
+
+
+def test_fisher_ratio_matches_a_direct_computation():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(-1, 3, (2, 300), generator=generator)
+    centres = torch.tensor([[0.0, 0.0], [5.0, 0.0], [-5.0, 0.1]])  # channel 0 separates
+    x = torch.randn(2, 300, 2, generator=generator) + centres[labels.clamp_min(0)]
+    stats = ActivationStats(2, request=StatsRequest(classes=3))
+    stats.add_batch(x[:1], labels[:1])
+    stats.add_batch(x[1:], labels[1:])
+    flat, flat_labels = x.reshape(-1, 2).double(), labels.reshape(-1)
+    kept, kept_labels = flat[flat_labels >= 0], flat_labels[flat_labels >= 0]
+    overall = kept.mean(dim=0)
+    between = sum(
+        (kept_labels == c).sum() * (kept[kept_labels == c].mean(dim=0) - overall) ** 2
+        for c in range(3)
+    )
+    within = sum(
+        ((kept[kept_labels == c] - kept[kept_labels == c].mean(dim=0)) ** 2).sum(dim=0)
+        for c in range(3)
+    )
+    torch.testing.assert_close(stats.fisher, (between / within).float())
+    assert float(stats.fisher[0]) > 10 * float(stats.fisher[1])
+
+
+def test_class_statistics_need_labels():
+    stats = ActivationStats(2, request=StatsRequest(classes=2))
+    with pytest.raises(ValueError, match="token labels"):
+        stats.add_batch(torch.randn(1, 4, 2))
+
+
+def test_token_classes_rank_by_frequency_with_ties_to_the_lower_id():
+    windows = torch.tensor([[5, 5, 5, 2, 2, 9, 9, 7], [1, 1, 1, 1, 0, 3, 3, 3]])
+    labels = token_classes(windows, 3)
+    # frequencies: 1 -> 4, then 3 and 5 -> 3 each (3 first), then 2 and 9 -> 2 (left out)
+    expected = torch.tensor([[2, 2, 2, -1, -1, -1, -1, -1], [0, 0, 0, 0, -1, 1, 1, 1]])
+    assert torch.equal(labels, expected)
+    assert torch.equal(token_classes(windows, 100).max(), torch.tensor(6))
+    with pytest.raises(SecateursError, match="> 0"):
+        token_classes(windows, 0)
+
+
+def test_requests_merge_to_everything_asked_for():
+    merged = StatsRequest(mean=True, gram=True, gram_fraction=0.25).merge(
+        StatsRequest(selectivity=SelectivityOptions(), classes=4)
+    )
+    assert merged.mean and merged.gram and merged.gram_fraction == 0.25
+    assert merged.selectivity == SelectivityOptions() and merged.classes == 4
+    assert (
+        StatsRequest(gram=True, gram_fraction=0.25).merge(StatsRequest(gram=True)).gram_fraction
+        == 1.0
+    )

@@ -154,6 +154,42 @@ def weight_matrix(layer: nn.Module) -> torch.Tensor:
     return layer.weight.data.t() if _is_conv1d(layer) else layer.weight.data
 
 
+@dataclass(frozen=True)
+class MLPGroup:
+    """An MLP inside a block: its neurons are the producers' output rows and the consumer's
+    input columns (LLaMA: gate_proj and up_proj produce, down_proj consumes)."""
+
+    producers: tuple[str, ...]
+    consumer: str
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (*self.producers, self.consumer)
+
+
+def find_mlp_groups(layers: dict[str, nn.Module]) -> list[MLPGroup]:
+    """The MLPs among a block's layers, found by shape among siblings, never by name.
+
+    Within one parent module, a consumer reads ``F`` features that every other sibling
+    produces from the block's width (which is not ``F``) and writes that width back.
+    Attention is never matched: its output projection reads what q produces, but k and v
+    (or q itself, reading the same width it writes) break the rule.
+    """
+    siblings: dict[str, list[str]] = {}
+    for name in layers:
+        siblings.setdefault(name.rpartition(".")[0], []).append(name)
+    shapes = {name: tuple(weight_matrix(layer).shape) for name, layer in layers.items()}
+    groups = []
+    for names in siblings.values():
+        for consumer in names:
+            out_width, inner = shapes[consumer]
+            producers = tuple(n for n in names if n != consumer)
+            fits = all(shapes[n] == (inner, out_width) for n in producers)
+            if producers and fits and inner != out_width:
+                groups.append(MLPGroup(producers, consumer))
+    return groups
+
+
 def iter_prunable(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Every prunable layer of the decoder stack, by its full name in the model."""
     stack_name, blocks = find_blocks(model)

@@ -64,8 +64,50 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return _lowest(groups, n, dim=2).view(rows, cols)
 
 
+def variant_mask(
+    score: torch.Tensor,
+    ratio: float,
+    alpha: float = 0.4,
+    bracket: tuple[float, float] = (0.0, 0.8),
+    tolerance: float = 1e-3,
+) -> torch.Tensor:
+    """The Wanda variant: each row prunes its lowest scores whose cumulative sum stays within
+    ``alpha`` of the row's total, with one ``alpha`` for the matrix found by bisection.
+
+    Bisection starts at ``alpha`` inside ``bracket`` and stops once the matrix sparsity is
+    within ``tolerance`` of ``ratio`` or the bracket is narrower than ``tolerance``. Rows keep
+    their own counts, so a row whose mass sits in a few weights loses more of the rest.
+    """
+    ordered, order = torch.sort(score.float(), dim=1, stable=True)
+    cumulative = ordered.cumsum(dim=1)
+    totals = cumulative[:, -1:]
+    positions = torch.arange(score.shape[1], device=score.device)
+    low, high = bracket
+
+    def prune_at(a: float) -> tuple[torch.Tensor, float]:
+        counts = (cumulative <= a * totals).sum(dim=1, keepdim=True)
+        mask = torch.zeros_like(score, dtype=torch.bool)
+        mask.scatter_(1, order, positions.unsqueeze(0) < counts)
+        return mask, float(counts.sum()) / score.numel()
+
+    mask, sparsity = prune_at(alpha)
+    while abs(sparsity - ratio) > tolerance and high - low >= tolerance:
+        if sparsity > ratio:
+            high, alpha = alpha, (alpha + low) / 2
+        else:
+            low, alpha = alpha, (alpha + high) / 2
+        mask, sparsity = prune_at(alpha)
+    return mask
+
+
 class SparsityPattern(ABC):
-    """Turns a score matrix into a prune mask. Subclass it to add a pattern."""
+    """Turns a score matrix into a prune mask. Subclass it to add a pattern.
+
+    A ``structured`` pattern prunes whole MLP neurons: the engine asks it for the mask of
+    each MLP's consumer layer, and prunes the producers' matching rows along with it.
+    """
+
+    structured = False
 
     @abstractmethod
     def create_mask(self, metric: torch.Tensor, sparsity_ratio: float) -> torch.Tensor:
@@ -92,6 +134,33 @@ class Unstructured(SparsityPattern):
 
     def describe(self) -> str:
         return f"unstructured (per {self.scope})"
+
+
+class Variant(SparsityPattern):
+    """Unstructured, with the Wanda variant's adaptive per-row counts (``--use_variant``)."""
+
+    def create_mask(self, metric: torch.Tensor, sparsity_ratio: float) -> torch.Tensor:
+        return variant_mask(metric, sparsity_ratio)
+
+    def describe(self) -> str:
+        return "unstructured (Wanda variant)"
+
+
+class NeuronSparsity(SparsityPattern):
+    """Whole MLP neurons go, ranked by the sum of their consumer column's scores.
+
+    Removing a neuron drops a row of every producer (up, gate) and a column of the
+    consumer (down): the MLP becomes narrower, which speeds up any runtime.
+    """
+
+    structured = True
+
+    def create_mask(self, metric: torch.Tensor, sparsity_ratio: float) -> torch.Tensor:
+        neurons = _lowest(metric.float().sum(dim=0), int(metric.shape[1] * sparsity_ratio), 0)
+        return neurons.unsqueeze(0).expand_as(metric).clone()
+
+    def describe(self) -> str:
+        return "neuron (structured MLP)"
 
 
 class NMSparsity(SparsityPattern):
@@ -125,14 +194,24 @@ class NMSparsity(SparsityPattern):
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
-def parse_pattern(sparsity_type: str, scope: str = "row") -> SparsityPattern:
-    """``unstructured`` or ``N:M``; a clear error for anything else."""
+def parse_pattern(
+    sparsity_type: str, scope: str = "row", use_variant: bool = False
+) -> SparsityPattern:
+    """``unstructured``, ``N:M`` or ``neuron``; a clear error for anything else."""
+    if use_variant and sparsity_type != "unstructured":
+        raise SecateursError(
+            f"--use_variant adapts unstructured per-row counts; it cannot shape "
+            f"--sparsity_type {sparsity_type}. Drop --use_variant or use unstructured"
+        )
     if sparsity_type == "unstructured":
-        return Unstructured(scope)
+        return Variant() if use_variant else Unstructured(scope)
+    if sparsity_type == "neuron":
+        return NeuronSparsity()
     match = _NM.match(sparsity_type)
     if not match:
         raise SecateursError(
-            f"unknown --sparsity_type '{sparsity_type}': use 'unstructured' or N:M such as 2:4, 4:8"
+            f"unknown --sparsity_type '{sparsity_type}': use 'unstructured', 'neuron' "
+            "or N:M such as 2:4, 4:8"
         )
     return NMSparsity(int(match.group(1)), int(match.group(2)))
 

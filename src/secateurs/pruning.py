@@ -14,8 +14,8 @@ from secateurs.engine import PruneReport, prune_sequential
 from secateurs.model import choose_seqlen, load_model, weight_matrix
 from secateurs.patterns import effective_ratio, parse_pattern
 from secateurs.recovery import WeightRedistributor
-from secateurs.scores import Method, get_method
-from secateurs.stats import ActivationStats
+from secateurs.scores import Method, check_classes, get_method
+from secateurs.stats import ActivationStats, SelectivityOptions, StatsRequest
 
 
 def as_windows(dataloader: Any) -> torch.Tensor | None:
@@ -60,6 +60,10 @@ class BasePruner(ABC):
         self.batch_size = batch_size
         self.progress = progress
 
+    def stats_request(self) -> StatsRequest:
+        """Statistics beyond Wanda's norms that :meth:`compute_pruning_metric` reads."""
+        return StatsRequest()
+
     @abstractmethod
     def compute_pruning_metric(
         self, layer: nn.Module, activation_stats: ActivationStats | None
@@ -72,9 +76,10 @@ class BasePruner(ABC):
         sparsity_ratio: float = 0.5,
         sparsity_type: str = "unstructured",
         scope: str | None = None,
+        use_variant: bool = False,
     ) -> PruneReport:
         """Prune the model in place, block by block."""
-        pattern = parse_pattern(sparsity_type, scope or self.default_scope)
+        pattern = parse_pattern(sparsity_type, scope or self.default_scope, use_variant)
         ratio = effective_ratio(pattern, sparsity_ratio)
         needs_data = self.calibrated or self.redistributor is not None
         return prune_sequential(
@@ -88,17 +93,38 @@ class BasePruner(ABC):
             calibrated=self.calibrated,
             progress=self.progress,
             redistributor=self.redistributor,
+            request=self.stats_request(),
         )
 
 
 class MethodPruner(BasePruner):
-    """A pruner for any method of the registry in :mod:`secateurs.scores`."""
+    """A pruner for any method of the registry in :mod:`secateurs.scores`.
 
-    def __init__(self, model: nn.Module, method: str | Method = "wanda", **kwargs: Any) -> None:
+    ``selectivity`` tunes the IDF and spikiness statistics; ``classes`` is how many of the
+    most frequent calibration tokens serve as classes for the Fisher ratio.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: str | Method = "wanda",
+        selectivity: SelectivityOptions | None = None,
+        classes: int = 128,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(model, **kwargs)
         self.method = method if isinstance(method, Method) else get_method(method)
         self.default_scope = self.method.scope
         self.calibrated = self.method.calibrated
+        self.selectivity = selectivity or SelectivityOptions()
+        self.classes = check_classes(classes)
+
+    def stats_request(self) -> StatsRequest:
+        needs = self.method.needs
+        return StatsRequest(
+            selectivity=self.selectivity if "selectivity" in needs else None,
+            classes=self.classes if "classes" in needs else 0,
+        )
 
     def compute_pruning_metric(
         self, layer: nn.Module, activation_stats: ActivationStats | None

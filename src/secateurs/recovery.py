@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from secateurs.errors import SecateursError
-from secateurs.stats import ActivationStats
+from secateurs.stats import ActivationStats, StatsRequest
 
 
 def output_error(delta: torch.Tensor, gram: torch.Tensor) -> float:
@@ -36,8 +36,7 @@ class RecoveryStrategy(ABC):
     """Computes new weights for the survivors of a pruned layer."""
 
     name: str = "recovery"
-    track_mean: bool = False
-    track_gram: bool = False
+    request: StatsRequest = StatsRequest()
 
     @abstractmethod
     def recover(
@@ -76,7 +75,7 @@ class InverseWandaStrategy(RecoveryStrategy):
     eps: float = 1e-8
     mean_guard: float = 1e-3
     name: str = field(default="inverse_wanda", init=False)
-    track_mean: bool = field(default=True, init=False)
+    request: StatsRequest = field(default=StatsRequest(mean=True), init=False)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.update_fraction <= 1.0:
@@ -124,7 +123,7 @@ class LeastSquaresStrategy(RecoveryStrategy):
     max_iter: int = 100
     tol: float = 1e-3
     name: str = field(default="least_squares", init=False)
-    track_gram: bool = field(default=True, init=False)
+    request: StatsRequest = field(default=StatsRequest(gram=True), init=False)
 
     def __post_init__(self) -> None:
         if not self.damp > 0.0:
@@ -181,8 +180,6 @@ class WeightRedistributor:
     much as a forward pass through the block.
     """
 
-    track_gram = True
-
     def __init__(self, strategy: RecoveryStrategy, report_fraction: float = 0.25) -> None:
         if not 0.0 < report_fraction <= 1.0:
             raise SecateursError(
@@ -193,12 +190,10 @@ class WeightRedistributor:
         self.report_fraction = report_fraction
 
     @property
-    def gram_fraction(self) -> float:
-        return 1.0 if self.strategy.track_gram else self.report_fraction
-
-    @property
-    def track_mean(self) -> bool:
-        return self.strategy.track_mean
+    def request(self) -> StatsRequest:
+        """The statistics the strategy and the error report need."""
+        report = StatsRequest(gram=True, gram_fraction=self.report_fraction)
+        return self.strategy.request.merge(report)
 
     def apply(
         self,

@@ -22,11 +22,47 @@ def magnitude_score(weight: torch.Tensor, stats: ActivationStats | None = None) 
     return weight.abs().float()
 
 
+def _weighted(weight: torch.Tensor, *channel_factors: torch.Tensor) -> torch.Tensor:
+    """``|W_ij|`` times per-input-channel factors."""
+    score = weight.abs().float()
+    for factor in channel_factors:
+        score = score * factor.to(weight.device).unsqueeze(0)
+    return score
+
+
+def _require(stats: ActivationStats | None, method: str) -> ActivationStats:
+    if stats is None:
+        raise ValueError(f"the {method} score needs activation statistics")
+    return stats
+
+
 def wanda_score(weight: torch.Tensor, stats: ActivationStats | None) -> torch.Tensor:
     """``|W_ij| * sqrt(s_j)``, Wanda's weight-times-activation-norm score."""
-    if stats is None:
-        raise ValueError("the wanda score needs activation statistics")
-    return weight.abs().float() * stats.norm.to(weight.device).unsqueeze(0)
+    return _weighted(weight, _require(stats, "wanda").norm)
+
+
+def wanda_idf_score(weight: torch.Tensor, stats: ActivationStats | None) -> torch.Tensor:
+    """Wanda times ``IDF_j``: channels active on fewer tokens weigh more."""
+    stats = _require(stats, "wanda_idf")
+    return _weighted(weight, stats.norm, stats.idf)
+
+
+def wanda_spiky_score(weight: torch.Tensor, stats: ActivationStats | None) -> torch.Tensor:
+    """Wanda times spikiness ``R_j``: channels with peaked activations weigh more."""
+    stats = _require(stats, "wanda_spiky")
+    return _weighted(weight, stats.norm, stats.spikiness)
+
+
+def wanda_select_score(weight: torch.Tensor, stats: ActivationStats | None) -> torch.Tensor:
+    """Wanda times ``IDF_j * R_j``."""
+    stats = _require(stats, "wanda_select")
+    return _weighted(weight, stats.norm, stats.idf, stats.spikiness)
+
+
+def fisher_score(weight: torch.Tensor, stats: ActivationStats | None) -> torch.Tensor:
+    """Wanda times the channel's Fisher ratio across token classes."""
+    stats = _require(stats, "neuronrank_fisher")
+    return _weighted(weight, stats.norm, stats.fisher)
 
 
 @dataclass(frozen=True)
@@ -35,7 +71,9 @@ class Method:
 
     ``scope`` is how unstructured pruning compares scores by default: ``row`` (each output row
     on its own, as reference Wanda) or ``layer`` (one threshold per matrix, as reference
-    magnitude). ``calibrated`` says whether the method needs activations at all.
+    magnitude). ``calibrated`` says whether the method needs activations at all; ``needs``
+    names statistics beyond the norms: ``selectivity`` (IDF, spikiness), ``classes``
+    (per-token-class moments for the Fisher ratio).
     """
 
     name: str
@@ -43,6 +81,7 @@ class Method:
     scope: str
     calibrated: bool
     summary: str
+    needs: frozenset[str] = frozenset()
 
 
 METHODS: dict[str, Method] = {
@@ -50,6 +89,33 @@ METHODS: dict[str, Method] = {
         "magnitude", magnitude_score, "layer", False, "|W|, one threshold per layer"
     ),
     "wanda": Method("wanda", wanda_score, "row", True, "|W| * ||X||, per output row"),
+    "wanda_idf": Method(
+        "wanda_idf", wanda_idf_score, "row", True, "Wanda * IDF", frozenset({"selectivity"})
+    ),
+    "wanda_spiky": Method(
+        "wanda_spiky",
+        wanda_spiky_score,
+        "row",
+        True,
+        "Wanda * spikiness",
+        frozenset({"selectivity"}),
+    ),
+    "wanda_select": Method(
+        "wanda_select",
+        wanda_select_score,
+        "row",
+        True,
+        "Wanda * IDF * spikiness",
+        frozenset({"selectivity"}),
+    ),
+    "neuronrank_fisher": Method(
+        "neuronrank_fisher",
+        fisher_score,
+        "row",
+        True,
+        "Wanda * Fisher ratio over the most frequent tokens",
+        frozenset({"classes"}),
+    ),
 }
 
 
@@ -60,3 +126,13 @@ def get_method(name: str) -> Method:
         raise SecateursError(
             f"unknown pruning method '{name}'; choose one of: {', '.join(METHODS)}"
         ) from None
+
+
+def check_classes(classes: int) -> int:
+    """The Fisher class count, which must be positive."""
+    if classes <= 0:
+        raise SecateursError(
+            f"--neuronrank_max_classes must be > 0, got {classes}; the Fisher ratio needs token "
+            "classes (128 takes the 128 most frequent calibration tokens)"
+        )
+    return classes

@@ -1,44 +1,286 @@
-"""Activation statistics gathered per input channel while calibration windows pass a layer."""
+"""Activation statistics gathered per input channel while calibration windows pass a layer.
+
+Everything here streams: memory is fixed by the number of channels (and bins or classes),
+never by the number of calibration tokens, except the opt-in exact selectivity mode.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, replace
+
 import torch
+
+from secateurs.errors import SecateursError
+
+
+@dataclass(frozen=True)
+class SelectivityOptions:
+    """Hyperparameters of the IDF and spikiness statistics (defaults as in the seed)."""
+
+    tau_percentile: float = 0.6
+    top_quantile: float = 0.9
+    idf_clip: float = 10.0
+    spiky_clip: float = 10.0
+    eps: float = 1e-10
+    exact: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("tau_percentile", "top_quantile"):
+            value = getattr(self, name)
+            if not 0.0 < value < 1.0:
+                raise SecateursError(f"{name} must be in (0, 1), got {value}")
+        if self.idf_clip <= 0:
+            raise SecateursError(f"idf_clip must be > 0, got {self.idf_clip}")
+        if self.spiky_clip < 1:
+            raise SecateursError(f"spiky_clip must be >= 1, got {self.spiky_clip}")
+        if self.eps <= 0:
+            raise SecateursError(f"eps must be > 0, got {self.eps}")
+
+
+@dataclass(frozen=True)
+class StatsRequest:
+    """Which statistics to gather beyond Wanda's norms, merged from method and recovery."""
+
+    mean: bool = False
+    gram: bool = False
+    gram_fraction: float = 1.0
+    selectivity: SelectivityOptions | None = None
+    classes: int = 0
+
+    def merge(self, other: StatsRequest) -> StatsRequest:
+        """Everything either request asks for; an exact Gram wins over a sampled one."""
+        gram_fraction = max(
+            self.gram_fraction if self.gram else 0.0, other.gram_fraction if other.gram else 0.0
+        )
+        return replace(
+            self,
+            mean=self.mean or other.mean,
+            gram=self.gram or other.gram,
+            gram_fraction=gram_fraction or 1.0,
+            selectivity=self.selectivity or other.selectivity,
+            classes=max(self.classes, other.classes),
+        )
+
+
+class MagnitudeHistogram:
+    """Per-channel counts of ``|x|`` in bins of 1/32 octave from 2^-16 to 2^16.
+
+    The bin of a value is read from its float32 bits (exponent and top 5 mantissa bits), so
+    binning costs no logarithm. Within an octave the bins are equally wide, so a bin's width
+    is at most 1/32 = 3.1% of its values. Bin 0 holds everything below 2^-16 (read as zero
+    when it holds the threshold), the last bin everything from 2^16 up (counted as 2^16).
+    """
+
+    SUB_BITS = 5
+    LOW_EXP, HIGH_EXP = -16, 16
+
+    def __init__(self, channels: int, device: torch.device | str = "cpu") -> None:
+        self.channels = channels
+        self.bins = (self.HIGH_EXP - self.LOW_EXP << self.SUB_BITS) + 2
+        self.counts = torch.zeros(channels, self.bins, dtype=torch.int64, device=device)
+        self._first_code = (127 + self.LOW_EXP) << self.SUB_BITS
+        self._offsets = torch.arange(channels, device=device, dtype=torch.int32) * self.bins
+
+    def add(self, magnitudes: torch.Tensor) -> None:
+        """Count a (tokens, channels) float32 tensor of non-negative values."""
+        codes = magnitudes.contiguous().view(torch.int32) >> (23 - self.SUB_BITS)
+        index = (codes - (self._first_code - 1)).clamp_(0, self.bins - 1) + self._offsets
+        self.counts += torch.bincount(index.view(-1), minlength=self.channels * self.bins).view(
+            self.channels, self.bins
+        )
+
+    def edges(self) -> torch.Tensor:
+        """Lower and upper bound of every bin, (bins, 2); the overflow bin is [2^16, 2^16]."""
+        codes = torch.arange(self.bins - 1, dtype=torch.int32) + self._first_code
+        bounds = (codes << (23 - self.SUB_BITS)).view(torch.float32)
+        lower = torch.cat([torch.zeros(1), bounds])
+        upper = torch.cat([bounds, bounds[-1:]])
+        return torch.stack([lower, upper], dim=1).to(self.counts.device, torch.float64)
+
+
+def _histogram_quantile(counts: torch.Tensor, q: float) -> tuple[int, float]:
+    """Bin holding the ``q`` quantile of a 1-d histogram and the position inside it, in [0, 1]."""
+    cum = counts.cumsum(0)
+    target = q * float(cum[-1])
+    index = min(int((cum < target).sum()), counts.numel() - 1)
+    before = float(cum[index] - counts[index])
+    inside = float(counts[index])
+    return index, (target - before) / inside if inside else 0.0
+
+
+class SelectivityStats:
+    """Per-channel IDF and spikiness of a layer's input, from a histogram or, if exact, all values.
+
+    ``tau`` is the ``tau_percentile`` quantile of ``|x|`` over all tokens and channels,
+    ``p_j`` the share of tokens with ``|x_j| > tau``, ``IDF_j = log(1 / p_j)`` clipped to
+    ``[0, idf_clip]``; ``R_j`` is the mean of the top ``1 - top_quantile`` of ``|x_j|`` over
+    tokens divided by the mean of ``|x_j|``, clipped to ``[1, spiky_clip]``. The histogram
+    mode assumes values spread evenly inside a bin.
+    """
+
+    def __init__(
+        self, channels: int, options: SelectivityOptions, device: torch.device | str = "cpu"
+    ) -> None:
+        self.options = options
+        self.tokens = 0
+        self._abs_sum = torch.zeros(channels, dtype=torch.float64, device=device)
+        self._histogram = None if options.exact else MagnitudeHistogram(channels, device)
+        self._values: list[torch.Tensor] = []
+        self._result: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def add(self, flat: torch.Tensor) -> None:
+        magnitudes = flat.abs()
+        self.tokens += magnitudes.shape[0]
+        self._abs_sum += magnitudes.sum(dim=0).double()
+        if self._histogram is None:
+            self._values.append(magnitudes)
+        else:
+            self._histogram.add(magnitudes)
+        self._result = None
+
+    def _top_count(self) -> int:
+        return max(1, round((1.0 - self.options.top_quantile) * self.tokens))
+
+    def _exact(self) -> tuple[torch.Tensor, float, torch.Tensor]:
+        values = torch.cat(self._values)
+        flat = values.reshape(-1)
+        rank = max(1, math.ceil(self.options.tau_percentile * flat.numel()))
+        tau = float(flat.kthvalue(rank).values)
+        active = (values > tau).double().mean(dim=0)
+        top = values.topk(self._top_count(), dim=0).values.double().mean(dim=0)
+        return active, tau, top
+
+    def _estimated(self) -> tuple[torch.Tensor, float, torch.Tensor]:
+        histogram = self._histogram
+        counts = histogram.counts.double()
+        edges = histogram.edges()
+        lower, upper = edges[:, 0], edges[:, 1]
+        index, inside = _histogram_quantile(counts.sum(dim=0), self.options.tau_percentile)
+        if index == 0:
+            inside = 1.0  # the underflow bin is taken as a point mass at zero: none is above
+        tau = float(lower[index] + inside * (upper[index] - lower[index]))
+        above = counts[:, index + 1 :].sum(dim=1) + counts[:, index] * (1.0 - inside)
+        active = above / self.tokens
+        # take the top k tokens bin by bin from the top; inside a bin, its largest values first
+        k = self._top_count()
+        from_top = counts.flip(1)
+        before = from_top.cumsum(dim=1) - from_top
+        taken = (k - before).clamp_min(0).minimum(from_top)
+        share = taken / from_top.clamp_min(1)
+        top_upper, width = upper.flip(0), (upper - lower).flip(0)
+        top_sum = (taken * (top_upper - share * width / 2)).sum(dim=1)
+        return active, tau, top_sum / k
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(idf, spikiness)``, each (channels,) float32."""
+        if self._result is None:
+            if self.tokens == 0:
+                raise ValueError("no tokens were seen")
+            opts = self.options
+            active, _, top = self._exact() if self._histogram is None else self._estimated()
+            idf = torch.log(1.0 / (active + opts.eps)).clamp(0.0, opts.idf_clip)
+            mean = self._abs_sum / self.tokens
+            spikiness = (top / (mean + opts.eps)).clamp(1.0, opts.spiky_clip)
+            self._result = (idf.float(), spikiness.float())
+        return self._result
+
+    @property
+    def tau(self) -> float:
+        """The activity threshold (for inspection and tests)."""
+        return (self._exact() if self._histogram is None else self._estimated())[1]
+
+
+class ClassStats:
+    """Per-class, per-channel sums for the Fisher ratio; tokens labelled -1 are ignored."""
+
+    def __init__(self, channels: int, classes: int, device: torch.device | str = "cpu") -> None:
+        self.classes = classes
+        self.counts = torch.zeros(classes, dtype=torch.float64, device=device)
+        self.sums = torch.zeros(classes, channels, dtype=torch.float64, device=device)
+        self.squares = torch.zeros(classes, channels, dtype=torch.float64, device=device)
+
+    def add(self, flat: torch.Tensor, labels: torch.Tensor) -> None:
+        keep = labels >= 0
+        values, labels = flat[keep], labels[keep].to(flat.device)
+        self.counts += torch.bincount(labels, minlength=self.classes).double()
+        # fp32 within a batch, fp64 across batches: exact enough and several times faster
+        sums = torch.zeros(self.classes, flat.shape[1], device=flat.device)
+        self.sums += sums.index_add_(0, labels, values).double()
+        self.squares += sums.zero_().index_add_(0, labels, values.square()).double()
+
+    def fisher(self, eps: float = 1e-10) -> torch.Tensor:
+        """Between-class over within-class variance of every channel, (channels,) float32."""
+        seen = self.counts > 0
+        counts, sums, squares = self.counts[seen], self.sums[seen], self.squares[seen]
+        if counts.numel() == 0:
+            raise ValueError("no labelled tokens were seen")
+        class_means = sums / counts.unsqueeze(1)
+        overall = sums.sum(dim=0) / counts.sum()
+        between = (counts.unsqueeze(1) * (class_means - overall).square()).sum(dim=0)
+        within = (squares - counts.unsqueeze(1) * class_means.square()).sum(dim=0).clamp_min(0)
+        return (between / (within + eps)).float()
+
+
+def token_classes(windows: torch.Tensor, classes: int) -> torch.Tensor:
+    """Label every token with its rank among the ``classes`` most frequent ids, or -1.
+
+    Ties in frequency go to the lower token id, so the labels are deterministic.
+    """
+    if classes <= 0:
+        raise SecateursError(f"the number of token classes must be > 0, got {classes}")
+    ids = windows.reshape(-1).long()
+    frequency = torch.bincount(ids)
+    order = torch.argsort(-frequency, stable=True)[:classes]
+    order = order[frequency[order] > 0]
+    lookup = torch.full_like(frequency, -1)
+    lookup[order] = torch.arange(order.numel())
+    return lookup[ids].view(windows.shape)
 
 
 class ActivationStats:
-    """Running statistics of one linear layer's input, accumulated in fp32.
+    """Running statistics of one linear layer's input, accumulated in fp32 (sums in fp64).
 
     ``sq_norm[j]`` follows the reference Wanda update exactly: for a batch of ``b`` windows,
     ``s <- s * n / (n + b); n <- n + b; s <- s + ||X_j||^2 / n``, so it is the mean over
-    windows of each window's sum of ``x_j^2``.
+    windows of each window's sum of ``x_j^2``. Further statistics are gathered as ``request``
+    asks.
     """
 
     def __init__(
         self,
         in_features: int,
         device: torch.device | str = "cpu",
-        track_mean: bool = False,
-        track_gram: bool = False,
-        gram_fraction: float = 1.0,
+        request: StatsRequest | None = None,
     ) -> None:
+        request = request or StatsRequest()
         self.in_features = in_features
+        self.request = request
         self.windows = 0
         self.tokens = 0
+        self.gram_tokens = 0
         self.sq_norm = torch.zeros(in_features, dtype=torch.float32, device=device)
-        zeros = torch.zeros
-        self._sum = zeros(in_features, dtype=torch.float64, device=device) if track_mean else None
+        self._sum = (
+            torch.zeros(in_features, dtype=torch.float64, device=device) if request.mean else None
+        )
         self._gram = (
-            zeros(in_features, in_features, dtype=torch.float32, device=device)
-            if track_gram
+            torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+            if request.gram
             else None
         )
-        self.gram_fraction = gram_fraction
-        self.gram_tokens = 0
         # A fixed seed keeps the sampled Gram, and every report built on it, reproducible.
         self._sampler = torch.Generator().manual_seed(0)
+        self._selectivity = (
+            SelectivityStats(in_features, request.selectivity, device)
+            if request.selectivity
+            else None
+        )
+        self._classes = (
+            ClassStats(in_features, request.classes, device) if request.classes else None
+        )
 
-    def add_batch(self, inputs: torch.Tensor) -> None:
-        """Fold in a batch of layer inputs shaped (windows, tokens, in_features)."""
+    def add_batch(self, inputs: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Fold in layer inputs shaped (windows, tokens, in_features), labels (windows, tokens)."""
         if inputs.dim() == 2:
             inputs = inputs.unsqueeze(0)
         batch = inputs.shape[0]
@@ -50,14 +292,26 @@ class ActivationStats:
         if self._sum is not None:
             self._sum.add_(flat.sum(dim=0).double())  # fp32 within a batch, fp64 across
         if self._gram is not None:
-            rows = flat if self.gram_fraction >= 1.0 else flat[self._sample(flat.shape[0])]
+            fraction = self.request.gram_fraction
+            rows = flat if fraction >= 1.0 else flat[self._sample(flat.shape[0], fraction)]
             self.gram_tokens += rows.shape[0]
             self._gram.addmm_(rows.t(), rows)
+        if self._selectivity is not None:
+            self._selectivity.add(flat)
+        if self._classes is not None:
+            if labels is None:
+                raise ValueError("class statistics need the token labels of every batch")
+            self._classes.add(flat, labels.reshape(-1))
 
-    def _sample(self, count: int) -> torch.Tensor:
-        """Indices of a seeded random ``gram_fraction`` of ``count`` tokens."""
-        keep = torch.rand(count, generator=self._sampler) < self.gram_fraction
-        return keep.nonzero().squeeze(1).to(self._gram.device)
+    def _sample(self, count: int, fraction: float) -> torch.Tensor:
+        """Indices of a seeded random ``fraction`` of ``count`` tokens."""
+        keep = torch.rand(count, generator=self._sampler) < fraction
+        return keep.nonzero().squeeze(1).to(self.sq_norm.device)
+
+    def _needs(self, value: object, what: str) -> object:
+        if value is None:
+            raise ValueError(f"this statistic was gathered without {what}")
+        return value
 
     @property
     def norm(self) -> torch.Tensor:
@@ -66,18 +320,29 @@ class ActivationStats:
 
     @property
     def mean(self) -> torch.Tensor:
-        """Per-channel mean of the input over every token seen (needs ``track_mean``)."""
-        if self._sum is None:
-            raise ValueError("this statistic was gathered without track_mean")
-        return (self._sum / max(self.tokens, 1)).float()
+        """Per-channel mean of the input over every token seen."""
+        return (self._needs(self._sum, "mean") / max(self.tokens, 1)).float()
 
     @property
     def gram(self) -> torch.Tensor:
-        """``X^T X`` summed over the tokens seen, (in, in) (needs ``track_gram``).
+        """``X^T X`` summed over the tokens seen, (in, in).
 
         With ``gram_fraction < 1`` the sum runs over a seeded random sample of that fraction
         of the tokens: an estimate, cheap enough for error reports.
         """
-        if self._gram is None:
-            raise ValueError("this statistic was gathered without track_gram")
-        return self._gram
+        return self._needs(self._gram, "gram")
+
+    @property
+    def idf(self) -> torch.Tensor:
+        """Per-channel ``log(1 / p_j)``: high for channels that are rarely active."""
+        return self._needs(self._selectivity, "selectivity").result()[0]
+
+    @property
+    def spikiness(self) -> torch.Tensor:
+        """Per-channel top-quantile mean over mean of ``|x_j|``: high for peaked channels."""
+        return self._needs(self._selectivity, "selectivity").result()[1]
+
+    @property
+    def fisher(self) -> torch.Tensor:
+        """Per-channel Fisher ratio across the token classes."""
+        return self._needs(self._classes, "classes").fisher()
