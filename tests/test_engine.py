@@ -5,8 +5,16 @@ from conftest import make_model, make_windows
 from secateurs import MagnitudePruner, WandaPruner, check_sparsity
 from secateurs.engine import prune_sequential
 from secateurs.errors import SecateursError
-from secateurs.model import find_blocks, find_linears, iter_prunable, weight_matrix
+from secateurs.model import (
+    find_blocks,
+    find_linears,
+    find_mlp_groups,
+    iter_prunable,
+    weight_matrix,
+)
 from secateurs.patterns import NMSparsity, Unstructured, row_mask
+from secateurs.pruning import MethodPruner
+from secateurs.recovery import LeastSquaresStrategy, WeightRedistributor
 from secateurs.scores import wanda_score
 from secateurs.stats import ActivationStats
 
@@ -155,3 +163,112 @@ def test_report_times_every_phase():
     assert set(report.seconds) == {"capture", "calibrate", "score", "recover", "propagate"}
     assert all(v >= 0 for v in report.seconds.values())
     assert len(report.to_dict()["layers"]) == 18
+
+
+def _narrowed(layer: torch.nn.Module, keep: torch.Tensor, dim: int) -> torch.nn.Module:
+    """A real, smaller copy of ``layer`` keeping only ``keep`` outputs (0) or inputs (1)."""
+    weight = weight_matrix(layer).index_select(dim, keep)
+    has_bias = getattr(layer, "bias", None) is not None
+    smaller = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias)
+    smaller.weight.data.copy_(weight)
+    if has_bias:
+        smaller.bias.data.copy_(layer.bias.data[keep] if dim == 0 else layer.bias.data)
+    return smaller
+
+
+def _remove_neurons(model: torch.nn.Module) -> None:
+    """Cut out, for real, every MLP neuron whose consumer column is all zero."""
+    _, blocks = find_blocks(model)
+    for block in blocks:
+        layers = find_linears(block)
+        for group in find_mlp_groups(layers):
+            keep = (weight_matrix(layers[group.consumer]) != 0).any(dim=0).nonzero().squeeze(1)
+            for name, dim in [(n, 0) for n in group.producers] + [(group.consumer, 1)]:
+                parent, _, attr = name.rpartition(".")
+                owner = block.get_submodule(parent) if parent else block
+                setattr(owner, attr, _narrowed(layers[name], keep, dim))
+
+
+@pytest.mark.parametrize("method", ["wanda", "neuronrank_fisher", "magnitude"])
+def test_neuron_pruning_equals_removing_the_neurons(arch, method):
+    model = make_model(arch)
+    report = MethodPruner(model, method, classes=8, progress=False).prune(
+        make_windows(), 0.5, "neuron"
+    )
+    mlp_names = {
+        n for g in find_mlp_groups(find_linears(find_blocks(model)[1][0])) for n in g.names
+    }
+    assert {r.sublayer for r in report.layers} == mlp_names
+    _, blocks = find_blocks(model)
+    for block in blocks:
+        layers = find_linears(block)
+        for group in find_mlp_groups(layers):
+            columns = (weight_matrix(layers[group.consumer]) == 0).all(dim=0)
+            assert int(columns.sum()) == weight_matrix(layers[group.consumer]).shape[1] // 2
+            for name in group.producers:
+                assert torch.equal((weight_matrix(layers[name]) == 0).all(dim=1), columns)
+    windows = make_windows(2, 16, seed=5)
+    with torch.no_grad():
+        masked = model(windows).logits
+        _remove_neurons(model)
+        removed = model(windows).logits
+    torch.testing.assert_close(masked, removed, rtol=1e-5, atol=1e-5)
+
+
+def test_neuron_pattern_needs_an_mlp():
+    model = make_model("llama")
+    for block in find_blocks(model)[1]:
+        del block.mlp
+        block.mlp = torch.nn.Identity()
+    with pytest.raises(SecateursError, match="no MLP"):
+        WandaPruner(model, progress=False).prune(make_windows(), 0.5, "neuron")
+
+
+SELECTIVE = ["wanda_idf", "wanda_spiky", "wanda_select", "neuronrank_fisher"]
+
+
+@pytest.mark.parametrize("method", SELECTIVE)
+@pytest.mark.parametrize(
+    ("sparsity_type", "use_variant"),
+    [("unstructured", False), ("unstructured", True), ("2:4", False), ("neuron", False)],
+)
+def test_every_method_runs_with_every_pattern(method, sparsity_type, use_variant):
+    model = make_model("qwen2")
+    report = MethodPruner(model, method, classes=16, progress=False).prune(
+        make_windows(), 0.5, sparsity_type, use_variant=use_variant
+    )
+    assert report.layers
+    for record in report.layers:
+        tolerance = 0.05 if use_variant else 1e-9
+        assert abs(record.sparsity - 0.5) <= tolerance, record.name
+
+
+@pytest.mark.parametrize("method", SELECTIVE)
+def test_selective_methods_work_with_recovery(method):
+    model = make_model("llama")
+    redistributor = WeightRedistributor(LeastSquaresStrategy())
+    report = MethodPruner(model, method, redistributor=redistributor, progress=False).prune(
+        make_windows(), 0.5, "2:4"
+    )
+    errors = report.mean_relative_error()
+    assert errors["after"] < errors["before"]
+
+
+@pytest.mark.parametrize("method", SELECTIVE)
+def test_selective_methods_give_bit_identical_masks(method):
+    masks = []
+    for _ in range(2):
+        model = make_model("gpt2", seed=3)
+        MethodPruner(model, method, progress=False).prune(make_windows(seed=1), 0.5)
+        masks.append(zero_masks(model))
+    assert all(torch.equal(masks[0][n], masks[1][n]) for n in masks[0])
+
+
+def test_selectivity_changes_the_masks_against_plain_wanda():
+    windows = make_windows()
+    masks = {}
+    for method in ("wanda", "wanda_select"):
+        model = make_model("llama")
+        MethodPruner(model, method, progress=False).prune(windows, 0.5)
+        masks[method] = zero_masks(model)
+    assert any(not torch.equal(masks["wanda"][n], masks["wanda_select"][n]) for n in masks["wanda"])

@@ -10,6 +10,7 @@ from secateurs.model import (
     context_length,
     find_blocks,
     find_linears,
+    find_mlp_groups,
     iter_prunable,
     weight_matrix,
 )
@@ -84,3 +85,17 @@ def test_seqlen_longer_than_context_is_refused():
         choose_seqlen(config, 512)
     with pytest.raises(SecateursError, match="at least 2"):
         choose_seqlen(config, 1)
+
+
+EXPECTED_MLPS = {
+    "llama": [(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj")],
+    "qwen2": [(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj")],
+    "opt": [(("fc1",), "fc2")],
+    "gpt2": [(("mlp.c_fc",), "mlp.c_proj")],
+}
+
+
+def test_mlp_groups_are_found_by_shape_in_every_architecture(arch):
+    _, blocks = find_blocks(make_model(arch))
+    groups = find_mlp_groups(find_linears(blocks[0]))
+    assert [(g.producers, g.consumer) for g in groups] == EXPECTED_MLPS[arch]

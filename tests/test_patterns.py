@@ -5,13 +5,16 @@ from hypothesis import strategies as st
 
 from secateurs.errors import SecateursError
 from secateurs.patterns import (
+    NeuronSparsity,
     NMSparsity,
     Unstructured,
+    Variant,
     effective_ratio,
     layer_mask,
     nm_mask,
     parse_pattern,
     row_mask,
+    variant_mask,
 )
 
 
@@ -129,3 +132,65 @@ def test_masks_equal_a_stable_sort_even_with_ties(rows, cols, seed, ratio):
     flat = torch.zeros(score.numel(), dtype=torch.bool)
     flat[torch.argsort(score.flatten(), stable=True)[:flat_k]] = True
     assert torch.equal(layer_mask(score, ratio), flat.view_as(score))
+
+
+def reference_variant(score: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The variant written plainly, row by row, for comparison."""
+    ordered, order = torch.sort(score, dim=1, stable=True)
+    cumulative = ordered.cumsum(dim=1)
+
+    def at(alpha):
+        mask = torch.zeros_like(score, dtype=torch.bool)
+        for row in range(score.shape[0]):
+            count = int((cumulative[row] <= alpha * cumulative[row, -1]).sum())
+            mask[row, order[row, :count]] = True
+        return mask
+
+    alpha, low, high = 0.4, 0.0, 0.8
+    mask = at(alpha)
+    while abs(float(mask.float().mean()) - ratio) > 1e-3 and high - low >= 1e-3:
+        if float(mask.float().mean()) > ratio:
+            high, alpha = alpha, (alpha + low) / 2
+        else:
+            low, alpha = alpha, (alpha + high) / 2
+        mask = at(alpha)
+    return mask
+
+
+@settings(max_examples=30, deadline=None)
+@given(scores(), st.floats(0.05, 0.9))
+def test_variant_matches_a_plain_row_by_row_version(score, ratio):
+    assert torch.equal(variant_mask(score, ratio), reference_variant(score, ratio))
+
+
+def test_variant_reaches_the_target_and_varies_counts_per_row():
+    generator = torch.Generator().manual_seed(0)
+    score = torch.rand(64, 256, generator=generator) ** torch.linspace(1, 6, 64).unsqueeze(1)
+    mask = variant_mask(score, 0.5)
+    assert abs(float(mask.float().mean()) - 0.5) <= 1e-3
+    per_row = mask.sum(dim=1)
+    assert int(per_row.max() - per_row.min()) > 20
+    # within a row, every pruned score is at most every kept one
+    for row in range(score.shape[0]):
+        if mask[row].any() and (~mask[row]).any():
+            assert float(score[row][mask[row]].max()) <= float(score[row][~mask[row]].min())
+
+
+@settings(max_examples=40, deadline=None)
+@given(scores(), ratios)
+def test_neuron_mask_removes_whole_columns_ranked_by_column_sum(score, ratio):
+    mask = NeuronSparsity().create_mask(score, ratio)
+    columns = mask[0]
+    assert bool((mask == columns.unsqueeze(0)).all())
+    assert int(columns.sum()) == int(score.shape[1] * ratio)
+    sums = score.sum(dim=0)
+    if columns.any() and (~columns).any():
+        assert float(sums[columns].max()) <= float(sums[~columns].min())
+
+
+def test_parse_pattern_knows_variant_and_neuron():
+    assert isinstance(parse_pattern("unstructured", use_variant=True), Variant)
+    assert isinstance(parse_pattern("neuron"), NeuronSparsity)
+    assert parse_pattern("neuron").structured and not parse_pattern("2:4").structured
+    with pytest.raises(SecateursError, match="--use_variant"):
+        parse_pattern("2:4", use_variant=True)

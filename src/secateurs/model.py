@@ -171,7 +171,7 @@ def find_mlp_groups(layers: dict[str, nn.Module]) -> list[MLPGroup]:
     """The MLPs among a block's layers, found by shape among siblings, never by name.
 
     Within one parent module, a consumer reads ``F`` features that every other sibling
-    produces from the block's width (which is not ``F``) and writes that width back.
+    produces from the block's width, wider than it, and writes that width back.
     Attention is never matched: its output projection reads what q produces, but k and v
     (or q itself, reading the same width it writes) break the rule.
     """
@@ -185,7 +185,7 @@ def find_mlp_groups(layers: dict[str, nn.Module]) -> list[MLPGroup]:
             out_width, inner = shapes[consumer]
             producers = tuple(n for n in names if n != consumer)
             fits = all(shapes[n] == (inner, out_width) for n in producers)
-            if producers and fits and inner != out_width:
+            if producers and fits and inner > out_width:
                 groups.append(MLPGroup(producers, consumer))
     return groups
 
