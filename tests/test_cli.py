@@ -58,6 +58,12 @@ def test_help_teaches_the_flags():
         (["--device", "cuda:0"], "no CUDA GPU"),
         (["--use_recovery", "--recovery_report_fraction", "0"], "report_fraction"),
         (["--use_recovery", "--inverse_wanda_update_fraction", "1.5"], "update_fraction"),
+        (["--sparsity_type", "2:4", "--use_variant"], "--use_variant"),
+        (
+            ["--prune_method", "neuronrank_fisher", "--neuronrank_max_classes", "0"],
+            "neuronrank_max_classes must be > 0",
+        ),
+        (["--prune_method", "wanda_idf", "--tau_percentile", "1.2"], "tau_percentile"),
     ],
 )
 def test_bad_input_fails_fast_with_a_fix(args, message, tiny_model_dir, text_dir, no_model_load):

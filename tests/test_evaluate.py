@@ -5,7 +5,7 @@ from conftest import make_model, make_windows
 
 from secateurs.evaluate import check_sparsity, perplexity
 from secateurs.model import iter_prunable, weight_matrix
-from secateurs.patterns import NMSparsity, Unstructured
+from secateurs.patterns import NeuronSparsity, NMSparsity, Unstructured, Variant
 
 
 def test_perplexity_matches_the_reference_formula(arch):
@@ -30,3 +30,18 @@ def test_sparsity_check_counts_zeros_and_finds_violations():
     assert check_sparsity(model, Unstructured("row"), 0.5).ok
     assert not check_sparsity(model, NMSparsity(3, 4), 0.75).ok
     assert check_sparsity(model).overall == 0.5
+
+
+def test_sparsity_check_of_neuron_and_variant_patterns():
+    from secateurs.pruning import MethodPruner
+
+    model = make_model("opt")
+    assert not check_sparsity(model, NeuronSparsity(), 0.5).ok
+    MethodPruner(model, "wanda", progress=False).prune(make_windows(), 0.5, "neuron")
+    check = check_sparsity(model, NeuronSparsity(), 0.5)
+    assert check.ok, check.violations
+    assert 0.0 < check.overall < 0.5  # attention stays dense
+    assert not check_sparsity(model, Variant(), 0.5).ok
+    variant = make_model("opt")
+    MethodPruner(variant, "wanda", progress=False).prune(make_windows(), 0.5, use_variant=True)
+    assert check_sparsity(variant, Variant(), 0.5).ok

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from secateurs.compare import DEFAULT_METHODS
 from secateurs.errors import SecateursError
 from secateurs.runner import (
     DTYPES,
@@ -59,6 +60,45 @@ EvalBatchOpt = Annotated[int, _flag("eval_batch_size", "Windows per evaluation f
 RemoteOpt = Annotated[
     bool, _flag("trust_remote_code", "Run model code from the hub (off unless you trust it).")
 ]
+DatasetOpt = Annotated[
+    str,
+    _flag("dataset", "Calibration text: wiki-sample (built in), wikitext2, c4, ptb, a path."),
+]
+NsamplesOpt = Annotated[int, _flag("nsamples", "Calibration windows.")]
+SeedOpt = Annotated[int, _flag("seed", "Seed for drawing calibration windows.")]
+BatchOpt = Annotated[
+    int, _flag("batch_size", "Calibration windows per forward pass through a block.")
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
+VariantOpt = Annotated[
+    bool,
+    _flag(
+        "use_variant",
+        "Wanda variant: per-row counts from a cumulative-score threshold (unstructured only).",
+    ),
+]
+ClassesOpt = Annotated[
+    int,
+    _flag(
+        "neuronrank_max_classes",
+        "neuronrank_fisher: the K most frequent calibration tokens are the classes (K > 0).",
+    ),
+]
+TauOpt = Annotated[
+    float, _flag("tau_percentile", "Selectivity: |x| percentile that counts as active.")
+]
+TopOpt = Annotated[
+    float, _flag("top_quantile", "Spikiness: mean of |x| above this quantile over the mean.")
+]
+IdfClipOpt = Annotated[float, _flag("idf_clip", "IDF is clipped to [0, this].")]
+SpikyClipOpt = Annotated[float, _flag("spiky_clip", "Spikiness is clipped to [1, this].")]
+ExactOpt = Annotated[
+    bool,
+    _flag(
+        "exact_selectivity",
+        "Exact quantiles (keeps every activation: small runs only); default streams a histogram.",
+    ),
+]
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -87,25 +127,24 @@ def prune(
         float, _flag("sparsity_ratio", "Fraction of weights to remove, in [0, 1).")
     ] = _DEFAULTS["sparsity_ratio"],
     sparsity_type: Annotated[
-        str, _flag("sparsity_type", "unstructured, or N:M such as 2:4 or 4:8 (ratio = N/M).")
+        str,
+        _flag(
+            "sparsity_type",
+            "unstructured; N:M such as 2:4 or 4:8 (ratio = N/M); neuron (whole MLP neurons).",
+        ),
     ] = _DEFAULTS["sparsity_type"],
     scope: Annotated[
         str | None,
         _flag("scope", "Unstructured comparison group: row or layer (default: the method's)."),
     ] = None,
-    dataset: Annotated[
-        str,
-        _flag("dataset", "Calibration text: wiki-sample (built in), wikitext2, c4, ptb, a path."),
-    ] = _DEFAULTS["dataset"],
+    dataset: DatasetOpt = _DEFAULTS["dataset"],
     eval_dataset: Annotated[
         str | None, _flag("eval_dataset", "Evaluation text (default: the test split of --dataset).")
     ] = None,
-    nsamples: Annotated[int, _flag("nsamples", "Calibration windows.")] = _DEFAULTS["nsamples"],
+    nsamples: NsamplesOpt = _DEFAULTS["nsamples"],
     seqlen: SeqlenOpt = None,
-    seed: Annotated[int, _flag("seed", "Seed for drawing calibration windows.")] = 0,
-    batch_size: Annotated[
-        int, _flag("batch_size", "Calibration windows per forward pass through a block.")
-    ] = _DEFAULTS["batch_size"],
+    seed: SeedOpt = 0,
+    batch_size: BatchOpt = _DEFAULTS["batch_size"],
     eval_batch_size: EvalBatchOpt = _DEFAULTS["eval_batch_size"],
     eval_limit: LimitOpt = None,
     eval_dense: Annotated[
@@ -151,7 +190,14 @@ def prune(
             "(least_squares always reports exactly).",
         ),
     ] = _DEFAULTS["recovery_report_fraction"],
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    use_variant: VariantOpt = False,
+    neuronrank_max_classes: ClassesOpt = _DEFAULTS["neuronrank_max_classes"],
+    tau_percentile: TauOpt = _DEFAULTS["tau_percentile"],
+    top_quantile: TopOpt = _DEFAULTS["top_quantile"],
+    idf_clip: IdfClipOpt = _DEFAULTS["idf_clip"],
+    spiky_clip: SpikyClipOpt = _DEFAULTS["spiky_clip"],
+    exact_selectivity: ExactOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Prune a model, then print dense and pruned perplexity and the sparsity check."""
     cfg = PruneConfig(
@@ -183,6 +229,13 @@ def prune(
         inverse_wanda_max_relative_update=inverse_wanda_max_relative_update,
         least_squares_damp=least_squares_damp,
         recovery_report_fraction=recovery_report_fraction,
+        use_variant=use_variant,
+        neuronrank_max_classes=neuronrank_max_classes,
+        tau_percentile=tau_percentile,
+        top_quantile=top_quantile,
+        idf_clip=idf_clip,
+        spiky_clip=spiky_clip,
+        exact_selectivity=exact_selectivity,
     )
 
     def action() -> None:
@@ -208,7 +261,7 @@ def evaluate(
     dtype: DtypeOpt = "float32",
     cache_dir: CacheOpt = None,
     trust_remote_code: RemoteOpt = False,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Perplexity and sparsity of any model: a hub id, a built-in name, or a saved folder."""
 
@@ -232,5 +285,95 @@ def evaluate(
         typer.echo(f"evaluation   {dataset}: {windows.shape[0]} windows of {length}")
         typer.echo(f"perplexity   {value:.3f}  ({time.perf_counter() - start:.1f} s)")
         typer.echo(f"sparsity     {check.overall:.4f} over {len(check.layers)} linear layers")
+
+    _guarded(action, quiet)
+
+
+def _split(text: str, convert=str) -> list:
+    try:
+        return [convert(part.strip()) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise SecateursError(f"could not read the list '{text}': {exc}") from exc
+
+
+@app.command()
+def compare(
+    model: ModelOpt = _DEFAULTS["model"],
+    methods: Annotated[
+        str, _flag("methods", f"Comma-separated methods; any of {', '.join(METHODS)}.")
+    ] = ",".join(DEFAULT_METHODS),
+    sparsity_ratios: Annotated[
+        str, _flag("sparsity_ratios", "Comma-separated ratios for unstructured and neuron runs.")
+    ] = "0.5",
+    sparsity_types: Annotated[
+        str, _flag("sparsity_types", "Comma-separated: unstructured, N:M (run at N/M), neuron.")
+    ] = "unstructured,2:4",
+    dataset: DatasetOpt = _DEFAULTS["dataset"],
+    nsamples: NsamplesOpt = _DEFAULTS["nsamples"],
+    seqlen: SeqlenOpt = None,
+    seed: SeedOpt = 0,
+    batch_size: BatchOpt = _DEFAULTS["batch_size"],
+    eval_batch_size: EvalBatchOpt = _DEFAULTS["eval_batch_size"],
+    eval_limit: LimitOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    cache_dir: CacheOpt = None,
+    trust_remote_code: RemoteOpt = False,
+    out: Annotated[
+        str, _flag("out", "Folder for the table, CSV, JSON, plot and the per-run cache.")
+    ] = "compare-out",
+    use_variant: VariantOpt = False,
+    neuronrank_max_classes: ClassesOpt = _DEFAULTS["neuronrank_max_classes"],
+    tau_percentile: TauOpt = _DEFAULTS["tau_percentile"],
+    top_quantile: TopOpt = _DEFAULTS["top_quantile"],
+    idf_clip: IdfClipOpt = _DEFAULTS["idf_clip"],
+    spiky_clip: SpikyClipOpt = _DEFAULTS["spiky_clip"],
+    exact_selectivity: ExactOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run several methods on one model with one calibration set; table, CSV, JSON and plot.
+
+    Finished runs are cached in OUT/runs by their whole configuration: rerun the same
+    command to continue a sweep that stopped, or add methods and ratios to extend it.
+    """
+    base = PruneConfig(
+        model=model,
+        dataset=dataset,
+        nsamples=nsamples,
+        seqlen=seqlen,
+        seed=seed,
+        batch_size=batch_size,
+        eval_batch_size=eval_batch_size,
+        eval_limit=eval_limit,
+        device=device,
+        dtype=dtype,
+        cache_dir=cache_dir,
+        trust_remote_code=trust_remote_code,
+        progress=not quiet,
+        use_variant=use_variant,
+        neuronrank_max_classes=neuronrank_max_classes,
+        tau_percentile=tau_percentile,
+        top_quantile=top_quantile,
+        idf_clip=idf_clip,
+        spiky_clip=spiky_clip,
+        exact_selectivity=exact_selectivity,
+    )
+
+    def action() -> None:
+        from secateurs.compare import run_compare
+        from secateurs.report import comparison_table
+
+        log = (lambda _m: None) if quiet else (lambda m: typer.echo(m, err=True))
+        result = run_compare(
+            base,
+            _split(methods),
+            _split(sparsity_types),
+            _split(sparsity_ratios, float),
+            out,
+            log=log,
+        )
+        typer.echo(comparison_table(result.rows, result.dense_ppl))
+        for name, path in result.files.items():
+            typer.echo(f"{name:<6} {path}")
 
     _guarded(action, quiet)

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from secateurs.model import iter_prunable, weight_matrix
-from secateurs.patterns import NMSparsity, SparsityPattern, Unstructured
+from secateurs.model import find_blocks, find_linears, find_mlp_groups, iter_prunable, weight_matrix
+from secateurs.patterns import NMSparsity, SparsityPattern, Unstructured, Variant
 
 
 def window_nll(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -64,9 +64,27 @@ class SparsityCheck:
         return {"overall": self.overall, "layers": self.layers, "violations": self.violations}
 
 
+def _neuron_violation(weight: torch.Tensor, role: str | None, ratio: float) -> str | None:
+    """A producer must have the share of whole zero rows, a consumer of whole zero columns."""
+    if role is None:
+        return None
+    lines = (weight == 0).all(dim=1 if role == "producer" else 0)
+    need = int(weight.shape[1 if role == "consumer" else 0] * ratio)
+    if int(lines.sum()) < need:
+        kind = "rows" if role == "producer" else "columns"
+        return f"{int(lines.sum())} all-zero {kind}, expected at least {need}"
+    return None
+
+
 def _pattern_violation(weight: torch.Tensor, pattern: SparsityPattern, ratio: float) -> str | None:
     zeros = weight == 0
     rows, cols = weight.shape
+    if isinstance(pattern, Variant):
+        # the variant's bisection stops within 0.001 of the target or when its bracket closes
+        need = int(weight.numel() * (ratio - 0.002))
+        if int(zeros.sum()) < need:
+            return f"{int(zeros.sum())} zeros, expected about {int(weight.numel() * ratio)}"
+        return None
     if isinstance(pattern, NMSparsity):
         per_group = zeros.reshape(rows, cols // pattern.m, pattern.m).sum(dim=2)
         if bool((per_group < pattern.n).any()):
@@ -83,6 +101,18 @@ def _pattern_violation(weight: torch.Tensor, pattern: SparsityPattern, ratio: fl
     return None
 
 
+def _mlp_roles(model: nn.Module) -> dict[str, str]:
+    """``producer`` or ``consumer`` for every MLP layer of the decoder stack, by full name."""
+    stack_name, blocks = find_blocks(model)
+    roles = {}
+    for index, block in enumerate(blocks):
+        for group in find_mlp_groups(find_linears(block)):
+            for name in group.producers:
+                roles[f"{stack_name}.{index}.{name}"] = "producer"
+            roles[f"{stack_name}.{index}.{group.consumer}"] = "consumer"
+    return roles
+
+
 def check_sparsity(
     model: nn.Module, pattern: SparsityPattern | None = None, ratio: float = 0.0
 ) -> SparsityCheck:
@@ -93,6 +123,7 @@ def check_sparsity(
     layers: dict[str, float] = {}
     violations: list[str] = []
     zeros = total = 0
+    roles = _mlp_roles(model) if pattern is not None and pattern.structured else {}
     for name, layer in iter_prunable(model):
         weight = weight_matrix(layer)
         count = int((weight == 0).sum())
@@ -100,7 +131,10 @@ def check_sparsity(
         zeros += count
         total += weight.numel()
         if pattern is not None:
-            problem = _pattern_violation(weight, pattern, ratio)
+            if pattern.structured:
+                problem = _neuron_violation(weight, roles.get(name), ratio)
+            else:
+                problem = _pattern_violation(weight, pattern, ratio)
             if problem:
                 violations.append(f"{name}: {problem}")
     return SparsityCheck(layers, zeros / total if total else 0.0, violations)

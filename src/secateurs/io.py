@@ -36,15 +36,22 @@ def atomic_dir(target: Path, replace: bool = False) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def atomic_write_text(target: str | Path, text: str) -> None:
-    """Write ``text`` to ``target`` through a temporary file and a rename."""
+@contextlib.contextmanager
+def atomic_file(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary file path beside ``target``; rename it to ``target`` on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        yield Path(tmp)
         os.replace(tmp, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def atomic_write_text(target: str | Path, text: str) -> None:
+    """Write ``text`` to ``target`` through a temporary file and a rename."""
+    with atomic_file(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")

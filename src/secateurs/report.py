@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import platform
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from secateurs.io import atomic_write_text
+from secateurs.io import atomic_file, atomic_write_text
 
 _PACKAGES = ("secateurs", "torch", "transformers", "datasets", "safetensors", "accelerate")
 
@@ -93,3 +95,74 @@ def write_log(path: str | Path, result: dict[str, Any]) -> None:
     body += ["", "per-layer sparsity (measured):"]
     body += [f"  {name:<48} {value:.4f}" for name, value in result["sparsity"]["layers"].items()]
     atomic_write_text(path, "\n".join(body) + "\n")
+
+
+def _change(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.1%}"
+
+
+def comparison_table(rows: list[dict[str, Any]], dense_ppl: float) -> str:
+    """A markdown table of a method comparison, with the dense model first."""
+    lines = [
+        "| method | sparsity type | actual_sparsity | ppl_test | change vs wanda | prune s |",
+        "|---|---|---|---|---|---|",
+        f"| dense | - | 0.0000 | {dense_ppl:.2f} | - | - |",
+    ]
+    for r in rows:
+        met = "" if r["pattern_met"] else " (pattern NOT met)"
+        lines.append(
+            f"| {r['method']} | {r['sparsity_type']} | {r['actual_sparsity']:.4f}{met} "
+            f"| {r['ppl_test']:.2f} | {_change(r['change_vs_wanda'])} | {r['prune_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+_CSV_COLUMNS = (
+    "method",
+    "sparsity_type",
+    "target_sparsity",
+    "actual_sparsity",
+    "ppl_test",
+    "change_vs_wanda",
+    "prune_s",
+    "pattern_met",
+)
+
+
+def comparison_csv(rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, _CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def plot_comparison(
+    rows: list[dict[str, Any]], dense_ppl: float, path: str | Path, title: str = ""
+) -> None:
+    """Perplexity against actual sparsity: a line per method and sparsity type."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    series: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for r in rows:
+        series.setdefault((r["method"], r["sparsity_type"]), []).append(
+            (r["actual_sparsity"], r["ppl_test"])
+        )
+    for (method, sparsity_type), points in series.items():
+        points.sort()
+        marker = "o" if sparsity_type == "unstructured" else "s"
+        axes.plot(*zip(*points, strict=True), marker=marker, label=f"{method} ({sparsity_type})")
+    axes.axhline(dense_ppl, color="grey", linestyle="--", label=f"dense ({dense_ppl:.2f})")
+    axes.set_yscale("log")
+    axes.set_xlabel("actual sparsity of the decoder's linear layers")
+    axes.set_ylabel("perplexity (log scale)")
+    axes.set_title(title)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    with atomic_file(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120)
+    plt.close(figure)

@@ -31,7 +31,8 @@ from secateurs.recovery import (
     WeightRedistributor,
 )
 from secateurs.report import versions, write_json, write_log
-from secateurs.scores import Method, get_method
+from secateurs.scores import Method, check_classes, get_method
+from secateurs.stats import SelectivityOptions
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -68,6 +69,22 @@ class PruneConfig:
     inverse_wanda_max_relative_update: float = 2.0
     least_squares_damp: float = 0.01
     recovery_report_fraction: float = 0.25
+    use_variant: bool = False
+    neuronrank_max_classes: int = 128
+    tau_percentile: float = 0.6
+    top_quantile: float = 0.9
+    idf_clip: float = 10.0
+    spiky_clip: float = 10.0
+    exact_selectivity: bool = False
+
+    def selectivity(self) -> SelectivityOptions:
+        return SelectivityOptions(
+            self.tau_percentile,
+            self.top_quantile,
+            self.idf_clip,
+            self.spiky_clip,
+            exact=self.exact_selectivity,
+        )
 
 
 def check_device(name: str) -> torch.device:
@@ -116,8 +133,12 @@ def check_config(cfg: PruneConfig) -> tuple[Method, SparsityPattern, float]:
     make_redistributor(cfg)
     if cfg.scope is not None and cfg.scope not in SCOPES:
         raise SecateursError(f"--scope must be one of {', '.join(SCOPES)}, got '{cfg.scope}'")
-    pattern = parse_pattern(cfg.sparsity_type, cfg.scope or method.scope)
+    pattern = parse_pattern(cfg.sparsity_type, cfg.scope or method.scope, cfg.use_variant)
     ratio = effective_ratio(pattern, cfg.sparsity_ratio)
+    if "selectivity" in method.needs:
+        cfg.selectivity()
+    if "classes" in method.needs:
+        check_classes(cfg.neuronrank_max_classes)
     _positive(cfg.nsamples, "--nsamples")
     _positive(cfg.batch_size, "--batch_size")
     check_eval_args(cfg)
@@ -143,64 +164,108 @@ def save_pruned_model(model, tokenizer, path: str, result: dict[str, Any]) -> No
         (tmp / "secateurs.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
 
 
-def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run a pruning job end to end and return its result (also written where asked)."""
-    method, pattern, ratio = check_config(cfg)
-    device = check_device(cfg.device)
-    timings: dict[str, float] = {}
+@dataclass
+class Prepared:
+    """What every run of one model and one dataset shares: tokens, windows, seqlen."""
 
+    tokenizer: Any
+    seqlen: int
+    windows: torch.Tensor | None
+    eval_windows: torch.Tensor
+    eval_name: str
+    seconds: float
+
+
+def prepare(cfg: PruneConfig, calibrate: bool) -> Prepared:
+    """Tokenizer, calibration and evaluation windows, before any weights load."""
     config = load_config(cfg.model, cfg.cache_dir, cfg.trust_remote_code)
     seqlen = choose_seqlen(config, cfg.seqlen)
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir, cfg.trust_remote_code)
-
     start = time.perf_counter()
-    redistributor = make_redistributor(cfg)
     windows = None
-    if method.calibrated or redistributor is not None:
+    if calibrate:
         source = data.resolve_source(cfg.dataset)
         windows = data.calibration_windows(tokenizer, source, cfg.nsamples, seqlen, cfg.seed)
     eval_name = cfg.eval_dataset or cfg.dataset
     eval_windows = load_eval_windows(tokenizer, eval_name, seqlen, cfg.eval_limit)
-    timings["data"] = time.perf_counter() - start
+    return Prepared(
+        tokenizer, seqlen, windows, eval_windows, eval_name, time.perf_counter() - start
+    )
+
+
+def load(cfg: PruneConfig, prepared: Prepared):
+    """The model, in the configured dtype, with the prepared tokenizer."""
+    model, _ = load_model(
+        cfg.model, cfg.cache_dir, DTYPES[cfg.dtype], cfg.trust_remote_code, prepared.tokenizer
+    )
+    return model
+
+
+def evaluate_model(model, cfg: PruneConfig, prepared: Prepared, label: str) -> float:
+    return perplexity(
+        model,
+        prepared.eval_windows,
+        check_device(cfg.device),
+        cfg.eval_batch_size,
+        cfg.progress,
+        f"{label} perplexity",
+    )
+
+
+def prune_loaded(model, cfg: PruneConfig, prepared: Prepared, method: Method, ratio: float):
+    """Prune a loaded model as the checked ``cfg`` says; the report, time and memory used."""
+    pruner = MethodPruner(
+        model,
+        method,
+        selectivity=cfg.selectivity(),
+        classes=cfg.neuronrank_max_classes,
+        tokenizer=prepared.tokenizer,
+        device=check_device(cfg.device),
+        batch_size=cfg.batch_size,
+        progress=cfg.progress,
+        redistributor=make_redistributor(cfg),
+    )
+    with measure(check_device(cfg.device)) as memory:
+        report = pruner.prune(
+            prepared.windows, ratio, cfg.sparsity_type, cfg.scope, cfg.use_variant
+        )
+    return report, memory
+
+
+def needs_calibration(cfg: PruneConfig) -> bool:
+    return get_method(cfg.prune_method).calibrated or cfg.use_recovery
+
+
+def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run a pruning job end to end and return its result (also written where asked)."""
+    method, pattern, ratio = check_config(cfg)
+    timings: dict[str, float] = {}
+    prepared = prepare(cfg, needs_calibration(cfg))
+    timings["data"] = prepared.seconds
 
     log(f"loading {cfg.model}")
     start = time.perf_counter()
-    model, tokenizer = load_model(
-        cfg.model, cfg.cache_dir, DTYPES[cfg.dtype], cfg.trust_remote_code, tokenizer
-    )
+    model = load(cfg, prepared)
     timings["load_model"] = time.perf_counter() - start
     check_pattern_fits(model, pattern)
 
     def evaluate(label: str) -> float:
         start = time.perf_counter()
-        value = perplexity(
-            model, eval_windows, device, cfg.eval_batch_size, cfg.progress, f"{label} perplexity"
-        )
+        value = evaluate_model(model, cfg, prepared, label)
         timings[f"eval_{label}"] = time.perf_counter() - start
         log(f"{label} perplexity: {value:.3f}")
         return value
 
     dense_ppl = evaluate("dense") if cfg.eval_dense else None
-
-    pruner = MethodPruner(
-        model,
-        method,
-        tokenizer=tokenizer,
-        device=device,
-        batch_size=cfg.batch_size,
-        progress=cfg.progress,
-        redistributor=redistributor,
-    )
     log(f"pruning with {method.name}, {pattern.describe()}, sparsity {ratio}")
-    with measure(device) as memory:
-        report = pruner.prune(windows, ratio, cfg.sparsity_type, cfg.scope)
+    report, memory = prune_loaded(model, cfg, prepared, method, ratio)
     timings["prune"] = memory.seconds
 
     check = check_sparsity(model, pattern, ratio)
     pruned_ppl = evaluate("pruned")
 
     result = {
-        "config": asdict(cfg) | {"seqlen": seqlen, "sparsity_ratio": ratio},
+        "config": asdict(cfg) | {"seqlen": prepared.seqlen, "sparsity_ratio": ratio},
         "pattern": pattern.describe(),
         "versions": versions(),
         "model": {
@@ -208,8 +273,8 @@ def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str,
             "parameters": sum(p.numel() for p in model.parameters()),
         },
         "perplexity": {
-            "eval_dataset": eval_name,
-            "windows": int(eval_windows.shape[0]),
+            "eval_dataset": prepared.eval_name,
+            "windows": int(prepared.eval_windows.shape[0]),
             "dense": dense_ppl,
             "pruned": pruned_ppl,
         },
@@ -219,7 +284,7 @@ def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str,
         "memory": memory.to_dict(),
     }
     if cfg.save_model:
-        save_pruned_model(model, tokenizer, cfg.save_model, result)
+        save_pruned_model(model, prepared.tokenizer, cfg.save_model, result)
         log(f"saved the pruned model to {cfg.save_model}")
     if cfg.save_json:
         write_json(cfg.save_json, result)
