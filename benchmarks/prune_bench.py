@@ -30,7 +30,7 @@ from secateurs.model import load_model, load_tokenizer, model_size_bytes
 from secateurs.patterns import effective_ratio, parse_pattern
 from secateurs.profiling import measure, rss_bytes
 from secateurs.pruning import MethodPruner
-from secateurs.report import versions
+from secateurs.report import replace_marked_section, versions
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = [
@@ -41,7 +41,6 @@ RUNS = [
     ("magnitude", "4:8"),
     ("wanda", "4:8"),
 ]
-START, END = "<!-- prune_bench:start -->", "<!-- prune_bench:end -->"
 
 
 def forward_floor(model, windows: torch.Tensor, batch_size: int) -> float:
@@ -131,20 +130,14 @@ def memory_note(result: dict) -> str:
 
 def update_benchmarks_md(result: dict, path: Path) -> None:
     cfg = result["settings"]
-    section = (
-        f"{START}\n"
+    body = (
         f"SmolLM2-135M (fp32) on `wiki-sample`: calibration {cfg['nsamples']} x {cfg['seqlen']} "
         f"tokens (seed 0, batch {cfg['batch_size']}), perplexity on "
         f"{result['eval_windows']} test windows of {cfg['seqlen']}. Machine: {result['machine']}; "
         f"{result['date']}. Target sparsity 0.5.\n\n"
-        f"{table(result['rows'])}\n\n{memory_note(result)}\n{END}"
+        f"{table(result['rows'])}\n\n{memory_note(result)}"
     )
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if START in text and END in text:
-        text = text[: text.index(START)] + section + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    atomic_write_text(path, text)
+    replace_marked_section(path, "prune_bench", body)
 
 
 def main() -> None:

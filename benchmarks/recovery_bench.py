@@ -30,10 +30,9 @@ from secateurs.model import load_model, load_tokenizer
 from secateurs.profiling import measure
 from secateurs.pruning import WandaPruner
 from secateurs.recovery import InverseWandaStrategy, LeastSquaresStrategy, WeightRedistributor
-from secateurs.report import versions
+from secateurs.report import replace_marked_section, versions
 
 ROOT = Path(__file__).resolve().parent.parent
-START, END = "<!-- recovery_bench:start -->", "<!-- recovery_bench:end -->"
 SETTINGS = {
     "none": None,
     "inverse_wanda conservative (0.2, 1.0)": lambda: InverseWandaStrategy(0.2, 1.0),
@@ -87,18 +86,13 @@ def table(rows: list[dict]) -> str:
 
 def update_markdown(result: dict, path: Path) -> None:
     cfg = result["settings"]
-    section = (
-        f"{START}\nSmolLM2-135M (fp32), Wanda at 50%, calibration {cfg['nsamples']} x "
+    body = (
+        f"SmolLM2-135M (fp32), Wanda at 50%, calibration {cfg['nsamples']} x "
         f"{cfg['seqlen']} tokens of `wiki-sample` (seed 0), perplexity on {result['eval_windows']} "
         f"test windows of {cfg['seqlen']}. Machine: {result['machine']}; {result['date']}.\n\n"
-        f"{table(result['rows'])}\n{END}"
+        f"{table(result['rows'])}"
     )
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if START in text and END in text:
-        text = text[: text.index(START)] + section + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    atomic_write_text(path, text)
+    replace_marked_section(path, "recovery_bench", body)
 
 
 def main() -> None:

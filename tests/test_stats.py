@@ -226,3 +226,12 @@ def test_requests_merge_to_everything_asked_for():
         StatsRequest(gram=True, gram_fraction=0.25).merge(StatsRequest(gram=True)).gram_fraction
         == 1.0
     )
+
+
+def test_thinned_sample_reaches_every_channel():
+    from secateurs.stats import _thinned
+
+    values = torch.arange(4096 * 48, dtype=torch.float32).reshape(4096, 48)
+    sample = _thinned(values, limit=1000)
+    assert 900 < sample.numel() < 1200
+    assert set((sample.long() % 48).tolist()) == set(range(48))

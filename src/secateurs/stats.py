@@ -109,6 +109,33 @@ def _histogram_quantile(counts: torch.Tensor, q: float) -> tuple[int, float]:
     return index, (target - before) / inside if inside else 0.0
 
 
+def _quantile(values: torch.Tensor, q: float) -> float:
+    """The ``ceil(q * n)``-th smallest of all values."""
+    flat = values.reshape(-1)
+    return float(flat.kthvalue(max(1, math.ceil(q * flat.numel()))).values)
+
+
+def _thinned(values: torch.Tensor, limit: int = 1 << 18) -> torch.Tensor:
+    """An evenly strided sample of about ``limit`` of a (tokens, channels) tensor's values.
+
+    The stride shares no factor with the channel count, so every channel is sampled.
+    """
+    flat = values.reshape(-1)
+    stride = max(1, flat.numel() // limit)
+    while math.gcd(stride, values.shape[-1]) != 1:
+        stride += 1
+    return flat[::stride]
+
+
+def _cdf(counts: torch.Tensor, edges: torch.Tensor, value: float) -> torch.Tensor:
+    """Per-channel count of values at most ``value``, spread evenly inside its bin."""
+    lower, upper = edges[:, 0], edges[:, 1]
+    index = min(int((upper <= value).sum()), counts.shape[1] - 1)
+    width = float(upper[index] - lower[index])
+    inside = min(max((value - float(lower[index])) / width, 0.0), 1.0) if width > 0 else 1.0
+    return counts[:, :index].sum(dim=1) + counts[:, index] * inside
+
+
 class SelectivityStats:
     """Per-channel IDF and spikiness of a layer's input, from a histogram or, if exact, all values.
 
@@ -128,6 +155,10 @@ class SelectivityStats:
         self._histogram = None if options.exact else MagnitudeHistogram(channels, device)
         self._values: list[torch.Tensor] = []
         self._result: tuple[torch.Tensor, torch.Tensor] | None = None
+        # The first batch's threshold, and exact per-channel counts above it: the final
+        # threshold lies very close, so the histogram only has to bridge a thin band.
+        self._provisional_tau: float | None = None
+        self._above_provisional = torch.zeros(channels, dtype=torch.float64, device=device)
 
     def add(self, flat: torch.Tensor) -> None:
         magnitudes = flat.abs()
@@ -136,6 +167,10 @@ class SelectivityStats:
         if self._histogram is None:
             self._values.append(magnitudes)
         else:
+            if self._provisional_tau is None:
+                self._provisional_tau = _quantile(_thinned(magnitudes), self.options.tau_percentile)
+            above = (magnitudes > self._provisional_tau).float().sum(dim=0)
+            self._above_provisional += above.double()
             self._histogram.add(magnitudes)
         self._result = None
 
@@ -144,9 +179,7 @@ class SelectivityStats:
 
     def _exact(self) -> tuple[torch.Tensor, float, torch.Tensor]:
         values = torch.cat(self._values)
-        flat = values.reshape(-1)
-        rank = max(1, math.ceil(self.options.tau_percentile * flat.numel()))
-        tau = float(flat.kthvalue(rank).values)
+        tau = _quantile(values, self.options.tau_percentile)
         active = (values > tau).double().mean(dim=0)
         top = values.topk(self._top_count(), dim=0).values.double().mean(dim=0)
         return active, tau, top
@@ -157,11 +190,13 @@ class SelectivityStats:
         edges = histogram.edges()
         lower, upper = edges[:, 0], edges[:, 1]
         index, inside = _histogram_quantile(counts.sum(dim=0), self.options.tau_percentile)
-        if index == 0:
-            inside = 1.0  # the underflow bin is taken as a point mass at zero: none is above
         tau = float(lower[index] + inside * (upper[index] - lower[index]))
-        above = counts[:, index + 1 :].sum(dim=1) + counts[:, index] * (1.0 - inside)
-        active = above / self.tokens
+        if index == 0:
+            tau = 0.0  # the underflow bin is read as a point mass at zero
+        # exact counts above the provisional threshold, moved to the final one through the
+        # histogram: tokens between the two are added (or taken away)
+        band = _cdf(counts, edges, self._provisional_tau) - _cdf(counts, edges, tau)
+        active = (self._above_provisional + band).clamp(0, self.tokens) / self.tokens
         # take the top k tokens bin by bin from the top; inside a bin, its largest values first
         k = self._top_count()
         from_top = counts.flip(1)
