@@ -13,7 +13,6 @@ Writes benchmarks/results/prune_bench.json and the table between the markers in 
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import platform
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import bench_parser
 
 from secateurs import data
 from secateurs.evaluate import check_sparsity, perplexity
@@ -32,7 +32,6 @@ from secateurs.profiling import measure, rss_bytes
 from secateurs.pruning import MethodPruner
 from secateurs.report import replace_marked_section, versions
 
-ROOT = Path(__file__).resolve().parent.parent
 RUNS = [
     ("magnitude", "unstructured"),
     ("wanda", "unstructured"),
@@ -141,17 +140,10 @@ def update_benchmarks_md(result: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--dataset", default="wiki-sample")
-    parser.add_argument("--nsamples", type=int, default=32)
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser = bench_parser(__doc__, "prune_bench")
     parser.add_argument("--eval_batch_size", type=int, default=4)
     parser.add_argument("--eval_limit", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=1, help="forward-floor timings per row")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "prune_bench.json"))
-    parser.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"))
     args = parser.parse_args()
 
     tokenizer = load_tokenizer(args.model)

@@ -14,7 +14,6 @@ BENCHMARKS.md.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import platform
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import bench_parser
 
 from secateurs import data
 from secateurs.evaluate import perplexity
@@ -32,7 +32,6 @@ from secateurs.pruning import WandaPruner
 from secateurs.recovery import InverseWandaStrategy, LeastSquaresStrategy, WeightRedistributor
 from secateurs.report import replace_marked_section, versions
 
-ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {
     "none": None,
     "inverse_wanda conservative (0.2, 1.0)": lambda: InverseWandaStrategy(0.2, 1.0),
@@ -96,17 +95,15 @@ def update_markdown(result: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--dataset", default="wiki-sample")
-    parser.add_argument("--nsamples", type=int, default=32)
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser = bench_parser(__doc__, "recovery_bench")
     parser.add_argument("--eval_batch_size", type=int, default=4)
     parser.add_argument("--eval_limit", type=int, default=32, help="0 = the whole test split")
     parser.add_argument("--patterns", default="unstructured,2:4")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/recovery_bench.json"))
-    parser.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"))
+    parser.add_argument(
+        "--settings",
+        default="all",
+        help="comma-separated: none, conservative, balanced, aggressive, least_squares (or all)",
+    )
     args = parser.parse_args()
 
     tokenizer = load_tokenizer(args.model)
@@ -115,9 +112,16 @@ def main() -> None:
     eval_windows = data.evaluation_windows(
         data.evaluation_tokens(tokenizer, source), args.seqlen, args.eval_limit or None, source
     )
+    chosen = [
+        label
+        for label in SETTINGS
+        if args.settings == "all" or any(name in label for name in args.settings.split(","))
+    ]
+    if "none" not in chosen:
+        chosen.insert(0, "none")  # every ratio needs its plain-Wanda row
     rows = []
     for pattern in args.patterns.split(","):
-        for label in SETTINGS:
+        for label in chosen:
             rows.append(run_row(args, pattern, label, windows, eval_windows))
             print(json.dumps(rows[-1]), flush=True)
     result = {

@@ -14,7 +14,6 @@ Writes benchmarks/results/selectivity_bench.json and a section of BENCHMARKS.md.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import platform
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import bench_parser
 
 from secateurs import data
 from secateurs.io import atomic_write_text
@@ -39,7 +39,6 @@ from secateurs.pruning import MethodPruner
 from secateurs.report import replace_marked_section, versions
 from secateurs.stats import ActivationStats, SelectivityOptions, StatsRequest
 
-ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {
     "wanda": ("wanda", SelectivityOptions()),
     "wanda_select (streamed)": ("wanda_select", SelectivityOptions()),
@@ -152,15 +151,8 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--dataset", default="wiki-sample")
-    parser.add_argument("--nsamples", type=int, default=32)
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser = bench_parser(__doc__, "selectivity_bench")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/selectivity_bench.json"))
-    parser.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"))
     args = parser.parse_args()
 
     tokenizer = load_tokenizer(args.model)

@@ -24,6 +24,11 @@ def base_config(model_dir, text_dir, **overrides) -> PruneConfig:
     return PruneConfig(**(settings | overrides))
 
 
+def compare_cli(model_dir, text_dir, tmp_path, *args):
+    common = ["--model", str(model_dir), "--dataset", str(text_dir), "--quiet"]
+    return invoke("compare", *common, "--out", str(tmp_path / "cmp"), *args)
+
+
 def test_plan_runs_n_m_once_at_its_ratio_and_checks_everything(tiny_model_dir, text_dir):
     base = base_config(tiny_model_dir, text_dir)
     runs = plan_runs(base, ["wanda", "magnitude"], ["unstructured", "2:4"], [0.3, 0.6])
@@ -95,30 +100,23 @@ def test_compare_command_fails_before_loading_anything(
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(runner, "load_model", forbidden)
-    result = invoke(
-        "compare",
-        "--model",
-        str(tiny_model_dir),
-        "--dataset",
-        str(text_dir),
+    result = compare_cli(
+        tiny_model_dir,
+        text_dir,
+        tmp_path,
         "--methods",
         "wanda,neuronrank_fisher",
         "--neuronrank_max_classes",
         "0",
-        "--out",
-        str(tmp_path / "x"),
-        "--quiet",
     )
     assert result.exit_code == 2 and "neuronrank_max_classes must be > 0" in result.output
 
 
 def test_compare_command_prints_the_table(tiny_model_dir, text_dir, tmp_path):
-    result = invoke(
-        "compare",
-        "--model",
-        str(tiny_model_dir),
-        "--dataset",
-        str(text_dir),
+    result = compare_cli(
+        tiny_model_dir,
+        text_dir,
+        tmp_path,
         "--methods",
         "wanda,wanda_idf",
         "--sparsity_types",
@@ -131,9 +129,6 @@ def test_compare_command_prints_the_table(tiny_model_dir, text_dir, tmp_path):
         "32",
         "--eval_limit",
         "2",
-        "--out",
-        str(tmp_path / "cmp"),
-        "--quiet",
     )
     assert result.exit_code == 0, result.output
     assert result.output.count("| wanda_idf | unstructured |") == 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import fields
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -99,6 +99,13 @@ ExactOpt = Annotated[
         "Exact quantiles (keeps every activation: small runs only); default streams a histogram.",
     ),
 ]
+
+
+def _config(values: dict[str, Any]) -> PruneConfig:
+    """A configuration from a command's parameters: those named as its fields, and --quiet."""
+    known = {f.name for f in fields(PruneConfig)}
+    chosen = {k: v for k, v in values.items() if k in known}
+    return PruneConfig(**chosen, progress=not values["quiet"])
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -200,43 +207,7 @@ def prune(
     quiet: QuietOpt = False,
 ) -> None:
     """Prune a model, then print dense and pruned perplexity and the sparsity check."""
-    cfg = PruneConfig(
-        model=model,
-        prune_method=prune_method,
-        sparsity_ratio=sparsity_ratio,
-        sparsity_type=sparsity_type,
-        scope=scope,
-        dataset=dataset,
-        eval_dataset=eval_dataset,
-        nsamples=nsamples,
-        seqlen=seqlen,
-        seed=seed,
-        batch_size=batch_size,
-        eval_batch_size=eval_batch_size,
-        eval_limit=eval_limit,
-        eval_dense=eval_dense,
-        device=device,
-        dtype=dtype,
-        cache_dir=cache_dir,
-        trust_remote_code=trust_remote_code,
-        save_model=save_model,
-        save_json=save_json,
-        save_log=save_log,
-        progress=not quiet,
-        use_recovery=use_recovery,
-        recovery=recovery,
-        inverse_wanda_update_fraction=inverse_wanda_update_fraction,
-        inverse_wanda_max_relative_update=inverse_wanda_max_relative_update,
-        least_squares_damp=least_squares_damp,
-        recovery_report_fraction=recovery_report_fraction,
-        use_variant=use_variant,
-        neuronrank_max_classes=neuronrank_max_classes,
-        tau_percentile=tau_percentile,
-        top_quantile=top_quantile,
-        idf_clip=idf_clip,
-        spiky_clip=spiky_clip,
-        exact_selectivity=exact_selectivity,
-    )
+    cfg = _config(locals())
 
     def action() -> None:
         from secateurs.report import summary_lines
@@ -336,28 +307,7 @@ def compare(
     Finished runs are cached in OUT/runs by their whole configuration: rerun the same
     command to continue a sweep that stopped, or add methods and ratios to extend it.
     """
-    base = PruneConfig(
-        model=model,
-        dataset=dataset,
-        nsamples=nsamples,
-        seqlen=seqlen,
-        seed=seed,
-        batch_size=batch_size,
-        eval_batch_size=eval_batch_size,
-        eval_limit=eval_limit,
-        device=device,
-        dtype=dtype,
-        cache_dir=cache_dir,
-        trust_remote_code=trust_remote_code,
-        progress=not quiet,
-        use_variant=use_variant,
-        neuronrank_max_classes=neuronrank_max_classes,
-        tau_percentile=tau_percentile,
-        top_quantile=top_quantile,
-        idf_clip=idf_clip,
-        spiky_clip=spiky_clip,
-        exact_selectivity=exact_selectivity,
-    )
+    base = _config(locals())
 
     def action() -> None:
         from secateurs.compare import run_compare
