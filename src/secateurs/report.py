@@ -152,10 +152,21 @@ def plot_comparison(
         series.setdefault((r["method"], r["sparsity_type"]), []).append(
             (r["actual_sparsity"], r["ppl_test"])
         )
+    methods = list(dict.fromkeys(method for method, _ in series))
+    types = list(dict.fromkeys(kind for _, kind in series))
+    colors = plt.get_cmap("tab10")
     for (method, sparsity_type), points in series.items():
         points.sort()
-        marker = "o" if sparsity_type == "unstructured" else "s"
-        axes.plot(*zip(*points, strict=True), marker=marker, label=f"{method} ({sparsity_type})")
+        axes.plot(
+            *zip(*points, strict=True),
+            color=colors(methods.index(method) % 10),
+            marker="osD^v<>"[types.index(sparsity_type) % 7],
+            linestyle="-" if sparsity_type == "unstructured" else ":",
+            label=f"{method} ({sparsity_type})",
+        )
+    xs = [r["actual_sparsity"] for r in rows]
+    axes.set_xlim(max(0.0, min(xs) - 0.1), min(1.0, max(xs) + 0.1))
+    axes.ticklabel_format(axis="x", useOffset=False)
     axes.axhline(dense_ppl, color="grey", linestyle="--", label=f"dense ({dense_ppl:.2f})")
     axes.set_yscale("log")
     axes.set_xlabel("actual sparsity of the decoder's linear layers")
