@@ -37,7 +37,12 @@ from secateurs.model import (
 from secateurs.profiling import measure
 from secateurs.pruning import MethodPruner
 from secateurs.report import replace_marked_section, versions
-from secateurs.stats import ActivationStats, SelectivityOptions, StatsRequest
+from secateurs.stats import (
+    ActivationStats,
+    MagnitudeHistogram,
+    SelectivityOptions,
+    StatsRequest,
+)
 
 SETTINGS = {
     "wanda": ("wanda", SelectivityOptions()),
@@ -96,15 +101,24 @@ def accuracy_on_dense(args, windows, every: int = 10) -> dict:
     return differences(streamed, exact)
 
 
+def _tensors(obj: object) -> list[torch.Tensor]:
+    """Every tensor an object holds, directly, in lists, or in a histogram it owns."""
+    found = []
+    for value in vars(obj).values():
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, list):
+            found += [v for v in value if isinstance(v, torch.Tensor)]
+        elif isinstance(value, MagnitudeHistogram):
+            found += _tensors(value)
+    return found
+
+
 def held_bytes(options: SelectivityOptions, channels: int, tokens: int) -> int:
     """Bytes the selectivity statistics of one layer input hold after ``tokens`` tokens."""
     stats = ActivationStats(channels, request=StatsRequest(selectivity=options))
     stats.add_batch(torch.zeros(1, tokens, channels))
-    held = stats._selectivity
-    tensors = [held._abs_sum, *held._values]
-    if held._histogram is not None:
-        tensors.append(held._histogram.counts)
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(t.numel() * t.element_size() for t in _tensors(stats._selectivity))
 
 
 def differences(streamed: dict, exact: dict) -> dict:
@@ -129,13 +143,14 @@ def markdown(result: dict) -> str:
         f"tokens of `wiki-sample`, batch {cfg['batch_size']}; medians of {cfg['repeats']} "
         f"interleaved repeats. Machine: {result['machine']}; {result['date']}.",
         "",
-        "| setting | prune s (median) | vs wanda | RSS growth while pruning (max) | "
-        "statistics held, widest layer input |",
-        "|---|---|---|---|---|",
+        "| setting | prune s (median) | vs wanda | calibrate s (median) | vs wanda "
+        "| RSS growth while pruning (max) | statistics held, widest layer input |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['setting']} | {r['prune_s']:.1f} | {r['vs_wanda']:.2f}x "
+            f"| {r['calibrate_s']:.1f} | {r['calibrate_vs_wanda']:.2f}x "
             f"| {r['peak_rss'] / 2**20:,.0f} MiB | {r['held'] / 2**20:,.2f} MiB |"
         )
     d = result["streamed_vs_exact"]
@@ -148,6 +163,33 @@ def markdown(result: dict) -> str:
         f"within {d['spikiness_rel_max']:.2%} relative (median {d['spikiness_rel_median']:.3%}).",
     ]
     return "\n".join(lines)
+
+
+def summarize(args, rows: list[dict]) -> list[dict]:
+    """Median prune and calibrate times against wanda's, memory growth, statistics held."""
+    config = load_config(args.model)
+    widest = max(config.hidden_size, config.intermediate_size)
+    tokens = args.nsamples * args.seqlen
+
+    def median(label: str, key: str) -> float:
+        return statistics.median(r[key] for r in rows if r["setting"] == label)
+
+    summary = []
+    for label, (_, options) in SETTINGS.items():
+        summary.append(
+            {
+                "setting": label,
+                "prune_s": median(label, "prune_s"),
+                "vs_wanda": median(label, "prune_s") / median("wanda", "prune_s"),
+                "calibrate_s": median(label, "calibrate_s"),
+                "calibrate_vs_wanda": median(label, "calibrate_s") / median("wanda", "calibrate_s"),
+                "peak_rss": max(
+                    r["peak_rss"] - r["start_rss"] for r in rows if r["setting"] == label
+                ),
+                "held": 0 if label == "wanda" else held_bytes(options, widest, tokens),
+            }
+        )
+    return summary
 
 
 def main() -> None:
@@ -163,30 +205,13 @@ def main() -> None:
         for label in SETTINGS:
             rows.append(run_once(args, label, windows) | {"repeat": repeat})
             print(json.dumps(rows[-1]), flush=True)
-    tokens = args.nsamples * args.seqlen
-    config = load_config(args.model)
-    widest = max(config.hidden_size, config.intermediate_size)
-    summary = []
-    base = statistics.median(r["prune_s"] for r in rows if r["setting"] == "wanda")
-    for label, (_, options) in SETTINGS.items():
-        mine = [r for r in rows if r["setting"] == label]
-        seconds = statistics.median(r["prune_s"] for r in mine)
-        summary.append(
-            {
-                "setting": label,
-                "prune_s": seconds,
-                "vs_wanda": seconds / base,
-                "peak_rss": max(r["peak_rss"] - r["start_rss"] for r in mine),
-                "held": 0 if label == "wanda" else held_bytes(options, widest, tokens),
-            }
-        )
     result = {
         "settings": vars(args),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, CPU",
         "date": time.strftime("%Y-%m-%d"),
         "versions": versions(),
         "rows": rows,
-        "summary": summary,
+        "summary": summarize(args, rows),
         "streamed_vs_exact": accuracy_on_dense(args, windows),
     }
     atomic_write_text(Path(args.out), json.dumps(result, indent=2) + "\n")

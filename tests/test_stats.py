@@ -133,7 +133,7 @@ DISTRIBUTIONS = {
 @pytest.mark.parametrize("name", DISTRIBUTIONS)
 def test_streaming_selectivity_is_within_the_stated_bound_of_exact(name):
     # The bound stated in the docs: active rate within 0.002, IDF within 0.05 where the
-    # rate is not tiny, spikiness within 0.5% (16k tokens, 1/32-octave bins).
+    # rate is not tiny, spikiness within 0.2% (16k tokens, 1/32-octave bins).
     generator = torch.Generator().manual_seed(3)
     channels = 48
     exact = ActivationStats(
@@ -149,7 +149,7 @@ def test_streaming_selectivity_is_within_the_stated_bound_of_exact(name):
     common = rate_exact > 0.01
     assert float((exact.idf - streamed.idf)[common].abs().max()) < 0.05
     relative = (exact.spikiness - streamed.spikiness).abs() / exact.spikiness
-    assert float(relative.max()) < 0.005
+    assert float(relative.max()) < 0.002
 
 
 def test_streaming_memory_does_not_grow_with_tokens():
@@ -160,7 +160,8 @@ def test_streaming_memory_does_not_grow_with_tokens():
         stats.add_batch(torch.randn(4, 256, 16))
     assert stats._selectivity._histogram.counts.shape == shape
     assert stats._selectivity._values == []
-    assert int(held.sum()) == 5 * 4 * 256 * 16
+    binned = stats._selectivity._binned
+    assert 0 < binned < 5 * 4 * 256 and int(held.sum()) == binned * 16
 
 
 def test_histogram_bins_are_at_most_a_32nd_octave_wide():
@@ -228,10 +229,19 @@ def test_requests_merge_to_everything_asked_for():
     )
 
 
-def test_thinned_sample_reaches_every_channel():
-    from secateurs.stats import _thinned
+def test_histogram_cdf_and_quantiles_match_direct_counts_at_bin_edges():
+    from secateurs.stats import _cdf, _quantiles
 
-    values = torch.arange(4096 * 48, dtype=torch.float32).reshape(4096, 48)
-    sample = _thinned(values, limit=1000)
-    assert 900 < sample.numel() < 1200
-    assert set((sample.long() % 48).tolist()) == set(range(48))
+    generator = torch.Generator().manual_seed(5)
+    values = torch.exp(torch.randn(4096, 3, generator=generator))
+    histogram = MagnitudeHistogram(3)
+    histogram.add(values)
+    counts, edges = histogram.counts.double(), histogram.edges()
+    for edge in (0.5, 1.0, 2.0):  # powers of two are bin edges
+        assert torch.equal(_cdf(counts, edges, edge), (values < edge).double().sum(dim=0))
+    per_row = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    expected = torch.stack([(values[:, j] < per_row[j]).double().sum() for j in range(3)])
+    assert torch.equal(_cdf(counts, edges, per_row), expected)
+    quantile = _quantiles(counts, edges, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
+    exact = torch.stack([values[:, j].quantile(q) for j, q in enumerate((0.1, 0.5, 0.9))])
+    assert torch.allclose(quantile.float(), exact, rtol=1 / 32)

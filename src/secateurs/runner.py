@@ -68,7 +68,7 @@ class PruneConfig:
     inverse_wanda_update_fraction: float = 0.3
     inverse_wanda_max_relative_update: float = 2.0
     least_squares_damp: float = 0.01
-    recovery_report_fraction: float = 0.25
+    recovery_report_fraction: float = 0.0625
     use_variant: bool = False
     neuronrank_max_classes: int = 128
     tau_percentile: float = 0.6

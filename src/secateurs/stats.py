@@ -78,7 +78,9 @@ class MagnitudeHistogram:
     def __init__(self, channels: int, device: torch.device | str = "cpu") -> None:
         self.channels = channels
         self.bins = (self.HIGH_EXP - self.LOW_EXP << self.SUB_BITS) + 2
-        self.counts = torch.zeros(channels, self.bins, dtype=torch.int64, device=device)
+        # int32 holds 2^31 values per bin and channel, far beyond any calibration set
+        self.counts = torch.zeros(channels, self.bins, dtype=torch.int32, device=device)
+        self._one = torch.ones((), dtype=torch.int32, device=device)
         self._first_code = (127 + self.LOW_EXP) << self.SUB_BITS
         self._offsets = torch.arange(channels, device=device, dtype=torch.int32) * self.bins
 
@@ -86,9 +88,9 @@ class MagnitudeHistogram:
         """Count a (tokens, channels) float32 tensor of non-negative values."""
         codes = magnitudes.contiguous().view(torch.int32) >> (23 - self.SUB_BITS)
         index = (codes - (self._first_code - 1)).clamp_(0, self.bins - 1) + self._offsets
-        self.counts += torch.bincount(index.view(-1), minlength=self.channels * self.bins).view(
-            self.channels, self.bins
-        )
+        # adding into the table in place costs nothing per bin, only per value
+        ones = self._one.expand(index.numel())
+        self.counts.view(-1).index_add_(0, index.view(-1), ones)
 
     def edges(self) -> torch.Tensor:
         """Lower and upper bound of every bin, (bins, 2); the overflow bin is [2^16, 2^16]."""
@@ -99,52 +101,61 @@ class MagnitudeHistogram:
         return torch.stack([lower, upper], dim=1).to(self.counts.device, torch.float64)
 
 
-def _histogram_quantile(counts: torch.Tensor, q: float) -> tuple[int, float]:
-    """Bin holding the ``q`` quantile of a 1-d histogram and the position inside it, in [0, 1]."""
-    cum = counts.cumsum(0)
-    target = q * float(cum[-1])
-    index = min(int((cum < target).sum()), counts.numel() - 1)
-    before = float(cum[index] - counts[index])
-    inside = float(counts[index])
-    return index, (target - before) / inside if inside else 0.0
-
-
 def _quantile(values: torch.Tensor, q: float) -> float:
     """The ``ceil(q * n)``-th smallest of all values."""
     flat = values.reshape(-1)
     return float(flat.kthvalue(max(1, math.ceil(q * flat.numel()))).values)
 
 
-def _thinned(values: torch.Tensor, limit: int = 1 << 18) -> torch.Tensor:
-    """An evenly strided sample of about ``limit`` of a (tokens, channels) tensor's values.
-
-    The stride shares no factor with the channel count, so every channel is sampled.
-    """
-    flat = values.reshape(-1)
-    stride = max(1, flat.numel() // limit)
-    while math.gcd(stride, values.shape[-1]) != 1:
-        stride += 1
-    return flat[::stride]
+def _bin_bounds(edges: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower bound and width of the bins ``index``."""
+    return edges[index, 0], edges[index, 1] - edges[index, 0]
 
 
-def _cdf(counts: torch.Tensor, edges: torch.Tensor, value: float) -> torch.Tensor:
-    """Per-channel count of values at most ``value``, spread evenly inside its bin."""
-    lower, upper = edges[:, 0], edges[:, 1]
-    index = min(int((upper <= value).sum()), counts.shape[1] - 1)
-    width = float(upper[index] - lower[index])
-    inside = min(max((value - float(lower[index])) / width, 0.0), 1.0) if width > 0 else 1.0
-    return counts[:, :index].sum(dim=1) + counts[:, index] * inside
+def _cdf(counts: torch.Tensor, edges: torch.Tensor, values: float | torch.Tensor) -> torch.Tensor:
+    """Per-row count of values at most ``values`` (one or one per row), even inside a bin."""
+    values = torch.as_tensor(values, dtype=torch.float64, device=counts.device)
+    values = values.expand(counts.shape[0]).contiguous()
+    index = torch.searchsorted(edges[:, 1].contiguous(), values, right=True)
+    index = index.clamp_max(counts.shape[1] - 1)
+    lower, width = _bin_bounds(edges, index)
+    inside = torch.where(width > 0, (values - lower) / width.clamp_min(1e-300), 1.0)
+    in_bin = counts.gather(1, index[:, None]).squeeze(1)
+    before = (counts.cumsum(dim=1) - counts).gather(1, index[:, None]).squeeze(1)
+    return before + in_bin * inside.clamp(0.0, 1.0)
+
+
+def _quantiles(counts: torch.Tensor, edges: torch.Tensor, q: float | torch.Tensor) -> torch.Tensor:
+    """Each row's ``q`` quantile (one or one per row), values even inside a bin; bin 0 is 0."""
+    cum = counts.cumsum(dim=1)
+    target = torch.as_tensor(q, dtype=cum.dtype, device=cum.device).clamp(0.0, 1.0) * cum[:, -1]
+    index = (cum < target[:, None]).sum(dim=1).clamp_max(counts.shape[1] - 1)
+    in_bin = counts.gather(1, index[:, None]).squeeze(1)
+    before = cum.gather(1, index[:, None]).squeeze(1) - in_bin
+    share = torch.where(in_bin > 0, (target - before) / in_bin.clamp_min(1e-300), 0.0)
+    lower, width = _bin_bounds(edges, index)
+    return torch.where(index == 0, 0.0, lower + share.clamp(0.0, 1.0) * width)
 
 
 class SelectivityStats:
-    """Per-channel IDF and spikiness of a layer's input, from a histogram or, if exact, all values.
+    """Per-channel IDF and spikiness of a layer's input, streamed or, if exact, from all values.
 
     ``tau`` is the ``tau_percentile`` quantile of ``|x|`` over all tokens and channels,
     ``p_j`` the share of tokens with ``|x_j| > tau``, ``IDF_j = log(1 / p_j)`` clipped to
     ``[0, idf_clip]``; ``R_j`` is the mean of the top ``1 - top_quantile`` of ``|x_j|`` over
-    tokens divided by the mean of ``|x_j|``, clipped to ``[1, spiky_clip]``. The histogram
-    mode assumes values spread evenly inside a bin.
+    tokens divided by the mean of ``|x_j|``, clipped to ``[1, spiky_clip]``.
+
+    Streamed, the first batch fixes provisional thresholds (the global ``tau`` and each
+    channel's top quantile) and every batch adds exact per-channel sums against them: the
+    count above ``tau`` and the excess ``sum(max(|x_j| - t_j, 0))``. The top-k sum of a
+    channel is ``k * t + excess(t)`` at ``t`` = its k-th largest value and grows only to second
+    order as ``t`` moves off it, so a near threshold is almost as good as the true one. A
+    histogram of a seeded ``HISTOGRAM_SHARE`` of the tokens places the final ``tau`` and
+    bridges the thin band between the provisional and the final thresholds.
     """
+
+    HISTOGRAM_SHARE = 0.125
+    CHUNK_ROWS = 512
 
     def __init__(
         self, channels: int, options: SelectivityOptions, device: torch.device | str = "cpu"
@@ -153,26 +164,60 @@ class SelectivityStats:
         self.tokens = 0
         self._abs_sum = torch.zeros(channels, dtype=torch.float64, device=device)
         self._histogram = None if options.exact else MagnitudeHistogram(channels, device)
+        self._binned = 0
+        self._sampler = torch.Generator().manual_seed(0)
         self._values: list[torch.Tensor] = []
         self._result: tuple[torch.Tensor, torch.Tensor] | None = None
-        # The first batch's threshold, and exact per-channel counts above it: the final
-        # threshold lies very close, so the histogram only has to bridge a thin band.
         self._provisional_tau: float | None = None
-        self._above_provisional = torch.zeros(channels, dtype=torch.float64, device=device)
+        self._top_floor: torch.Tensor | None = None
+        self._above_tau = torch.zeros(channels, dtype=torch.float64, device=device)
+        self._above_floor = torch.zeros(channels, dtype=torch.float64, device=device)
+        self._excess = torch.zeros(channels, dtype=torch.float64, device=device)
 
     def add(self, flat: torch.Tensor) -> None:
-        magnitudes = flat.abs()
-        self.tokens += magnitudes.shape[0]
-        self._abs_sum += magnitudes.sum(dim=0).double()
-        if self._histogram is None:
-            self._values.append(magnitudes)
-        else:
-            if self._provisional_tau is None:
-                self._provisional_tau = _quantile(_thinned(magnitudes), self.options.tau_percentile)
-            above = (magnitudes > self._provisional_tau).float().sum(dim=0)
-            self._above_provisional += above.double()
-            self._histogram.add(magnitudes)
+        self.tokens += flat.shape[0]
         self._result = None
+        if self._histogram is None:
+            magnitudes = flat.abs()
+            self._abs_sum += magnitudes.sum(dim=0).double()
+            self._values.append(magnitudes)
+            return
+        keep = torch.rand(flat.shape[0], generator=self._sampler) < self.HISTOGRAM_SHARE
+        sample = flat.index_select(0, keep.nonzero().squeeze(1).to(flat.device)).abs()
+        if self._provisional_tau is None:
+            self._fix_provisional(flat)
+        # Cache-sized chunks through two reused buffers: several passes over a chunk cost far
+        # less than over the batch. A count above t is the sum of sign(max(|x| - t, 0)), which
+        # avoids a bool-to-float copy. fp32 within a batch, fp64 across batches.
+        sums = torch.zeros(4, flat.shape[1], device=flat.device)
+        rows = min(self.CHUNK_ROWS, flat.shape[0])
+        magnitudes = flat.new_empty(rows, flat.shape[1], dtype=torch.float32)
+        shifted = torch.empty_like(magnitudes)
+        for part in flat.split(rows):
+            m, d = magnitudes[: part.shape[0]], shifted[: part.shape[0]]
+            torch.abs(part, out=m)
+            sums[0] += m.sum(dim=0)
+            sums[1] += torch.sub(m, self._provisional_tau, out=d).clamp_min_(0.0).sign_().sum(dim=0)
+            torch.sub(m, self._top_floor, out=d).clamp_min_(0.0)
+            sums[3] += d.sum(dim=0)
+            sums[2] += d.sign_().sum(dim=0)
+        sums = sums.double()
+        self._abs_sum += sums[0]
+        self._above_tau += sums[1]
+        self._above_floor += sums[2]
+        self._excess += sums[3]
+        self._histogram.add(sample)
+        self._binned += sample.shape[0]
+
+    def _fix_provisional(self, flat: torch.Tensor) -> None:
+        """Thresholds read from a histogram of the first batch: ``tau`` and each top quantile."""
+        first = MagnitudeHistogram(flat.shape[1], flat.device)
+        for part in flat.split(self.CHUNK_ROWS):
+            first.add(part.abs())
+        counts, edges = first.counts.double(), first.edges()
+        pooled = counts.sum(dim=0, keepdim=True)
+        self._provisional_tau = float(_quantiles(pooled, edges, self.options.tau_percentile))
+        self._top_floor = _quantiles(counts, edges, self.options.top_quantile).float()
 
     def _top_count(self) -> int:
         return max(1, round((1.0 - self.options.top_quantile) * self.tokens))
@@ -186,25 +231,26 @@ class SelectivityStats:
 
     def _estimated(self) -> tuple[torch.Tensor, float, torch.Tensor]:
         histogram = self._histogram
-        counts = histogram.counts.double()
+        # the sampled counts, scaled to stand for every token
+        counts = histogram.counts.double() * (self.tokens / max(self._binned, 1))
         edges = histogram.edges()
-        lower, upper = edges[:, 0], edges[:, 1]
-        index, inside = _histogram_quantile(counts.sum(dim=0), self.options.tau_percentile)
-        tau = float(lower[index] + inside * (upper[index] - lower[index]))
-        if index == 0:
-            tau = 0.0  # the underflow bin is read as a point mass at zero
-        # exact counts above the provisional threshold, moved to the final one through the
-        # histogram: tokens between the two are added (or taken away)
+        # the pooled count at most the provisional threshold is exact; the histogram only
+        # moves the threshold across the band to where the count reaches the percentile
+        pooled = counts.sum(dim=0, keepdim=True)
+        below = self.tokens * counts.shape[0] - float(self._above_tau.sum())
+        shift = float(_cdf(pooled, edges, self._provisional_tau)) - below
+        share = self.options.tau_percentile + shift / float(pooled.sum())
+        tau = float(_quantiles(pooled, edges, share))
+        # tokens between the provisional and the final threshold are added (or taken away)
         band = _cdf(counts, edges, self._provisional_tau) - _cdf(counts, edges, tau)
-        active = (self._above_provisional + band).clamp(0, self.tokens) / self.tokens
-        # take the top k tokens bin by bin from the top; inside a bin, its largest values first
+        active = (self._above_tau + band).clamp(0, self.tokens) / self.tokens
         k = self._top_count()
-        from_top = counts.flip(1)
-        before = from_top.cumsum(dim=1) - from_top
-        taken = (k - before).clamp_min(0).minimum(from_top)
-        share = taken / from_top.clamp_min(1)
-        top_upper, width = upper.flip(0), (upper - lower).flip(0)
-        top_sum = (taken * (top_upper - share * width / 2)).sum(dim=1)
+        floor = self._top_floor.double()
+        # the k-th largest value q is where the exact count above the floor, moved across the
+        # band by the histogram, reaches k; the count is taken as linear across the band
+        above = self._above_floor
+        kth = _quantiles(counts, edges, (_cdf(counts, edges, floor) + above - k) / self.tokens)
+        top_sum = k * floor + self._excess - 0.5 * (above - k) * (kth - floor)
         return active, tau, top_sum / k
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
