@@ -15,6 +15,9 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+from typer.testing import CliRunner
+
+from secateurs.cli import app
 
 VOCAB = 128
 WORDS = [f"w{i}" for i in range(VOCAB - 2)]
@@ -76,6 +79,11 @@ def make_model(arch: str, seed: int = 0) -> torch.nn.Module:
     cls, config = _configs()[arch]
     torch.manual_seed(seed)
     return cls(config).eval()
+
+
+def invoke(*args):
+    """Run the ``secateurs`` command in process; arguments may be paths."""
+    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def make_windows(count: int = 6, seqlen: int = 16, seed: int = 0) -> torch.Tensor:

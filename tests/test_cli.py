@@ -2,18 +2,11 @@ import json
 
 import pytest
 import torch
+from conftest import invoke
 from transformers import AutoModelForCausalLM
-from typer.testing import CliRunner
 
 from secateurs import runner
-from secateurs.cli import app
 from secateurs.model import iter_prunable, weight_matrix
-
-cli = CliRunner()
-
-
-def invoke(*args: str):
-    return cli.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture

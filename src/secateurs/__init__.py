@@ -12,6 +12,7 @@ from secateurs.pruning import (
     WandaPruner,
     prune,
 )
+from secateurs.shrink import Shrinkage, shrink_mlps
 from secateurs.stats import ActivationStats
 
 __version__ = "0.1.0"
@@ -25,6 +26,7 @@ __all__ = [
     "PruneReport",
     "Pruned",
     "SecateursError",
+    "Shrinkage",
     "SparsityPattern",
     "Unstructured",
     "WandaPruner",
@@ -33,4 +35,5 @@ __all__ = [
     "perplexity",
     "prune",
     "prune_sequential",
+    "shrink_mlps",
 ]

@@ -166,6 +166,14 @@ def prune(
     ] = None,
     save_json: Annotated[str | None, _flag("save_json", "Write the run's result as JSON.")] = None,
     save_log: Annotated[str | None, _flag("save_log", "Write a readable summary here.")] = None,
+    keep_shape: Annotated[
+        bool,
+        _flag(
+            "keep_shape",
+            "With --sparsity_type neuron, save pruned neurons as zeros instead of cutting them "
+            "out (by default the saved MLPs are narrower: a smaller, faster model).",
+        ),
+    ] = False,
     use_recovery: Annotated[
         bool,
         _flag("use_recovery", "After pruning each layer, give the lost signal to its survivors."),

@@ -32,7 +32,15 @@ from secateurs.runner import (
 
 DEFAULT_METHODS = ("wanda", "wanda_idf", "wanda_spiky", "wanda_select", "magnitude")
 # Settings that do not change a run's numbers, left out of its cache key.
-_NOT_IN_KEY = ("save_model", "save_json", "save_log", "progress", "eval_dense", "device")
+_NOT_IN_KEY = (
+    "save_model",
+    "save_json",
+    "save_log",
+    "keep_shape",
+    "progress",
+    "eval_dense",
+    "device",
+)
 
 
 @dataclass

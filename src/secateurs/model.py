@@ -135,7 +135,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best[1], best[2]
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
     # transformers' GPT-2 style Conv1D: a linear layer with its weight stored as (in, out).
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
@@ -145,13 +145,13 @@ def find_linears(block: nn.Module) -> dict[str, nn.Module]:
     return {
         name: module
         for name, module in block.named_modules()
-        if isinstance(module, nn.Linear) or _is_conv1d(module)
+        if isinstance(module, nn.Linear) or is_conv1d(module)
     }
 
 
 def weight_matrix(layer: nn.Module) -> torch.Tensor:
     """The layer's weight as (out_features, in_features); a view, so in-place edits stick."""
-    return layer.weight.data.t() if _is_conv1d(layer) else layer.weight.data
+    return layer.weight.data.t() if is_conv1d(layer) else layer.weight.data
 
 
 @dataclass(frozen=True)

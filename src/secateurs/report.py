@@ -60,6 +60,12 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             f"recovery         {cfg['recovery']}: mean relative output error "
             f"{recovery['before']:.4f} -> {recovery['after']:.4f}",
         )
+    saved = result.get("saved_model")
+    if saved:
+        lines.append(
+            f"saved model      MLP width {saved['width_before']} -> {saved['width_after']}, "
+            f"{saved['parameters_after']:,} parameters"
+        )
     lines += [f"  violation: {v}" for v in sp["violations"]]
     return lines
 

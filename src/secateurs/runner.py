@@ -32,6 +32,7 @@ from secateurs.recovery import (
 )
 from secateurs.report import versions, write_json, write_log
 from secateurs.scores import Method, check_classes, get_method
+from secateurs.shrink import shrink_mlps, width_field
 from secateurs.stats import SelectivityOptions
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -62,6 +63,7 @@ class PruneConfig:
     save_model: str | None = None
     save_json: str | None = None
     save_log: str | None = None
+    keep_shape: bool = False
     progress: bool = True
     use_recovery: bool = False
     recovery: str = "inverse_wanda"
@@ -248,6 +250,9 @@ def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str,
     model = load(cfg, prepared)
     timings["load_model"] = time.perf_counter() - start
     check_pattern_fits(model, pattern)
+    shrink = pattern.structured and cfg.save_model is not None and not cfg.keep_shape
+    if shrink:
+        width_field(model.config)
 
     def evaluate(label: str) -> float:
         start = time.perf_counter()
@@ -283,6 +288,14 @@ def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str,
         "timings": timings,
         "memory": memory.to_dict(),
     }
+    if shrink:
+        shrinkage = shrink_mlps(model)
+        result["saved_model"] = shrinkage.to_dict()
+        log(
+            f"cut the pruned neurons out: MLP width {shrinkage.width_before} -> "
+            f"{shrinkage.width_after}, parameters {shrinkage.parameters_before:,} -> "
+            f"{shrinkage.parameters_after:,}"
+        )
     if cfg.save_model:
         save_pruned_model(model, prepared.tokenizer, cfg.save_model, result)
         log(f"saved the pruned model to {cfg.save_model}")
