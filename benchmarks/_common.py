@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import json
+import platform
+import time
 from pathlib import Path
+from typing import Any
+
+import torch
+
+from secateurs import data
+from secateurs.io import atomic_write_text
+from secateurs.model import load_tokenizer
+from secateurs.report import versions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,3 +30,26 @@ def bench_parser(doc: str, name: str) -> argparse.ArgumentParser:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / f"{name}.json"))
     parser.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"))
     return parser
+
+
+def bench_windows(args: argparse.Namespace, eval_limit: int | None = None):
+    """The seeded calibration windows and the first ``eval_limit`` test windows (all if None)."""
+    tokenizer = load_tokenizer(args.model)
+    source = data.resolve_source(args.dataset)
+    windows = data.calibration_windows(tokenizer, source, args.nsamples, args.seqlen, seed=0)
+    tokens = data.evaluation_tokens(tokenizer, source)
+    return windows, data.evaluation_windows(tokens, args.seqlen, eval_limit, source)
+
+
+def result_header(args: argparse.Namespace) -> dict[str, Any]:
+    """Where and how a benchmark ran: its settings, the machine, the date, the versions."""
+    return {
+        "settings": vars(args),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, CPU",
+        "date": time.strftime("%Y-%m-%d"),
+        "versions": versions(),
+    }
+
+
+def save_result(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    atomic_write_text(Path(args.out), json.dumps(result, indent=2) + "\n")

@@ -15,22 +15,19 @@ from __future__ import annotations
 
 import gc
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from _common import bench_parser
+from _common import bench_parser, bench_windows, result_header, save_result
 
-from secateurs import data
 from secateurs.evaluate import check_sparsity, perplexity
-from secateurs.io import atomic_write_text
-from secateurs.model import load_model, load_tokenizer, model_size_bytes
+from secateurs.model import load_model, model_size_bytes
 from secateurs.patterns import effective_ratio, parse_pattern
 from secateurs.profiling import measure, rss_bytes
 from secateurs.pruning import MethodPruner
-from secateurs.report import replace_marked_section, versions
+from secateurs.report import replace_marked_section
 
 RUNS = [
     ("magnitude", "unstructured"),
@@ -146,12 +143,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="forward-floor timings per row")
     args = parser.parse_args()
 
-    tokenizer = load_tokenizer(args.model)
-    source = data.resolve_source(args.dataset)
-    windows = data.calibration_windows(tokenizer, source, args.nsamples, args.seqlen, seed=0)
-    eval_windows = data.evaluation_windows(
-        data.evaluation_tokens(tokenizer, source), args.seqlen, args.eval_limit, source
-    )
+    windows, eval_windows = bench_windows(args, args.eval_limit)
     # What the process holds before any model: interpreter, libraries, tokenizer, token ids.
     gc.collect()
     rss_runtime = rss_bytes()
@@ -168,18 +160,14 @@ def main() -> None:
         print(json.dumps(row), flush=True)
 
     result = {
-        "settings": vars(args),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, CPU",
-        "date": time.strftime("%Y-%m-%d"),
-        "versions": versions(),
+        **result_header(args),
         "eval_windows": int(eval_windows.shape[0]),
         "rss_runtime": rss_runtime,
         "model_fp32_bytes": model_bytes,
         "activation_bytes": args.nsamples * args.seqlen * hidden * 4,
         "rows": rows,
     }
-    out = Path(args.out)
-    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    save_result(args, result)
     print(table(rows))
     print(memory_note(result))
     if args.eval_limit is None:

@@ -16,21 +16,16 @@ from __future__ import annotations
 
 import gc
 import json
-import platform
-import time
 from pathlib import Path
 
-import torch
-from _common import bench_parser
+from _common import bench_parser, bench_windows, result_header, save_result
 
-from secateurs import data
 from secateurs.evaluate import perplexity
-from secateurs.io import atomic_write_text
-from secateurs.model import load_model, load_tokenizer
+from secateurs.model import load_model
 from secateurs.profiling import measure
 from secateurs.pruning import WandaPruner
 from secateurs.recovery import InverseWandaStrategy, LeastSquaresStrategy, WeightRedistributor
-from secateurs.report import replace_marked_section, versions
+from secateurs.report import replace_marked_section
 
 SETTINGS = {
     "none": None,
@@ -106,12 +101,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    tokenizer = load_tokenizer(args.model)
-    source = data.resolve_source(args.dataset)
-    windows = data.calibration_windows(tokenizer, source, args.nsamples, args.seqlen, seed=0)
-    eval_windows = data.evaluation_windows(
-        data.evaluation_tokens(tokenizer, source), args.seqlen, args.eval_limit or None, source
-    )
+    windows, eval_windows = bench_windows(args, args.eval_limit or None)
     chosen = [
         label
         for label in SETTINGS
@@ -125,14 +115,11 @@ def main() -> None:
             rows.append(run_row(args, pattern, label, windows, eval_windows))
             print(json.dumps(rows[-1]), flush=True)
     result = {
-        "settings": vars(args),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, CPU",
-        "date": time.strftime("%Y-%m-%d"),
-        "versions": versions(),
+        **result_header(args),
         "eval_windows": int(eval_windows.shape[0]),
         "rows": rows,
     }
-    atomic_write_text(Path(args.out), json.dumps(result, indent=2) + "\n")
+    save_result(args, result)
     print(table(rows))
     update_markdown(result, Path(args.markdown))
 

@@ -16,27 +16,22 @@ from __future__ import annotations
 
 import gc
 import json
-import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
-from _common import bench_parser
+from _common import bench_parser, bench_windows, result_header, save_result
 
-from secateurs import data
-from secateurs.io import atomic_write_text
 from secateurs.model import (
     find_blocks,
     find_linears,
     load_config,
     load_model,
-    load_tokenizer,
     weight_matrix,
 )
 from secateurs.profiling import measure
 from secateurs.pruning import MethodPruner
-from secateurs.report import replace_marked_section, versions
+from secateurs.report import replace_marked_section
 from secateurs.stats import (
     ActivationStats,
     MagnitudeHistogram,
@@ -197,24 +192,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    tokenizer = load_tokenizer(args.model)
-    source = data.resolve_source(args.dataset)
-    windows = data.calibration_windows(tokenizer, source, args.nsamples, args.seqlen, seed=0)
+    windows, _ = bench_windows(args)
     rows = []
     for repeat in range(args.repeats):
         for label in SETTINGS:
             rows.append(run_once(args, label, windows) | {"repeat": repeat})
             print(json.dumps(rows[-1]), flush=True)
     result = {
-        "settings": vars(args),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, CPU",
-        "date": time.strftime("%Y-%m-%d"),
-        "versions": versions(),
+        **result_header(args),
         "rows": rows,
         "summary": summarize(args, rows),
         "streamed_vs_exact": accuracy_on_dense(args, windows),
     }
-    atomic_write_text(Path(args.out), json.dumps(result, indent=2) + "\n")
+    save_result(args, result)
     text = markdown(result)
     print(text)
     replace_marked_section(Path(args.markdown), "selectivity_bench", text)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -25,14 +24,12 @@ from pathlib import Path
 
 import torch
 import transformers
-from _common import bench_parser
+from _common import bench_parser, bench_windows, result_header, save_result
 
-from secateurs import data
 from secateurs.evaluate import perplexity
-from secateurs.io import atomic_write_text
-from secateurs.model import load_model, load_tokenizer
+from secateurs.model import load_model
 from secateurs.pruning import WandaPruner
-from secateurs.report import replace_marked_section, versions
+from secateurs.report import replace_marked_section
 from secateurs.shrink import shrink_mlps
 
 
@@ -120,22 +117,14 @@ def main() -> None:
     args = parser.parse_args()
     transformers.utils.logging.disable_progress_bar()
 
-    tokenizer = load_tokenizer(args.model)
-    source = data.resolve_source(args.dataset)
-    windows = data.calibration_windows(tokenizer, source, args.nsamples, args.seqlen, seed=0)
-    eval_windows = data.evaluation_windows(
-        data.evaluation_tokens(tokenizer, source), args.seqlen, args.eval_limit or None, source
-    )
+    windows, eval_windows = bench_windows(args, args.eval_limit or None)
     dense, _ = load_model(args.model)
     rows = []
     for ratio in (float(r) for r in args.ratios.split(",")):
         rows.append(measure_ratio(args, ratio, dense, windows, eval_windows))
         print(json.dumps(rows[-1]), flush=True)
     result = {
-        "settings": vars(args),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, CPU",
-        "date": time.strftime("%Y-%m-%d"),
-        "versions": versions(),
+        **result_header(args),
         "eval_windows": int(eval_windows.shape[0]),
         "dense_ppl": perplexity(
             dense, eval_windows, batch_size=args.eval_batch_size, progress=False
@@ -143,7 +132,7 @@ def main() -> None:
         "dense_bytes": file_bytes(dense),
         "rows": rows,
     }
-    atomic_write_text(Path(args.out), json.dumps(result, indent=2) + "\n")
+    save_result(args, result)
     print(table(result))
     update_markdown(result, Path(args.markdown))
 

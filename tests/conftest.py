@@ -86,6 +86,13 @@ def invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
+def invoke_prune(model_dir, text_dir, *args):
+    """``secateurs prune`` on a local model and text folder, 32-token windows, no progress."""
+    return invoke(
+        "prune", "--model", model_dir, "--dataset", text_dir, "--seqlen", "32", "--quiet", *args
+    )
+
+
 def make_windows(count: int = 6, seqlen: int = 16, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (count, seqlen), generator=generator)

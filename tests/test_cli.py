@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import invoke
+from conftest import invoke, invoke_prune
 from transformers import AutoModelForCausalLM
 
 from secateurs import runner
@@ -78,45 +78,18 @@ def test_existing_output_is_refused_before_work(tmp_path, tiny_model_dir, text_d
 
 
 def test_n_m_that_does_not_divide_the_columns(tiny_model_dir, text_dir):
-    result = invoke(
-        "prune",
-        "--model",
-        tiny_model_dir,
-        "--dataset",
-        text_dir,
-        "--seqlen",
-        "32",
-        "--nsamples",
-        "4",
-        "--sparsity_type",
-        "2:128",
-        "--quiet",
-    )
+    result = invoke_prune(tiny_model_dir, text_dir, "--nsamples", "4", "--sparsity_type", "2:128")
     assert result.exit_code == 2 and "multiples of 128" in result.output
 
 
 def test_prune_save_and_reload(tmp_path, tiny_model_dir, text_dir):
     saved, report = tmp_path / "pruned", tmp_path / "run.json"
     log = tmp_path / "run.log"
-    result = invoke(
-        "prune",
-        "--model",
+    result = invoke_prune(
         tiny_model_dir,
-        "--dataset",
         text_dir,
-        "--seqlen",
-        "32",
-        "--nsamples",
-        "8",
-        "--sparsity_type",
-        "2:4",
-        "--save_model",
-        saved,
-        "--save_json",
-        report,
-        "--save_log",
-        log,
-        "--quiet",
+        *("--nsamples", "8", "--sparsity_type", "2:4", "--save_model", saved),
+        *("--save_json", report, "--save_log", log),
     )
     assert result.exit_code == 0, result.output
     assert "dense ppl" in result.output and "pruned ppl" in result.output
@@ -149,22 +122,11 @@ def test_interrupted_run_leaves_no_output(tmp_path, tiny_model_dir, text_dir, mo
 
     monkeypatch.setattr("secateurs.runner.write_json", interrupt)
     saved = tmp_path / "pruned"
-    result = invoke(
-        "prune",
-        "--model",
+    result = invoke_prune(
         tiny_model_dir,
-        "--dataset",
         text_dir,
-        "--seqlen",
-        "32",
-        "--nsamples",
-        "4",
-        "--save_model",
-        saved,
-        "--save_json",
-        tmp_path / "r.json",
+        *("--nsamples", "4", "--save_model", saved, "--save_json", tmp_path / "r.json"),
         "--no_eval_dense",
-        "--quiet",
     )
     assert result.exit_code == 130
     assert "interrupted" in result.output

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import invoke, make_model, make_windows
+from conftest import invoke, invoke_prune, make_model, make_windows
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from secateurs import WandaPruner
@@ -74,25 +74,11 @@ def test_config_without_a_width_field_is_refused():
 
 
 def _prune_neurons(tiny_model_dir, text_dir, saved, *extra):
-    return invoke(
-        "prune",
-        "--model",
+    return invoke_prune(
         tiny_model_dir,
-        "--dataset",
         text_dir,
-        "--seqlen",
-        "32",
-        "--nsamples",
-        "4",
-        "--sparsity_type",
-        "neuron",
-        "--sparsity_ratio",
-        "0.5",
-        "--no_eval_dense",
-        "--save_model",
-        saved,
-        "--quiet",
-        *extra,
+        *("--nsamples", "4", "--sparsity_type", "neuron", "--sparsity_ratio", "0.5"),
+        *("--no_eval_dense", "--save_model", saved, *extra),
     )
 
 
