@@ -183,7 +183,8 @@ def prune(
         _flag(
             "recovery",
             "inverse_wanda: the seed's first-moment rule, cheap; "
-            "least_squares: minimise the layer's output error (OBS updates), stronger.",
+            "least_squares: minimise the layer's output error (ridge, conjugate gradients), "
+            "stronger.",
         ),
     ] = _DEFAULTS["recovery"],
     inverse_wanda_update_fraction: Annotated[
