@@ -72,3 +72,23 @@ def test_saved_model_reloads_with_the_same_zeros_and_perplexity(tmp_path):
     )
     assert again["perplexity"]["dense"] == pytest.approx(result["perplexity"]["pruned"], rel=1e-5)
     assert torch.get_num_threads() >= 1
+
+
+def test_neuron_pruned_smollm2_saves_narrower_with_the_same_perplexity(tmp_path):
+    saved = tmp_path / "smol-neurons"
+    result = run_prune(
+        PruneConfig(sparsity_type="neuron", eval_dense=False, save_model=str(saved), **SMALL),
+        log=lambda _m: None,
+    )
+    assert result["saved_model"]["width_after"] == 768
+    assert result["saved_model"]["parameters_after"] < result["model"]["parameters"]
+    model, _ = load_model(str(saved))
+    assert model.config.intermediate_size == 768
+    assert sum(p.numel() for p in model.parameters()) == result["saved_model"]["parameters_after"]
+    again = run_prune(
+        PruneConfig(
+            **(SMALL | {"model": str(saved)}), prune_method="magnitude", sparsity_ratio=0.0
+        ),
+        log=lambda _m: None,
+    )
+    assert again["perplexity"]["dense"] == pytest.approx(result["perplexity"]["pruned"], rel=1e-4)
