@@ -16,6 +16,7 @@ from secateurs.patterns import NMSparsity, Unstructured, row_mask
 from secateurs.pruning import MethodPruner
 from secateurs.recovery import LeastSquaresStrategy, WeightRedistributor
 from secateurs.scores import wanda_score
+from secateurs.shrink import shrink_mlps
 from secateurs.stats import ActivationStats
 
 
@@ -165,30 +166,6 @@ def test_report_times_every_phase():
     assert len(report.to_dict()["layers"]) == 18
 
 
-def _narrowed(layer: torch.nn.Module, keep: torch.Tensor, dim: int) -> torch.nn.Module:
-    """A real, smaller copy of ``layer`` keeping only ``keep`` outputs (0) or inputs (1)."""
-    weight = weight_matrix(layer).index_select(dim, keep)
-    has_bias = getattr(layer, "bias", None) is not None
-    smaller = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias)
-    smaller.weight.data.copy_(weight)
-    if has_bias:
-        smaller.bias.data.copy_(layer.bias.data[keep] if dim == 0 else layer.bias.data)
-    return smaller
-
-
-def _remove_neurons(model: torch.nn.Module) -> None:
-    """Cut out, for real, every MLP neuron whose consumer column is all zero."""
-    _, blocks = find_blocks(model)
-    for block in blocks:
-        layers = find_linears(block)
-        for group in find_mlp_groups(layers):
-            keep = (weight_matrix(layers[group.consumer]) != 0).any(dim=0).nonzero().squeeze(1)
-            for name, dim in [(n, 0) for n in group.producers] + [(group.consumer, 1)]:
-                parent, _, attr = name.rpartition(".")
-                owner = block.get_submodule(parent) if parent else block
-                setattr(owner, attr, _narrowed(layers[name], keep, dim))
-
-
 @pytest.mark.parametrize("method", ["wanda", "neuronrank_fisher", "magnitude"])
 def test_neuron_pruning_equals_removing_the_neurons(arch, method):
     model = make_model(arch)
@@ -210,7 +187,7 @@ def test_neuron_pruning_equals_removing_the_neurons(arch, method):
     windows = make_windows(2, 16, seed=5)
     with torch.no_grad():
         masked = model(windows).logits
-        _remove_neurons(model)
+        shrink_mlps(model)
         removed = model(windows).logits
     torch.testing.assert_close(masked, removed, rtol=1e-5, atol=1e-5)
 

@@ -82,7 +82,7 @@ def shrink_mlps(model: nn.Module) -> Shrinkage:
     before = plans[0][2].numel()
     width = max(int(live.sum()) for *_, live in plans)
     for layers, group, live in plans:
-        keep = _kept(live, width).to(live.device)
+        keep = _kept(live, width)
         for name in group.producers:
             _narrow(layers[name], keep, 0)
         _narrow(layers[group.consumer], keep, 1)
