@@ -92,6 +92,15 @@ TopOpt = Annotated[
 ]
 IdfClipOpt = Annotated[float, _flag("idf_clip", "IDF is clipped to [0, this].")]
 SpikyClipOpt = Annotated[float, _flag("spiky_clip", "Spikiness is clipped to [1, this].")]
+WindowBosOpt = Annotated[
+    str,
+    _flag(
+        "window_bos",
+        "Start every calibration and evaluation window with BOS: auto (for families that need "
+        "it, such as Gemma; LLaMA/OPT-style models keep the reference windows), always, never. "
+        "A window stays --seqlen tokens, BOS included.",
+    ),
+]
 ExactOpt = Annotated[
     bool,
     _flag(
@@ -213,6 +222,7 @@ def prune(
     idf_clip: IdfClipOpt = _DEFAULTS["idf_clip"],
     spiky_clip: SpikyClipOpt = _DEFAULTS["spiky_clip"],
     exact_selectivity: ExactOpt = False,
+    window_bos: WindowBosOpt = _DEFAULTS["window_bos"],
     quiet: QuietOpt = False,
 ) -> None:
     """Prune a model, then print dense and pruned perplexity and the sparsity check."""
@@ -241,28 +251,36 @@ def evaluate(
     dtype: DtypeOpt = "float32",
     cache_dir: CacheOpt = None,
     trust_remote_code: RemoteOpt = False,
+    window_bos: WindowBosOpt = _DEFAULTS["window_bos"],
     quiet: QuietOpt = False,
 ) -> None:
     """Perplexity and sparsity of any model: a hub id, a built-in name, or a saved folder."""
 
     def action() -> None:
-        from secateurs.data import resolve_source
+        from secateurs.data import check_window_bos, resolve_source, window_bos_token
         from secateurs.evaluate import check_sparsity, perplexity
-        from secateurs.model import choose_seqlen, load_config, load_model
+        from secateurs.model import choose_seqlen, load_config, load_model, load_tokenizer
 
         check_eval_args(
             PruneConfig(eval_limit=eval_limit, eval_batch_size=eval_batch_size, dtype=dtype)
         )
         target = check_device(device)
+        check_window_bos(window_bos)
         resolve_source(dataset)
-        length = choose_seqlen(load_config(model, cache_dir, trust_remote_code), seqlen)
-        loaded, tokenizer = load_model(model, cache_dir, DTYPES[dtype], trust_remote_code)
-        windows = load_eval_windows(tokenizer, dataset, length, eval_limit)
+        config = load_config(model, cache_dir, trust_remote_code)
+        length = choose_seqlen(config, seqlen)
+        tokenizer = load_tokenizer(model, cache_dir, trust_remote_code)
+        bos = window_bos_token(window_bos, config, tokenizer)
+        windows = load_eval_windows(tokenizer, dataset, length, eval_limit, bos)
+        loaded, _ = load_model(model, cache_dir, DTYPES[dtype], trust_remote_code, tokenizer)
         start = time.perf_counter()
         value = perplexity(loaded, windows, target, eval_batch_size, not quiet)
         check = check_sparsity(loaded)
         typer.echo(f"model        {model}")
-        typer.echo(f"evaluation   {dataset}: {windows.shape[0]} windows of {length}")
+        typer.echo(
+            f"evaluation   {dataset}: {windows.shape[0]} windows of {length}"
+            + (f" (each starts with BOS, token {bos})" if bos is not None else "")
+        )
         typer.echo(f"perplexity   {value:.3f}  ({time.perf_counter() - start:.1f} s)")
         typer.echo(f"sparsity     {check.overall:.4f} over {len(check.layers)} linear layers")
 
@@ -309,6 +327,7 @@ def compare(
     idf_clip: IdfClipOpt = _DEFAULTS["idf_clip"],
     spiky_clip: SpikyClipOpt = _DEFAULTS["spiky_clip"],
     exact_selectivity: ExactOpt = False,
+    window_bos: WindowBosOpt = _DEFAULTS["window_bos"],
     quiet: QuietOpt = False,
 ) -> None:
     """Run several methods on one model with one calibration set; table, CSV, JSON and plot.

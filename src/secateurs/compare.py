@@ -163,6 +163,7 @@ def write_outputs(
         "settings": settings,
         "versions": versions(),
         "eval_windows": int(prepared.eval_windows.shape[0]),
+        "window_bos": prepared.window_bos(base.window_bos),
         "dense_ppl": dense_ppl,
         "rows": rows,
     }

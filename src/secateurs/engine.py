@@ -90,8 +90,9 @@ def run_block(
     batch_size: int,
     keep_outputs: bool,
     before_batch: Callable[[slice], None] | None = None,
+    index: int = 0,
 ) -> torch.Tensor | None:
-    """Send every calibration window through ``block`` in batches."""
+    """Send every calibration window through ``block`` (number ``index``) in batches."""
     hidden = inputs.hidden
     outputs = torch.empty_like(hidden) if keep_outputs else None
     with torch.no_grad():
@@ -99,7 +100,7 @@ def run_block(
             if before_batch is not None:
                 before_batch(slice(start, start + batch_size))
             batch = hidden[start : start + batch_size]
-            args, kwargs = inputs.call_args(batch.shape[0])
+            args, kwargs = inputs.call_args(batch.shape[0], index)
             result = block_output(block(batch, *args, **kwargs))
             if outputs is not None:
                 outputs[start : start + batch.shape[0]] = result
@@ -113,6 +114,7 @@ def _calibrate(
     batch_size: int,
     request: StatsRequest,
     labels: torch.Tensor | None,
+    index: int = 0,
 ) -> dict[str, ActivationStats]:
     """One pass through the unpruned block, accumulating every layer's input statistics."""
     device = inputs.hidden.device
@@ -142,7 +144,7 @@ def _calibrate(
         for name, layer in layers.items()
     ]
     try:
-        run_block(block, inputs, batch_size, keep_outputs=False, before_batch=next_batch)
+        run_block(block, inputs, batch_size, False, next_batch, index)
     finally:
         for handle in handles:
             handle.remove()
@@ -184,9 +186,9 @@ def _layer_masks(
     for group in find_mlp_groups(layers):
         scores = {name: metric_fn(layers[name], stats.get(name)) for name in group.names}
         consumer_mask = pattern.create_mask(scores[group.consumer], ratio)
-        neurons = consumer_mask[0]
         for name in group.producers:
-            yield name, scores[name], neurons.unsqueeze(1).expand_as(scores[name]).clone()
+            rows = group.producer_rows(name, consumer_mask[0])  # every fused part's row
+            yield name, scores[name], rows.unsqueeze(1).expand_as(scores[name]).clone()
         yield group.consumer, scores[group.consumer], consumer_mask
 
 
@@ -234,7 +236,7 @@ def prune_sequential(
         stats: dict[str, ActivationStats] = {}
         if inputs is not None:
             start = time.perf_counter()
-            stats = _calibrate(block, layers, inputs, batch_size, request, labels)
+            stats = _calibrate(block, layers, inputs, batch_size, request, labels, index)
             report.seconds["calibrate"] += time.perf_counter() - start
         start = time.perf_counter()
         for name, score, mask in _layer_masks(layers, stats, metric_fn, pattern, sparsity_ratio):
@@ -255,7 +257,7 @@ def prune_sequential(
             start = time.perf_counter()
         if inputs is not None:
             start = time.perf_counter()
-            inputs.hidden = run_block(block, inputs, batch_size, keep_outputs=True)
+            inputs.hidden = run_block(block, inputs, batch_size, True, index=index)
             report.seconds["propagate"] += time.perf_counter() - start
         block.to(home)
     return report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -13,12 +14,95 @@ from secateurs.model import find_blocks, find_linears, find_mlp_groups, iter_pru
 from secateurs.patterns import NMSparsity, SparsityPattern, Unstructured, Variant
 
 
-def window_nll(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Mean next-token negative log-likelihood of each window in ``batch``, shape (batch,)."""
+# Logits of at most this many bytes (fp32) exist at once: 64 tokens of Gemma's 262k vocabulary.
+LOGIT_CHUNK_BYTES = 64 * 2**20
+
+
+def full_logits_nll(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL of each window from the model's whole logits, shape (batch,)."""
     logits = model(input_ids=batch, use_cache=False).logits[:, :-1, :].float()
     targets = batch[:, 1:]
     nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
     return nll.mean(dim=1)
+
+
+def _finish_logits(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """What causal LMs do to the head's output before returning it (Gemma's soft-capping)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _chunk_tokens(batch: int, vocab: int) -> int:
+    return max(1, LOGIT_CHUNK_BYTES // (4 * vocab * batch))
+
+
+class _HeadInput:
+    """Holds what the output head was given, and lets the head compute the last token only.
+
+    The model then returns just the last position's logits, made its own way; the chunked
+    computation is checked against them, so a model that changes its logits in a way this
+    module does not know falls back to the whole logits instead of a wrong number.
+    """
+
+    def __init__(self, head: nn.Module) -> None:
+        self.hidden: torch.Tensor | None = None
+        self.handle = head.register_forward_pre_hook(self)
+
+    def __call__(self, _module, args):
+        if len(args) != 1 or self.hidden is not None:
+            return None
+        self.hidden = args[0]
+        return (args[0][:, -1:, :],)
+
+
+def chunked_nll(model: nn.Module, batch: torch.Tensor) -> torch.Tensor | None:
+    """Mean next-token NLL of each window, the head applied to a few tokens at a time.
+
+    None when the model's own last-token logits disagree with the chunked ones (or its head
+    is not a module it calls), so the caller can use the whole logits.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Module):
+        return None
+    capture = _HeadInput(head)
+    try:
+        last = model(input_ids=batch, use_cache=False).logits
+    finally:
+        capture.handle.remove()
+    hidden = capture.hidden
+    if hidden is None or last.shape[1] != 1 or hidden.shape[1] != batch.shape[1]:
+        return None
+    own = _finish_logits(model, head(hidden[:, -1:, :])).float()
+    if not torch.allclose(own, last.float(), rtol=1e-4, atol=1e-4):
+        return None
+    targets = batch[:, 1:]
+    step = _chunk_tokens(batch.shape[0], last.shape[-1])
+    total = torch.zeros(batch.shape[0], dtype=torch.float32, device=batch.device)
+    for start in range(0, targets.shape[1], step):
+        stop = min(start + step, targets.shape[1])
+        logits = _finish_logits(model, head(hidden[:, start:stop, :])).float()
+        chunk = targets[:, start:stop]
+        total += F.cross_entropy(logits.transpose(1, 2), chunk, reduction="none").sum(dim=1)
+    return total / targets.shape[1]
+
+
+def window_nll(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token negative log-likelihood of each window in ``batch``, shape (batch,).
+
+    The vocabulary-wide logits are never all held at once (see :func:`chunked_nll`).
+    """
+    nll = chunked_nll(model, batch)
+    if nll is None:
+        warnings.warn(
+            f"{type(model).__name__} changes its logits in a way secateurs does not know; "
+            "evaluating from its whole logits (more memory)",
+            stacklevel=2,
+        )
+        nll = full_logits_nll(model, batch)
+    return nll
 
 
 def perplexity(

@@ -78,6 +78,7 @@ class PruneConfig:
     idf_clip: float = 10.0
     spiky_clip: float = 10.0
     exact_selectivity: bool = False
+    window_bos: str = "auto"
 
     def selectivity(self) -> SelectivityOptions:
         return SelectivityOptions(
@@ -144,6 +145,7 @@ def check_config(cfg: PruneConfig) -> tuple[Method, SparsityPattern, float]:
     _positive(cfg.nsamples, "--nsamples")
     _positive(cfg.batch_size, "--batch_size")
     check_eval_args(cfg)
+    data.check_window_bos(cfg.window_bos)
     data.resolve_source(cfg.dataset)
     data.resolve_source(cfg.eval_dataset or cfg.dataset)
     ensure_free(cfg.save_model, "--save_model")
@@ -152,10 +154,13 @@ def check_config(cfg: PruneConfig) -> tuple[Method, SparsityPattern, float]:
     return method, pattern, ratio
 
 
-def load_eval_windows(tokenizer, dataset: str, seqlen: int, limit: int | None) -> torch.Tensor:
-    """Test-split windows of an evaluation source."""
+def load_eval_windows(
+    tokenizer, dataset: str, seqlen: int, limit: int | None, bos: int | None = None
+) -> torch.Tensor:
+    """Test-split windows of an evaluation source, each starting with ``bos`` if given."""
     source = data.resolve_source(dataset)
-    return data.evaluation_windows(data.evaluation_tokens(tokenizer, source), seqlen, limit, source)
+    tokens = data.evaluation_tokens(tokenizer, source)
+    return data.evaluation_windows(tokens, seqlen, limit, source, bos)
 
 
 def save_pruned_model(model, tokenizer, path: str, result: dict[str, Any]) -> None:
@@ -176,6 +181,11 @@ class Prepared:
     eval_windows: torch.Tensor
     eval_name: str
     seconds: float
+    bos: int | None = None
+
+    def window_bos(self, rule: str) -> dict[str, Any]:
+        """The BOS rule and what it resolved to, for the JSON result."""
+        return {"rule": rule, "prefixed": self.bos is not None, "bos_token_id": self.bos}
 
 
 def prepare(cfg: PruneConfig, calibrate: bool) -> Prepared:
@@ -183,15 +193,18 @@ def prepare(cfg: PruneConfig, calibrate: bool) -> Prepared:
     config = load_config(cfg.model, cfg.cache_dir, cfg.trust_remote_code)
     seqlen = choose_seqlen(config, cfg.seqlen)
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir, cfg.trust_remote_code)
+    bos = data.window_bos_token(cfg.window_bos, config, tokenizer)
     start = time.perf_counter()
     windows = None
     if calibrate:
         source = data.resolve_source(cfg.dataset)
-        windows = data.calibration_windows(tokenizer, source, cfg.nsamples, seqlen, cfg.seed)
+        windows = data.calibration_windows(
+            tokenizer, source, cfg.nsamples, seqlen, cfg.seed, bos
+        )
     eval_name = cfg.eval_dataset or cfg.dataset
-    eval_windows = load_eval_windows(tokenizer, eval_name, seqlen, cfg.eval_limit)
+    eval_windows = load_eval_windows(tokenizer, eval_name, seqlen, cfg.eval_limit, bos)
     return Prepared(
-        tokenizer, seqlen, windows, eval_windows, eval_name, time.perf_counter() - start
+        tokenizer, seqlen, windows, eval_windows, eval_name, time.perf_counter() - start, bos
     )
 
 
@@ -272,6 +285,7 @@ def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str,
     result = {
         "config": asdict(cfg) | {"seqlen": prepared.seqlen, "sparsity_ratio": ratio},
         "pattern": pattern.describe(),
+        "window_bos": prepared.window_bos(cfg.window_bos),
         "versions": versions(),
         "model": {
             "class": type(model).__name__,
