@@ -70,6 +70,9 @@ BatchOpt = Annotated[
     int, _flag("batch_size", "Calibration windows per forward pass through a block.")
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
+DebugOpt = Annotated[
+    bool, typer.Option("--debug", help="Show the full traceback of an unexpected error.")
+]
 VariantOpt = Annotated[
     bool,
     _flag(
@@ -122,7 +125,9 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _guarded(action, quiet: bool = False) -> None:
+def _guarded(action, quiet: bool = False, debug: bool = False) -> None:
+    """Run a command: bad input is one red line and exit 2; a bug is exit 1, its traceback
+    shown only with --debug."""
     if quiet:
         from transformers.utils import logging
 
@@ -130,9 +135,20 @@ def _guarded(action, quiet: bool = False) -> None:
     try:
         action()
     except SecateursError as exc:
+        if debug:
+            raise
         _fail(str(exc))
     except KeyboardInterrupt:
         _fail("interrupted; nothing was left half-written", code=130)
+    except Exception as exc:
+        if debug:
+            raise
+        detail = str(exc).splitlines()[0] if str(exc) else "no message"
+        _fail(
+            f"unexpected {type(exc).__name__}: {detail}\nThis is a bug in secateurs or a "
+            "library it uses; rerun with --debug for the traceback and report it",
+            code=1,
+        )
 
 
 @app.command()
@@ -224,6 +240,7 @@ def prune(
     exact_selectivity: ExactOpt = False,
     window_bos: WindowBosOpt = _DEFAULTS["window_bos"],
     quiet: QuietOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Prune a model, then print dense and pruned perplexity and the sparsity check."""
     cfg = _config(locals())
@@ -235,7 +252,7 @@ def prune(
         result = run_prune(cfg, log=log)
         typer.echo("\n".join(summary_lines(result)))
 
-    _guarded(action, quiet)
+    _guarded(action, quiet, debug)
 
 
 @app.command("eval")
@@ -253,6 +270,7 @@ def evaluate(
     trust_remote_code: RemoteOpt = False,
     window_bos: WindowBosOpt = _DEFAULTS["window_bos"],
     quiet: QuietOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Perplexity and sparsity of any model: a hub id, a built-in name, or a saved folder."""
 
@@ -284,7 +302,7 @@ def evaluate(
         typer.echo(f"perplexity   {value:.3f}  ({time.perf_counter() - start:.1f} s)")
         typer.echo(f"sparsity     {check.overall:.4f} over {len(check.layers)} linear layers")
 
-    _guarded(action, quiet)
+    _guarded(action, quiet, debug)
 
 
 def _split(text: str, convert=str) -> list:
@@ -329,6 +347,7 @@ def compare(
     exact_selectivity: ExactOpt = False,
     window_bos: WindowBosOpt = _DEFAULTS["window_bos"],
     quiet: QuietOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Run several methods on one model with one calibration set; table, CSV, JSON and plot.
 
@@ -354,4 +373,4 @@ def compare(
         for name, path in result.files.items():
             typer.echo(f"{name:<6} {path}")
 
-    _guarded(action, quiet)
+    _guarded(action, quiet, debug)

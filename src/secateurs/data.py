@@ -80,17 +80,46 @@ def _c4(split: str) -> list[str]:
     return docs[:_C4_EVAL_DOCUMENTS]
 
 
+def read_text_file(path: Path) -> str:
+    """A UTF-8 text file's contents; a clear error for binary, unreadable or empty files."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SecateursError(
+            f"'{path}' is not UTF-8 text (byte {exc.start} cannot be decoded); give a plain "
+            "text file, or convert it with: iconv -t UTF-8"
+        ) from exc
+    except OSError as exc:
+        raise SecateursError(
+            f"cannot read '{path}' ({exc.strerror or exc}); check the path and its permissions"
+        ) from exc
+    if "\x00" in text:
+        raise SecateursError(
+            f"'{path}' holds NUL bytes, so it is binary, not text; give a text file"
+        )
+    if not text.strip():
+        raise SecateursError(f"'{path}' holds no text; give a file with text to calibrate on")
+    return text
+
+
 def _local(path: Path) -> Callable[[str], list[str]]:
     """A file is used for every split; a folder uses ``<split>.txt`` if present, else all .txt."""
 
     def load(split: str) -> list[str]:
         if path.is_file():
-            return [path.read_text(encoding="utf-8")]
+            return [read_text_file(path)]
+        if not path.is_dir():
+            raise SecateursError(f"'{path}' is neither a text file nor a folder of .txt files")
         named = path / f"{split}.txt"
-        files = [named] if named.is_file() else sorted(path.rglob("*.txt"))
+        try:
+            files = [named] if named.is_file() else sorted(path.rglob("*.txt"))
+        except OSError as exc:
+            raise SecateursError(
+                f"cannot list the folder '{path}' ({exc.strerror or exc})"
+            ) from exc
         if not files:
             raise SecateursError(f"the folder '{path}' holds no .txt files to read text from")
-        return [f.read_text(encoding="utf-8") for f in files]
+        return [read_text_file(f) for f in files]
 
     return load
 
@@ -208,6 +237,11 @@ def calibration_windows(
     ids = _strip_bos(tokenize(tokenizer, source.train_joiner.join(docs)), bos)
     # the reference draws a start in [0, tokens - length - 1]: it needs one token to spare
     available = ids.numel() // length if ids.numel() > length else 0
+    if available == 0:
+        raise SecateursError(
+            f"the train split of '{source.name}' has {ids.numel()} tokens, too few for one "
+            f"window of {seqlen}; lower --seqlen or use a longer text"
+        )
     if available < nsamples:
         raise SecateursError(
             f"the train split of '{source.name}' has {ids.numel()} tokens, room for {available} "

@@ -13,7 +13,6 @@ from tqdm.auto import tqdm
 from secateurs.model import find_blocks, find_linears, find_mlp_groups, iter_prunable, weight_matrix
 from secateurs.patterns import NMSparsity, SparsityPattern, Unstructured, Variant
 
-
 # Logits of at most this many bytes (fp32) exist at once: 64 tokens of Gemma's 262k vocabulary.
 LOGIT_CHUNK_BYTES = 64 * 2**20
 

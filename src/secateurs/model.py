@@ -80,10 +80,25 @@ def load_model(
         )
     except (OSError, ValueError) as exc:
         raise _load_failed(name, exc) from exc
+    except Exception as exc:
+        if not _is_corrupt_weights(exc):
+            raise
+        raise SecateursError(
+            f"the weights of model '{name}' cannot be read ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}): a file is truncated or "
+            "corrupt; download or save the model again"
+        ) from exc
     if tokenizer is None:
         tokenizer = load_tokenizer(name, cache_dir, trust_remote_code)
     model.eval()
     return model, tokenizer
+
+
+def _is_corrupt_weights(exc: Exception) -> bool:
+    """Errors safetensors (and torch's zip reader) raise for a truncated or damaged file."""
+    from safetensors import SafetensorError
+
+    return isinstance(exc, SafetensorError) or "PytorchStreamReader" in str(exc)
 
 
 def context_length(config) -> int | None:
@@ -196,9 +211,7 @@ def find_mlp_groups(layers: dict[str, nn.Module]) -> list[MLPGroup]:
         for consumer in names:
             out_width, inner = shapes[consumer]
             producers = tuple(n for n in names if n != consumer)
-            fits = all(
-                shapes[n][1] == out_width and shapes[n][0] % inner == 0 for n in producers
-            )
+            fits = all(shapes[n][1] == out_width and shapes[n][0] % inner == 0 for n in producers)
             if producers and fits and inner > out_width:
                 parts = tuple(shapes[n][0] // inner for n in producers)
                 groups.append(MLPGroup(producers, consumer, parts))

@@ -97,6 +97,14 @@ def check_device(name: str) -> torch.device:
         raise SecateursError(f"unknown --device '{name}': use cpu, cuda or cuda:N") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SecateursError("--device cuda was asked for but no CUDA GPU is visible; use cpu")
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, NotImplementedError, AssertionError) as exc:
+        # e.g. --device mps on a build without MPS, cuda:7 on a one-GPU machine
+        raise SecateursError(
+            f"--device {name} is not available in this torch build or on this machine "
+            f"({type(exc).__name__}); use cpu" + (" or cuda" if torch.cuda.is_available() else "")
+        ) from exc
     return device
 
 
@@ -198,9 +206,7 @@ def prepare(cfg: PruneConfig, calibrate: bool) -> Prepared:
     windows = None
     if calibrate:
         source = data.resolve_source(cfg.dataset)
-        windows = data.calibration_windows(
-            tokenizer, source, cfg.nsamples, seqlen, cfg.seed, bos
-        )
+        windows = data.calibration_windows(tokenizer, source, cfg.nsamples, seqlen, cfg.seed, bos)
     eval_name = cfg.eval_dataset or cfg.dataset
     eval_windows = load_eval_windows(tokenizer, eval_name, seqlen, cfg.eval_limit, bos)
     return Prepared(
