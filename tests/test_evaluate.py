@@ -45,3 +45,41 @@ def test_sparsity_check_of_neuron_and_variant_patterns():
     variant = make_model("opt")
     MethodPruner(variant, "wanda", progress=False).prune(make_windows(), 0.5, use_variant=True)
     assert check_sparsity(variant, Variant(), 0.5).ok
+
+
+def test_chunked_head_gives_the_whole_logits_perplexity(arch, monkeypatch):
+    """Same NLL as the model's whole logits (Gemma's soft-capping included), a few tokens of
+    logits at a time, so the vocabulary-wide logits of a window never exist at once."""
+    from secateurs import evaluate
+
+    model = make_model(arch)
+    windows = make_windows(3, 20)
+    monkeypatch.setattr(evaluate, "LOGIT_CHUNK_BYTES", 4 * 128 * 2 * 6)  # 6 tokens of 2 windows
+    head_rows = []
+    handle = model.get_output_embeddings().register_forward_hook(
+        lambda _m, _a, out: head_rows.append(out.shape[0] * out.shape[1])
+    )
+    with torch.no_grad():
+        whole = evaluate.full_logits_nll(model, windows[:2])
+        head_rows.clear()
+        chunked = evaluate.window_nll(model, windows[:2])
+    handle.remove()
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+    assert max(head_rows) <= 12
+    expected = math.exp(float(evaluate.full_logits_nll(model, windows).mean()))
+    assert math.isclose(perplexity(model, windows, progress=False), expected, rel_tol=1e-4)
+
+
+def test_unknown_logit_transform_falls_back_to_the_whole_logits(monkeypatch):
+    """A model whose logits are changed in a way the chunked path does not copy is caught."""
+    import pytest
+
+    from secateurs import evaluate
+
+    model = make_model("gemma3")  # soft-capped; pretend we did not know
+    monkeypatch.setattr(evaluate, "_finish_logits", lambda _model, logits: logits)
+    windows = make_windows(2, 20)
+    assert evaluate.chunked_nll(model, windows) is None
+    with pytest.warns(UserWarning, match="whole logits"), torch.no_grad():
+        nll = evaluate.window_nll(model, windows)
+    torch.testing.assert_close(nll, evaluate.full_logits_nll(model, windows))

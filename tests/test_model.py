@@ -24,7 +24,15 @@ EXPECTED_STACK = {
     "mistral": "model.layers",
     "phi3": "model.layers",
 }
-EXPECTED_LINEARS = {"llama": 7, "qwen2": 7, "opt": 6, "gpt2": 4, "gemma3": 7, "mistral": 7, "phi3": 4}
+EXPECTED_LINEARS = {
+    "llama": 7,
+    "qwen2": 7,
+    "opt": 6,
+    "gpt2": 4,
+    "gemma3": 7,
+    "mistral": 7,
+    "phi3": 4,
+}
 
 
 def test_finds_the_decoder_stack_and_its_linears(arch):

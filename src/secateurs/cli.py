@@ -140,6 +140,14 @@ def _guarded(action, quiet: bool = False, debug: bool = False) -> None:
         _fail(str(exc))
     except KeyboardInterrupt:
         _fail("interrupted; nothing was left half-written", code=130)
+    except OSError as exc:
+        if debug:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        _fail(
+            f"{exc.strerror or exc}{where}: check the paths, their permissions and the free "
+            "disk space"
+        )
     except Exception as exc:
         if debug:
             raise
