@@ -169,8 +169,13 @@ def prune(
     batch_size: int = 8,
     progress: bool = True,
     redistributor: WeightRedistributor | None = None,
+    window_bos: str = "auto",
 ) -> Pruned:
-    """Load (if given a name), calibrate and prune a model in one call."""
+    """Load (if given a name), calibrate and prune a model in one call.
+
+    ``window_bos`` says whether calibration windows start with BOS (see
+    :func:`secateurs.data.window_bos_token`).
+    """
     if isinstance(model, str):
         model, tokenizer = load_model(model)
     if tokenizer is None:
@@ -188,6 +193,7 @@ def prune(
     if pruner.calibrated or redistributor is not None:
         length = choose_seqlen(model.config, seqlen)
         source = data.resolve_source(dataset)
-        windows = data.calibration_windows(tokenizer, source, nsamples, length, seed)
+        bos = data.window_bos_token(window_bos, model.config, tokenizer)
+        windows = data.calibration_windows(tokenizer, source, nsamples, length, seed, bos)
     report = pruner.prune(windows, sparsity_ratio, sparsity_type)
     return Pruned(model, tokenizer, report)
