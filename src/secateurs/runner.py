@@ -98,7 +98,7 @@ def check_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SecateursError("--device cuda was asked for but no CUDA GPU is visible; use cpu")
     try:
-        torch.empty(1, device=device)
+        float(torch.ones(1, device=device).sum())  # a device that computes and hands data back
     except (RuntimeError, NotImplementedError, AssertionError) as exc:
         # e.g. --device mps on a build without MPS, cuda:7 on a one-GPU machine
         raise SecateursError(
