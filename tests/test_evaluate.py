@@ -48,24 +48,27 @@ def test_sparsity_check_of_neuron_and_variant_patterns():
 
 
 def test_chunked_head_gives_the_whole_logits_perplexity(arch, monkeypatch):
-    """Same NLL as the model's whole logits (Gemma's soft-capping included), a few tokens of
-    logits at a time, so the vocabulary-wide logits of a window never exist at once."""
+    """Same NLL as the model's whole logits (Gemma's soft-capping included), a slice of the
+    vocabulary at a time, so the vocabulary-wide logits of a window never exist at once."""
     from secateurs import evaluate
 
     model = make_model(arch)
     windows = make_windows(3, 20)
-    monkeypatch.setattr(evaluate, "LOGIT_CHUNK_BYTES", 4 * 128 * 2 * 6)  # 6 tokens of 2 windows
-    head_rows = []
-    handle = model.get_output_embeddings().register_forward_hook(
-        lambda _m, _a, out: head_rows.append(out.shape[0] * out.shape[1])
+    # 2 windows x 19 tokens x 30 entries: five slices of the 128-word vocabulary, the last short
+    monkeypatch.setattr(evaluate, "LOGIT_CHUNK_BYTES", 4 * 2 * 19 * 30)
+    sizes = []
+    real_finish = evaluate._finish_logits
+    monkeypatch.setattr(
+        evaluate,
+        "_finish_logits",
+        lambda m, logits: sizes.append(logits.numel()) or real_finish(m, logits),
     )
     with torch.no_grad():
         whole = evaluate.full_logits_nll(model, windows[:2])
-        head_rows.clear()
+        sizes.clear()
         chunked = evaluate.window_nll(model, windows[:2])
-    handle.remove()
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
-    assert max(head_rows) <= 12
+    assert len(sizes) == 1 + 5 and max(sizes) <= 2 * 19 * 30
     with torch.no_grad():
         expected = math.exp(float(evaluate.full_logits_nll(model, windows).mean()))
     assert math.isclose(perplexity(model, windows, progress=False), expected, rel_tol=1e-4)

@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 from secateurs.model import find_blocks, find_linears, find_mlp_groups, iter_prunable, weight_matrix
 from secateurs.patterns import NMSparsity, SparsityPattern, Unstructured, Variant
 
-# Logits of at most this many bytes (fp32) exist at once: 64 tokens of Gemma's 262k vocabulary.
+# Logits of at most this many bytes (fp32) exist at once: for a 511-token window, 32k of
+# Gemma's 262k vocabulary entries.
 LOGIT_CHUNK_BYTES = 64 * 2**20
 
 
@@ -34,8 +35,9 @@ def _finish_logits(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def _chunk_tokens(batch: int, vocab: int) -> int:
-    return max(1, LOGIT_CHUNK_BYTES // (4 * vocab * batch))
+def _vocab_step(tokens: int) -> int:
+    """Vocabulary entries per slice, so a slice's fp32 logits of ``tokens`` stay in budget."""
+    return max(1, LOGIT_CHUNK_BYTES // (4 * tokens))
 
 
 class _HeadInput:
@@ -57,14 +59,37 @@ class _HeadInput:
         return (args[0][:, -1:, :],)
 
 
-def chunked_nll(model: nn.Module, batch: torch.Tensor) -> torch.Tensor | None:
-    """Mean next-token NLL of each window, the head applied to a few tokens at a time.
+def _sliced_nll(model: nn.Module, head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor):
+    """NLL of every target from the head applied one slice of the vocabulary at a time.
 
-    None when the model's own last-token logits disagree with the chunked ones (or its head
-    is not a module it calls), so the caller can use the whole logits.
+    Slicing the vocabulary, not the tokens, reads each row of the head's weight once (it is
+    the largest matrix of a small model with a large vocabulary); log-sum-exp is combined
+    across slices, and each target's logit is taken from the slice that holds it.
+    """
+    vocab = head.weight.shape[0]
+    step = _vocab_step(hidden.shape[0] * hidden.shape[1])
+    lse = torch.full(targets.shape, float("-inf"), device=hidden.device)
+    picked = torch.zeros(targets.shape, device=hidden.device)
+    for start in range(0, vocab, step):
+        stop = min(start + step, vocab)
+        bias = None if head.bias is None else head.bias[start:stop]
+        logits = _finish_logits(model, F.linear(hidden, head.weight[start:stop], bias)).float()
+        lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
+        inside = (targets >= start) & (targets < stop)
+        index = (targets - start).clamp(0, stop - start - 1).unsqueeze(-1)
+        picked += torch.where(inside, logits.gather(-1, index).squeeze(-1), 0.0)
+    return lse - picked
+
+
+def chunked_nll(model: nn.Module, batch: torch.Tensor) -> torch.Tensor | None:
+    """Mean next-token NLL of each window, the head applied to a slice of the vocabulary at a
+    time, so no more than ``LOGIT_CHUNK_BYTES`` of logits exist at once.
+
+    None when the model's own last-token logits disagree with the sliced ones (or its head is
+    not a linear layer it calls), so the caller can use the whole logits.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, nn.Module):
+    if not isinstance(head, nn.Linear):
         return None
     capture = _HeadInput(head)
     try:
@@ -77,15 +102,7 @@ def chunked_nll(model: nn.Module, batch: torch.Tensor) -> torch.Tensor | None:
     own = _finish_logits(model, head(hidden[:, -1:, :])).float()
     if not torch.allclose(own, last.float(), rtol=1e-4, atol=1e-4):
         return None
-    targets = batch[:, 1:]
-    step = _chunk_tokens(batch.shape[0], last.shape[-1])
-    total = torch.zeros(batch.shape[0], dtype=torch.float32, device=batch.device)
-    for start in range(0, targets.shape[1], step):
-        stop = min(start + step, targets.shape[1])
-        logits = _finish_logits(model, head(hidden[:, start:stop, :])).float()
-        chunk = targets[:, start:stop]
-        total += F.cross_entropy(logits.transpose(1, 2), chunk, reduction="none").sum(dim=1)
-    return total / targets.shape[1]
+    return _sliced_nll(model, head, hidden[:, :-1, :], batch[:, 1:]).mean(dim=1)
 
 
 def window_nll(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -96,8 +113,9 @@ def window_nll(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     nll = chunked_nll(model, batch)
     if nll is None:
         warnings.warn(
-            f"{type(model).__name__} changes its logits in a way secateurs does not know; "
-            "evaluating from its whole logits (more memory)",
+            f"{type(model).__name__}'s output head is not a plain linear layer, or the model "
+            "changes its logits in a way secateurs does not know; evaluating from its whole "
+            "logits (more memory)",
             stacklevel=2,
         )
         nll = full_logits_nll(model, batch)
