@@ -57,6 +57,14 @@ def test_help_teaches_the_flags():
             "neuronrank_max_classes must be > 0",
         ),
         (["--prune_method", "wanda_idf", "--tau_percentile", "1.2"], "tau_percentile"),
+        (["--prune_method", "sparsegpt", "--use_recovery"], "drop --use_recovery"),
+        (["--prune_method", "sparsegpt", "--sparsity_type", "neuron"], "not neuron"),
+        (["--prune_method", "sparsegpt", "--use_variant"], "drop --use_variant"),
+        (["--prune_method", "ria", "--ria_alpha", "-1"], "--ria_alpha must be"),
+        (["--sparsity_allocation", "owl", "--sparsity_type", "2:4"], "2:4 fixes it"),
+        (["--sparsity_allocation", "owl", "--owl_lambda", "0.7"], "--owl_lambda must be"),
+        (["--sparsity_allocation", "owl", "--owl_threshold", "0"], "--owl_threshold must be"),
+        (["--sparsity_allocation", "no/such/file.json"], "neither uniform nor owl"),
     ],
 )
 def test_bad_input_fails_fast_with_a_fix(args, message, tiny_model_dir, text_dir, no_model_load):

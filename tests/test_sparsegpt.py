@@ -168,7 +168,7 @@ def test_solve_refuses_the_variant():
     weight, stats = layer_problem(rows=4, cols=8)
     with pytest.raises(SecateursError, match="variant"):
         solve(weight, stats, Variant(), 0.5, "x")
-    new, mask = solve(weight, stats, NMSparsity(2, 4), 0.5, "x")
+    _, mask = solve(weight, stats, NMSparsity(2, 4), 0.5, "x")
     assert int(mask.sum()) == 16
     _, mask = solve(weight, stats, Unstructured("row"), 0.5, "x")
     assert bool((mask.sum(dim=1) == 4).all())

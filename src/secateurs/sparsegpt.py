@@ -38,7 +38,7 @@ def _inverse_factor(hessian: torch.Tensor, damp: float, layer: str) -> torch.Ten
     for attempt in range(RETRIES + 1):
         factor, info = torch.linalg.cholesky_ex(h + damp * 10**attempt * mean_diag * eye)
         if int(info) == 0:
-            inverse = torch.cholesky_inverse(factor)
+            inverse = torch.cholesky_solve(eye, factor)
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if int(info) == 0 and bool(torch.isfinite(upper).all()):
                 return upper.float()
