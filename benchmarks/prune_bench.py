@@ -9,6 +9,12 @@ method makes two such passes, one through each dense block and one through each 
     python benchmarks/prune_bench.py --eval_limit 8  # a quick look
 
 Writes benchmarks/results/prune_bench.json and the table between the markers in BENCHMARKS.md.
+
+``--suite methods`` runs the stronger methods instead: wanda, sparsegpt, ria, wanda + OWL and
+sparsegpt + OWL at 50% and 70% unstructured and 2:4 (OWL cannot shape 2:4), with each prune
+time divided by Wanda's at the same setting in the same run. It writes
+benchmarks/results/prune_bench_methods.json and its own section of BENCHMARKS.md, after every
+row (a run cut short keeps what it finished).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from pathlib import Path
 import torch
 from _common import bench_parser, bench_windows, result_header, save_result
 
+from secateurs.allocation import allocate
 from secateurs.evaluate import check_sparsity, perplexity
 from secateurs.model import load_model, model_size_bytes
 from secateurs.patterns import effective_ratio, parse_pattern
@@ -36,6 +43,21 @@ RUNS = [
     ("wanda", "2:4"),
     ("magnitude", "4:8"),
     ("wanda", "4:8"),
+]
+
+
+# (method, allocation, sparsity type, ratio), grouped by setting, Wanda first in each group
+METHOD_RUNS = [
+    (method, allocation, sparsity_type, ratio)
+    for sparsity_type, ratio in (("unstructured", 0.5), ("2:4", 0.5), ("unstructured", 0.7))
+    for method, allocation in (
+        ("wanda", "uniform"),
+        ("sparsegpt", "uniform"),
+        ("ria", "uniform"),
+        ("wanda", "owl"),
+        ("sparsegpt", "owl"),
+    )
+    if allocation == "uniform" or sparsity_type == "unstructured"
 ]
 
 
@@ -82,6 +104,110 @@ def run_row(args, method: str, sparsity_type: str, windows, eval_windows) -> dic
     del model
     gc.collect()
     return row
+
+
+def run_method_row(args, run: tuple, windows, eval_windows) -> dict:
+    """One stronger-method row: prune (with the OWL pass, if any), check, evaluate."""
+    method, allocation, sparsity_type, target = run
+    model, _ = load_model(args.model)
+    pruner = MethodPruner(model, method, batch_size=args.batch_size, progress=False)
+    pattern = parse_pattern(sparsity_type, pruner.default_scope)
+    ratio = effective_ratio(pattern, target)
+    gc.collect()
+    with measure() as memory:
+        plan = allocate(
+            model, windows, allocation, ratio, batch_size=args.batch_size, progress=False
+        )
+        report = pruner.prune(windows, ratio, sparsity_type, block_ratios=plan.ratios)
+    check = check_sparsity(model, pattern, ratio, plan.ratios)
+    start = time.perf_counter()
+    ppl = perplexity(model, eval_windows, batch_size=args.eval_batch_size, progress=False)
+    row = {
+        "method": method,
+        "allocation": allocation,
+        "pattern": sparsity_type,
+        "target": ratio,
+        "ppl": ppl,
+        "sparsity": check.overall,
+        "pattern_ok": check.ok,
+        "prune_s": memory.seconds,
+        "outlier_pass_s": plan.seconds,
+        "block_ratios": plan.ratios,
+        "phases_s": report.seconds,
+        "peak_rss": memory.peak_rss,
+        "rss_before_prune": memory.start_rss,
+        "eval_s": time.perf_counter() - start,
+    }
+    del model
+    gc.collect()
+    return row
+
+
+def add_wanda_ratios(rows: list[dict]) -> None:
+    """Each row's prune time and perplexity against uniform Wanda at its setting."""
+    wanda = {
+        (r["pattern"], r["target"]): r
+        for r in rows
+        if r["method"] == "wanda" and r["allocation"] == "uniform"
+    }
+    for row in rows:
+        base = wanda.get((row["pattern"], row["target"]))
+        row["time_vs_wanda"] = None if base is None else row["prune_s"] / base["prune_s"]
+        row["ppl_vs_wanda"] = None if base is None else row["ppl"] / base["ppl"] - 1
+
+
+def method_table(rows: list[dict]) -> str:
+    head = (
+        "| method | allocation | pattern | target | ppl | vs wanda | sparsity | prune s "
+        "| time vs wanda | OWL pass s | peak RSS during prune |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    body = []
+    for r in rows:
+        change = r.get("ppl_vs_wanda")
+        owl = r["outlier_pass_s"] if r["allocation"] == "owl" else None
+        body.append(
+            f"| {r['method']} | {r['allocation']} | {r['pattern']} | {r['target']:.2f} "
+            f"| {r['ppl']:.2f} | {'n/a' if change is None else f'{change:+.1%}'} "
+            f"| {r['sparsity']:.4f} | {r['prune_s']:.1f} | {fmt(r.get('time_vs_wanda'), '.2f')}x "
+            f"| {fmt(owl, '.1f')} | {r['peak_rss'] / 2**20:,.0f} MiB |"
+        )
+    return head + "\n".join(body)
+
+
+def update_methods_md(result: dict, path: Path) -> None:
+    cfg = result["settings"]
+    body = (
+        f"SmolLM2-135M (fp32) on `wiki-sample`: calibration {cfg['nsamples']} x {cfg['seqlen']} "
+        f"tokens (seed 0, batch {cfg['batch_size']}), perplexity on the first "
+        f"{result['eval_windows']} test windows of {cfg['seqlen']} (dense: "
+        f"{result['dense_ppl']:.2f}). Machine: {result['machine']}; {result['date']}. OWL: "
+        "threshold 5, lambda 0.08.\n\n"
+        f"{method_table(result['rows'])}"
+    )
+    replace_marked_section(path, "prune_bench_methods", body)
+
+
+def run_methods(args, windows, eval_windows) -> None:
+    """The stronger-method suite; results saved after every row."""
+    dense, _ = load_model(args.model)
+    dense_ppl = perplexity(dense, eval_windows, batch_size=args.eval_batch_size, progress=False)
+    del dense
+    gc.collect()
+    rows: list[dict] = []
+    for run in METHOD_RUNS:
+        rows.append(run_method_row(args, run, windows, eval_windows))
+        add_wanda_ratios(rows)
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "block_ratios"}), flush=True)
+        result = {
+            **result_header(args),
+            "eval_windows": int(eval_windows.shape[0]),
+            "dense_ppl": dense_ppl,
+            "rows": rows,
+        }
+        save_result(args, result)
+        update_methods_md(result, Path(args.markdown))
+    print(method_table(rows))
 
 
 def fmt(value, spec: str) -> str:
@@ -141,9 +267,15 @@ def main() -> None:
     parser.add_argument("--eval_batch_size", type=int, default=4)
     parser.add_argument("--eval_limit", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=1, help="forward-floor timings per row")
+    parser.add_argument("--suite", choices=("core", "methods"), default="core")
     args = parser.parse_args()
 
     windows, eval_windows = bench_windows(args, args.eval_limit)
+    if args.suite == "methods":
+        if args.out.endswith("prune_bench.json"):
+            args.out = args.out.replace("prune_bench.json", "prune_bench_methods.json")
+        run_methods(args, windows, eval_windows)
+        return
     # What the process holds before any model: interpreter, libraries, tokenizer, token ids.
     gc.collect()
     rss_runtime = rss_bytes()
