@@ -141,3 +141,21 @@ def test_interrupted_run_leaves_no_output(tmp_path, tiny_model_dir, text_dir, mo
     leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("tiny-llama", "text")]
     assert leftovers == ["pruned"]  # the model folder landed whole before the interrupt
     assert not any(p.name.endswith(".tmp") for p in tmp_path.rglob("*"))
+
+
+def test_owl_run_reports_its_block_ratios(tmp_path, tiny_model_dir, text_dir):
+    out = tmp_path / "owl.json"
+    result = invoke_prune(
+        tiny_model_dir,
+        text_dir,
+        *("--prune_method", "sparsegpt", "--sparsity_ratio", "0.6", "--nsamples", "4"),
+        *("--sparsity_allocation", "owl", "--owl_threshold", "2", "--eval_limit", "2"),
+        *("--save_json", out),
+    )
+    assert result.exit_code == 0, result.output
+    saved = json.loads(out.read_text())
+    ratios = saved["prune"]["block_ratios"]
+    assert len(ratios) == 3 and all(0 <= r < 1 for r in ratios)
+    assert saved["prune"]["allocation"]["kind"] == "owl"
+    assert saved["prune"]["allocation"]["outlier_pass_s"] > 0
+    assert not saved["sparsity"]["violations"]
