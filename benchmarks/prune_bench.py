@@ -49,7 +49,7 @@ RUNS = [
 # (method, allocation, sparsity type, ratio), grouped by setting, Wanda first in each group
 METHOD_RUNS = [
     (method, allocation, sparsity_type, ratio)
-    for sparsity_type, ratio in (("unstructured", 0.5), ("2:4", 0.5), ("unstructured", 0.7))
+    for sparsity_type, ratio in (("unstructured", 0.5), ("unstructured", 0.7), ("2:4", 0.5))
     for method, allocation in (
         ("wanda", "uniform"),
         ("sparsegpt", "uniform"),
