@@ -15,6 +15,10 @@ sparsegpt + OWL at 50% and 70% unstructured and 2:4 (OWL cannot shape 2:4), with
 time divided by Wanda's at the same setting in the same run. It writes
 benchmarks/results/prune_bench_methods.json and its own section of BENCHMARKS.md, after every
 row (a run cut short keeps what it finished).
+
+``--suite timing --repeats N`` times the pruning call alone (no evaluation) of wanda, sparsegpt,
+ria and wanda + OWL at 50% unstructured, interleaved N times, and reports the median of each
+against Wanda's: on a shared machine, the per-row times of the methods suite are single shots.
 """
 
 from __future__ import annotations
@@ -58,6 +62,14 @@ METHOD_RUNS = [
         ("sparsegpt", "owl"),
     )
     if allocation == "uniform" or sparsity_type == "unstructured"
+]
+
+
+TIMING_RUNS = [
+    ("wanda", "uniform"),
+    ("sparsegpt", "uniform"),
+    ("ria", "uniform"),
+    ("wanda", "owl"),
 ]
 
 
@@ -210,6 +222,72 @@ def run_methods(args, windows, eval_windows) -> None:
     print(method_table(rows))
 
 
+def time_prune(args, method: str, allocation: str, windows) -> dict:
+    """Wall time and peak memory of one pruning call at 50% unstructured (no evaluation)."""
+    model, _ = load_model(args.model)
+    pruner = MethodPruner(model, method, batch_size=args.batch_size, progress=False)
+    gc.collect()
+    with measure() as memory:
+        plan = allocate(model, windows, allocation, 0.5, batch_size=args.batch_size, progress=False)
+        pruner.prune(windows, 0.5, "unstructured", block_ratios=plan.ratios)
+    del model
+    gc.collect()
+    return {
+        "method": method,
+        "allocation": allocation,
+        "prune_s": memory.seconds,
+        "outlier_pass_s": plan.seconds,
+        "peak_rss": memory.peak_rss,
+    }
+
+
+def timing_table(rows: list[dict]) -> str:
+    head = (
+        "| method | allocation | prune s (median) | all runs s | time vs wanda | "
+        "peak RSS during prune |\n|---|---|---|---|---|---|\n"
+    )
+    body = [
+        f"| {r['method']} | {r['allocation']} | {r['prune_s']:.1f} "
+        f"| {', '.join(f'{t:.1f}' for t in r['runs_s'])} | {r['time_vs_wanda']:.2f}x "
+        f"| {r['peak_rss'] / 2**20:,.0f} MiB |"
+        for r in rows
+    ]
+    return head + "\n".join(body)
+
+
+def run_timing(args, windows) -> None:
+    """Interleaved prune-only repeats; medians and their ratio to Wanda's."""
+    runs = [
+        time_prune(args, method, allocation, windows)
+        for _ in range(args.repeats)
+        for method, allocation in TIMING_RUNS
+    ]
+    rows = []
+    for method, allocation in TIMING_RUNS:
+        mine = [r for r in runs if (r["method"], r["allocation"]) == (method, allocation)]
+        rows.append(
+            {
+                "method": method,
+                "allocation": allocation,
+                "runs_s": [r["prune_s"] for r in mine],
+                "prune_s": statistics.median(r["prune_s"] for r in mine),
+                "peak_rss": max(r["peak_rss"] for r in mine),
+            }
+        )
+    for row in rows:
+        row["time_vs_wanda"] = row["prune_s"] / rows[0]["prune_s"]
+    result = {**result_header(args), "runs": runs, "rows": rows}
+    save_result(args, result)
+    print(timing_table(rows))
+    cfg = result["settings"]
+    body = (
+        f"Prune time alone at 50% unstructured, calibration {cfg['nsamples']} x "
+        f"{cfg['seqlen']} tokens, {args.repeats} interleaved repeats, medians. Machine: "
+        f"{result['machine']}; {result['date']}.\n\n{timing_table(rows)}"
+    )
+    replace_marked_section(Path(args.markdown), "prune_bench_timing", body)
+
+
 def fmt(value, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
@@ -267,10 +345,15 @@ def main() -> None:
     parser.add_argument("--eval_batch_size", type=int, default=4)
     parser.add_argument("--eval_limit", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=1, help="forward-floor timings per row")
-    parser.add_argument("--suite", choices=("core", "methods"), default="core")
+    parser.add_argument("--suite", choices=("core", "methods", "timing"), default="core")
     args = parser.parse_args()
 
     windows, eval_windows = bench_windows(args, args.eval_limit)
+    if args.suite == "timing":
+        if args.out.endswith("prune_bench.json"):
+            args.out = args.out.replace("prune_bench.json", "prune_bench_timing.json")
+        run_timing(args, windows)
+        return
     if args.suite == "methods":
         if args.out.endswith("prune_bench.json"):
             args.out = args.out.replace("prune_bench.json", "prune_bench_methods.json")
