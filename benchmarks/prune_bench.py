@@ -16,6 +16,11 @@ time divided by Wanda's at the same setting in the same run. It writes
 benchmarks/results/prune_bench_methods.json and its own section of BENCHMARKS.md, after every
 row (a run cut short keeps what it finished).
 
+``--rows wanda:uniform:unstructured:0.7,...`` runs only those rows (method:allocation:pattern:
+target) and keeps the rows the results file already holds, replacing those it reruns; every
+row carries the id of the run that made it, and a time ratio is given only against a Wanda row
+of the same run.
+
 ``--suite timing --repeats N`` times the pruning call alone (no evaluation) of wanda, sparsegpt,
 ria and wanda + OWL at 50% unstructured, interleaved N times, and reports the median of each
 against Wanda's: on a shared machine, the per-row times of the methods suite are single shots.
@@ -164,14 +169,15 @@ def add_wanda_ratios(rows: list[dict]) -> None:
     }
     for row in rows:
         base = wanda.get((row["pattern"], row["target"]))
-        row["time_vs_wanda"] = None if base is None else row["prune_s"] / base["prune_s"]
+        same_run = base is not None and base.get("run") == row.get("run")
+        row["time_vs_wanda"] = row["prune_s"] / base["prune_s"] if same_run else None
         row["ppl_vs_wanda"] = None if base is None else row["ppl"] / base["ppl"] - 1
 
 
 def method_table(rows: list[dict]) -> str:
     head = (
         "| method | allocation | pattern | target | ppl | vs wanda | sparsity | prune s "
-        "| time vs wanda | OWL pass s | peak RSS during prune |\n"
+        "| time / wanda | OWL pass s | peak RSS during prune |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     body = []
@@ -181,7 +187,7 @@ def method_table(rows: list[dict]) -> str:
         body.append(
             f"| {r['method']} | {r['allocation']} | {r['pattern']} | {r['target']:.2f} "
             f"| {r['ppl']:.2f} | {'n/a' if change is None else f'{change:+.1%}'} "
-            f"| {r['sparsity']:.4f} | {r['prune_s']:.1f} | {fmt(r.get('time_vs_wanda'), '.2f')}x "
+            f"| {r['sparsity']:.4f} | {r['prune_s']:.1f} | {fmt(r.get('time_vs_wanda'), '.2f')} "
             f"| {fmt(owl, '.1f')} | {r['peak_rss'] / 2**20:,.0f} MiB |"
         )
     return head + "\n".join(body)
@@ -200,26 +206,60 @@ def update_methods_md(result: dict, path: Path) -> None:
     replace_marked_section(path, "prune_bench_methods", body)
 
 
+def row_key(row: dict) -> tuple:
+    return (row["method"], row["allocation"], row["pattern"], round(row["target"], 6))
+
+
+def parse_rows(text: str | None) -> list[tuple]:
+    """The runs named by ``--rows`` (all of METHOD_RUNS when None)."""
+    if text is None:
+        return list(METHOD_RUNS)
+    runs = []
+    for item in text.split(","):
+        method, allocation, *pattern, target = item.strip().split(":")
+        runs.append((method, allocation, ":".join(pattern), float(target)))
+    return runs
+
+
+def previous_rows(args) -> tuple[list[dict], float | None]:
+    """Rows (and dense perplexity) of the results file, kept when only some rows rerun."""
+    path = Path(args.out)
+    if args.rows is None or not path.exists():
+        return [], None
+    saved = json.loads(path.read_text())
+    if saved.get("eval_windows") is None or saved["settings"]["nsamples"] != args.nsamples:
+        return [], None
+    return saved["rows"], saved.get("dense_ppl")
+
+
 def run_methods(args, windows, eval_windows) -> None:
     """The stronger-method suite; results saved after every row."""
-    dense, _ = load_model(args.model)
-    dense_ppl = perplexity(dense, eval_windows, batch_size=args.eval_batch_size, progress=False)
-    del dense
-    gc.collect()
-    rows: list[dict] = []
-    for run in METHOD_RUNS:
-        rows.append(run_method_row(args, run, windows, eval_windows))
-        add_wanda_ratios(rows)
-        print(json.dumps({k: v for k, v in rows[-1].items() if k != "block_ratios"}), flush=True)
+    kept, dense_ppl = previous_rows(args)
+    if dense_ppl is None:
+        dense, _ = load_model(args.model)
+        dense_ppl = perplexity(dense, eval_windows, batch_size=args.eval_batch_size, progress=False)
+        del dense
+        gc.collect()
+    run_id = time.strftime("%Y-%m-%dT%H:%M:%S")
+    order = [row_key(r) for r in kept]
+    rows: dict[tuple, dict] = {row_key(r): r for r in kept}
+    for run in parse_rows(args.rows):
+        row = run_method_row(args, run, windows, eval_windows) | {"run": run_id}
+        if row_key(row) not in rows:
+            order.append(row_key(row))
+        rows[row_key(row)] = row
+        ordered = [rows[k] for k in order]
+        add_wanda_ratios(ordered)
+        print(json.dumps({k: v for k, v in row.items() if k != "block_ratios"}), flush=True)
         result = {
             **result_header(args),
             "eval_windows": int(eval_windows.shape[0]),
             "dense_ppl": dense_ppl,
-            "rows": rows,
+            "rows": ordered,
         }
         save_result(args, result)
         update_methods_md(result, Path(args.markdown))
-    print(method_table(rows))
+    print(method_table([rows[k] for k in order]))
 
 
 def time_prune(args, method: str, allocation: str, windows) -> dict:
@@ -346,6 +386,7 @@ def main() -> None:
     parser.add_argument("--eval_limit", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=1, help="forward-floor timings per row")
     parser.add_argument("--suite", choices=("core", "methods", "timing"), default="core")
+    parser.add_argument("--rows", default=None, help="methods suite: only these rows (see above)")
     args = parser.parse_args()
 
     windows, eval_windows = bench_windows(args, args.eval_limit)
