@@ -133,3 +133,12 @@ def test_compare_command_prints_the_table(tiny_model_dir, text_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert result.output.count("| wanda_idf | unstructured |") == 2
     assert "ppl_vs_sparsity.png" in result.output
+
+
+def test_compare_runs_sparsegpt_and_ria(tiny_model_dir, text_dir, tmp_path):
+    base = base_config(tiny_model_dir, text_dir)
+    result = run_compare(base, ["wanda", "sparsegpt", "ria"], ["2:4"], [0.5], tmp_path / "c")
+    rows = {row["method"]: row for row in result.rows}
+    assert set(rows) == {"wanda", "sparsegpt", "ria"}
+    assert all(row["pattern_met"] for row in rows.values())
+    assert rows["sparsegpt"]["phases_s"]["solve"] > 0

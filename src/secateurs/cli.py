@@ -112,6 +112,10 @@ ExactOpt = Annotated[
     ),
 ]
 
+RiaAlphaOpt = Annotated[
+    float, _flag("ria_alpha", "ria: exponent of the activation norm (0.5 as in the paper).")
+]
+
 
 def _config(values: dict[str, Any]) -> PruneConfig:
     """A configuration from a command's parameters: those named as its fields, and --quiet."""
@@ -246,6 +250,22 @@ def prune(
     idf_clip: IdfClipOpt = _DEFAULTS["idf_clip"],
     spiky_clip: SpikyClipOpt = _DEFAULTS["spiky_clip"],
     exact_selectivity: ExactOpt = False,
+    ria_alpha: RiaAlphaOpt = _DEFAULTS["ria_alpha"],
+    sparsity_allocation: Annotated[
+        str,
+        _flag(
+            "sparsity_allocation",
+            "Sparsity per decoder block: uniform; owl (blocks with more outlier scores keep "
+            "more weights; one extra pass over the dense model; unstructured only); or a file "
+            "with one ratio per block (JSON list or one number per line).",
+        ),
+    ] = _DEFAULTS["sparsity_allocation"],
+    owl_threshold: Annotated[
+        float, _flag("owl_threshold", "OWL: a score above this x its block's mean is an outlier.")
+    ] = _DEFAULTS["owl_threshold"],
+    owl_lambda: Annotated[
+        float, _flag("owl_lambda", "OWL: block ratios span target +- this, in [0, 0.5).")
+    ] = _DEFAULTS["owl_lambda"],
     window_bos: WindowBosOpt = _DEFAULTS["window_bos"],
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -353,6 +373,7 @@ def compare(
     idf_clip: IdfClipOpt = _DEFAULTS["idf_clip"],
     spiky_clip: SpikyClipOpt = _DEFAULTS["spiky_clip"],
     exact_selectivity: ExactOpt = False,
+    ria_alpha: RiaAlphaOpt = _DEFAULTS["ria_alpha"],
     window_bos: WindowBosOpt = _DEFAULTS["window_bos"],
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
