@@ -16,7 +16,7 @@ from typing import Any
 
 from secateurs.errors import SecateursError
 from secateurs.evaluate import check_sparsity
-from secateurs.io import atomic_write_text
+from secateurs.io import atomic_write_text, ensure_writable
 from secateurs.patterns import NMSparsity, parse_pattern
 from secateurs.report import versions
 from secateurs.runner import (
@@ -131,6 +131,7 @@ def run_compare(
     runs = plan_runs(base, methods, patterns, ratios)
     out = Path(out_dir)
     cache = out / "runs"
+    ensure_writable(cache, "--out")
     cache.mkdir(parents=True, exist_ok=True)
     prepared = prepare(base, any(needs_calibration(cfg) for cfg in runs))
 
@@ -163,6 +164,7 @@ def write_outputs(
         "settings": settings,
         "versions": versions(),
         "eval_windows": int(prepared.eval_windows.shape[0]),
+        "window_bos": prepared.window_bos(base.window_bos),
         "dense_ppl": dense_ppl,
         "rows": rows,
     }
