@@ -19,6 +19,7 @@ from secateurs import data
 from secateurs.engine import check_pattern_fits
 from secateurs.errors import SecateursError
 from secateurs.evaluate import check_sparsity, perplexity
+from secateurs.idf import DEFAULT_IDF_FORM
 from secateurs.io import atomic_dir, ensure_free
 from secateurs.model import choose_seqlen, load_config, load_model, load_tokenizer
 from secateurs.patterns import SCOPES, SparsityPattern, effective_ratio, parse_pattern
@@ -78,6 +79,9 @@ class PruneConfig:
     idf_clip: float = 10.0
     spiky_clip: float = 10.0
     exact_selectivity: bool = False
+    idf_form: str = DEFAULT_IDF_FORM
+    idf_power: float = 0.5
+    idf_floor: float = 0.5
 
     def selectivity(self) -> SelectivityOptions:
         return SelectivityOptions(
@@ -86,6 +90,9 @@ class PruneConfig:
             self.idf_clip,
             self.spiky_clip,
             exact=self.exact_selectivity,
+            idf_form=self.idf_form,
+            idf_power=self.idf_power,
+            idf_floor=self.idf_floor,
         )
 
 

@@ -42,7 +42,7 @@ def wanda_score(weight: torch.Tensor, stats: ActivationStats | None) -> torch.Te
 
 
 def wanda_idf_score(weight: torch.Tensor, stats: ActivationStats | None) -> torch.Tensor:
-    """Wanda times ``IDF_j``: channels active on fewer tokens weigh more."""
+    """Wanda times ``IDF_j`` (form from the statistics' options): rarer channels weigh more."""
     stats = _require(stats, "wanda_idf")
     return _weighted(weight, stats.norm, stats.idf)
 
@@ -72,8 +72,9 @@ class Method:
     ``scope`` is how unstructured pruning compares scores by default: ``row`` (each output row
     on its own, as reference Wanda) or ``layer`` (one threshold per matrix, as reference
     magnitude). ``calibrated`` says whether the method needs activations at all; ``needs``
-    names statistics beyond the norms: ``selectivity`` (IDF, spikiness), ``classes``
-    (per-token-class moments for the Fisher ratio).
+    names statistics beyond the norms: ``selectivity`` (IDF, spikiness), ``idf`` (the score
+    reads the IDF, so its form matters), ``classes`` (per-token-class moments for the Fisher
+    ratio).
     """
 
     name: str
@@ -90,7 +91,12 @@ METHODS: dict[str, Method] = {
     ),
     "wanda": Method("wanda", wanda_score, "row", True, "|W| * ||X||, per output row"),
     "wanda_idf": Method(
-        "wanda_idf", wanda_idf_score, "row", True, "Wanda * IDF", frozenset({"selectivity"})
+        "wanda_idf",
+        wanda_idf_score,
+        "row",
+        True,
+        "Wanda * IDF",
+        frozenset({"selectivity", "idf"}),
     ),
     "wanda_spiky": Method(
         "wanda_spiky",
@@ -106,7 +112,7 @@ METHODS: dict[str, Method] = {
         "row",
         True,
         "Wanda * IDF * spikiness",
-        frozenset({"selectivity"}),
+        frozenset({"selectivity", "idf"}),
     ),
     "neuronrank_fisher": Method(
         "neuronrank_fisher",
