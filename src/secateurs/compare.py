@@ -20,7 +20,6 @@ from secateurs.idf import DEFAULT_IDF_FORM, check_idf_form
 from secateurs.io import atomic_write_text
 from secateurs.patterns import NMSparsity, parse_pattern
 from secateurs.report import versions
-from secateurs.scores import METHODS
 from secateurs.runner import (
     Prepared,
     PruneConfig,
@@ -31,6 +30,7 @@ from secateurs.runner import (
     prepare,
     prune_loaded,
 )
+from secateurs.scores import METHODS
 
 DEFAULT_METHODS = ("wanda", "wanda_idf", "wanda_spiky", "wanda_select", "magnitude")
 # Settings that do not change a run's numbers, left out of its cache key.
@@ -136,6 +136,7 @@ def _one_run(cfg: PruneConfig, prepared: Prepared) -> dict[str, Any]:
         "eval_s": time.perf_counter() - start,
         "phases_s": report.seconds,
         "recovery_mean_relative_error": report.mean_relative_error(),
+        "guard_layers": sorted(report.alarms()),
     }
 
 

@@ -279,6 +279,7 @@ def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str,
     result = {
         "config": asdict(cfg) | {"seqlen": prepared.seqlen, "sparsity_ratio": ratio},
         "pattern": pattern.describe(),
+        "idf_form": cfg.idf_form if "idf" in method.needs else None,
         "versions": versions(),
         "model": {
             "class": type(model).__name__,

@@ -48,7 +48,9 @@ class SelectivityOptions:
         if self.idf_power <= 0:
             raise SecateursError(f"idf_power must be > 0, got {self.idf_power}")
         if self.idf_floor <= 0:
-            raise SecateursError(f"idf_floor must be > 0 (0 would allow zeroed channels), got {self.idf_floor}")
+            raise SecateursError(
+                f"idf_floor must be > 0 (0 would allow zeroed channels), got {self.idf_floor}"
+            )
 
 
 @dataclass(frozen=True)
@@ -156,8 +158,9 @@ class SelectivityStats:
     ``tau`` is the ``tau_percentile`` quantile of ``|x|`` over all tokens and channels,
     ``p_j`` the share of tokens with ``|x_j| > tau``, ``IDF_j = log(1 / p_j)`` clipped to
     ``[0, idf_clip]`` in the seed's form (other forms in :mod:`secateurs.idf`), ``r_j`` the
-    share of tokens with ``|x_j|`` above the channel's own mean ``|x_j|``; ``R_j`` is the mean of the top ``1 - top_quantile`` of ``|x_j|`` over
-    tokens divided by the mean of ``|x_j|``, clipped to ``[1, spiky_clip]``.
+    share of tokens with ``|x_j|`` above the channel's own mean ``|x_j|``; ``R_j`` is the mean
+    of the top ``1 - top_quantile`` of ``|x_j|`` over tokens divided by the mean of ``|x_j|``,
+    clipped to ``[1, spiky_clip]``.
 
     Streamed, the first batch fixes provisional thresholds (the global ``tau`` and each
     channel's top quantile) and every batch adds exact per-channel sums against them: the
@@ -182,7 +185,7 @@ class SelectivityStats:
         self._binned = 0
         self._sampler = torch.Generator().manual_seed(0)
         self._values: list[torch.Tensor] = []
-        self._result: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._result: tuple[torch.Tensor, ...] | None = None
         self._provisional_tau: float | None = None
         self._top_floor: torch.Tensor | None = None
         self._above_tau = torch.zeros(channels, dtype=torch.float64, device=device)
@@ -273,8 +276,9 @@ class SelectivityStats:
         relative = (1.0 - _cdf(counts, edges, mean) / self.tokens).clamp(0.0, 1.0)
         return active, tau, top_sum / k, relative
 
-    def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(idf, spikiness, active)``, each (channels,) float32; ``active`` is ``p_j``."""
+    def result(self) -> tuple[torch.Tensor, ...]:
+        """``(idf, spikiness, p, r)``, each (channels,) float32: ``p_j`` active share above the
+        global ``tau``, ``r_j`` above the channel's own mean."""
         if self._result is None:
             if self.tokens == 0:
                 raise ValueError("no tokens were seen")
@@ -285,7 +289,7 @@ class SelectivityStats:
             idf = idf_values(active, relative, opts)
             mean = self._abs_sum / self.tokens
             spikiness = (top / (mean + opts.eps)).clamp(1.0, opts.spiky_clip)
-            self._result = (idf, spikiness.float(), active.float())
+            self._result = (idf, spikiness.float(), active.float(), relative.float())
         return self._result
 
     @property
@@ -444,6 +448,11 @@ class ActivationStats:
     def active_rate(self) -> torch.Tensor:
         """Per-channel ``p_j``, the share of tokens with ``|x_j|`` above the global ``tau``."""
         return self._needs(self._selectivity, "selectivity").result()[2]
+
+    @property
+    def relative_rate(self) -> torch.Tensor:
+        """Per-channel ``r_j``, the share of tokens with ``|x_j|`` above its own mean."""
+        return self._needs(self._selectivity, "selectivity").result()[3]
 
     @property
     def spikiness(self) -> torch.Tensor:
