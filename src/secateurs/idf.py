@@ -68,7 +68,7 @@ IDF_FORMS: dict[str, IdfFn] = {
     "normalized": normalized_idf,
     "relative": relative_idf,
 }
-DEFAULT_IDF_FORM = "smooth"
+DEFAULT_IDF_FORM = "relative"
 
 
 def check_idf_form(name: str) -> str:
