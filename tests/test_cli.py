@@ -58,6 +58,14 @@ def test_help_teaches_the_flags():
         ),
         (["--prune_method", "wanda_idf", "--tau_percentile", "1.2"], "tau_percentile"),
         (["--prune_method", "wanda_idf", "--idf_form", "bm25"], "unknown --idf_form 'bm25'"),
+        (["--prune_method", "sparsegpt", "--use_recovery"], "drop --use_recovery"),
+        (["--prune_method", "sparsegpt", "--sparsity_type", "neuron"], "not neuron"),
+        (["--prune_method", "sparsegpt", "--use_variant"], "drop --use_variant"),
+        (["--prune_method", "ria", "--ria_alpha", "-1"], "--ria_alpha must be"),
+        (["--sparsity_allocation", "owl", "--sparsity_type", "2:4"], "2:4 fixes it"),
+        (["--sparsity_allocation", "owl", "--owl_lambda", "0.7"], "--owl_lambda must be"),
+        (["--sparsity_allocation", "owl", "--owl_threshold", "0"], "--owl_threshold must be"),
+        (["--sparsity_allocation", "no/such/file.json"], "neither uniform nor owl"),
     ],
 )
 def test_bad_input_fails_fast_with_a_fix(args, message, tiny_model_dir, text_dir, no_model_load):
@@ -181,3 +189,21 @@ def test_idf_form_is_named_in_the_result(tmp_path, tiny_model_dir, text_dir):
     assert data["idf_form"] == "relative" and data["prune"]["guard"] == {}
     assert "IDF form relative" in result.output
     assert "channel guard: no layer" in log.read_text()
+
+
+def test_owl_run_reports_its_block_ratios(tmp_path, tiny_model_dir, text_dir):
+    out = tmp_path / "owl.json"
+    result = invoke_prune(
+        tiny_model_dir,
+        text_dir,
+        *("--prune_method", "sparsegpt", "--sparsity_ratio", "0.6", "--nsamples", "4"),
+        *("--sparsity_allocation", "owl", "--owl_threshold", "2", "--eval_limit", "2"),
+        *("--save_json", out),
+    )
+    assert result.exit_code == 0, result.output
+    saved = json.loads(out.read_text())
+    ratios = saved["prune"]["block_ratios"]
+    assert len(ratios) == 3 and all(0 <= r < 1 for r in ratios)
+    assert saved["prune"]["allocation"]["kind"] == "owl"
+    assert saved["prune"]["allocation"]["outlier_pass_s"] > 0
+    assert not saved["sparsity"]["violations"]

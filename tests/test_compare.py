@@ -160,3 +160,12 @@ def test_run_key_holds_the_idf_form_only_where_it_is_read(tiny_model_dir, text_d
         base = base_config(tiny_model_dir, text_dir, prune_method=method)
         seed = PruneConfig(**(vars(base) | {"idf_form": "seed"}))
         assert (run_key(base) != run_key(seed)) == matters, method
+
+
+def test_compare_runs_sparsegpt_and_ria(tiny_model_dir, text_dir, tmp_path):
+    base = base_config(tiny_model_dir, text_dir)
+    result = run_compare(base, ["wanda", "sparsegpt", "ria"], ["2:4"], [0.5], tmp_path / "c")
+    rows = {row["method"]: row for row in result.rows}
+    assert set(rows) == {"wanda", "sparsegpt", "ria"}
+    assert all(row["pattern_met"] for row in rows.values())
+    assert rows["sparsegpt"]["phases_s"]["solve"] > 0

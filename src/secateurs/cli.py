@@ -114,6 +114,10 @@ ExactOpt = Annotated[
     ),
 ]
 
+RiaAlphaOpt = Annotated[
+    float, _flag("ria_alpha", "ria: exponent of the activation norm (0.5 as in the paper).")
+]
+
 
 def _config(values: dict[str, Any]) -> PruneConfig:
     """A configuration from a command's parameters: those named as its fields, and --quiet."""
@@ -230,6 +234,22 @@ def prune(
     idf_form: IdfFormOpt = _DEFAULTS["idf_form"],
     idf_power: IdfPowerOpt = _DEFAULTS["idf_power"],
     idf_floor: IdfFloorOpt = _DEFAULTS["idf_floor"],
+    ria_alpha: RiaAlphaOpt = _DEFAULTS["ria_alpha"],
+    sparsity_allocation: Annotated[
+        str,
+        _flag(
+            "sparsity_allocation",
+            "Sparsity per decoder block: uniform; owl (blocks with more outlier scores keep "
+            "more weights; one extra pass over the dense model; unstructured only); or a file "
+            "with one ratio per block (JSON list or one number per line).",
+        ),
+    ] = _DEFAULTS["sparsity_allocation"],
+    owl_threshold: Annotated[
+        float, _flag("owl_threshold", "OWL: a score above this x its block's mean is an outlier.")
+    ] = _DEFAULTS["owl_threshold"],
+    owl_lambda: Annotated[
+        float, _flag("owl_lambda", "OWL: block ratios span target +- this, in [0, 0.5).")
+    ] = _DEFAULTS["owl_lambda"],
     quiet: QuietOpt = False,
 ) -> None:
     """Prune a model, then print dense and pruned perplexity and the sparsity check."""
@@ -336,6 +356,7 @@ def compare(
     ] = DEFAULT_IDF_FORM,
     idf_power: IdfPowerOpt = _DEFAULTS["idf_power"],
     idf_floor: IdfFloorOpt = _DEFAULTS["idf_floor"],
+    ria_alpha: RiaAlphaOpt = _DEFAULTS["ria_alpha"],
     quiet: QuietOpt = False,
 ) -> None:
     """Run several methods on one model with one calibration set; table, CSV, JSON and plot.

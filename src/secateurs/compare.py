@@ -120,7 +120,7 @@ def _one_run(cfg: PruneConfig, prepared: Prepared) -> dict[str, Any]:
     method, pattern, ratio = check_config(cfg)
     model = load(cfg, prepared)
     report, memory = prune_loaded(model, cfg, prepared, method, ratio)
-    check = check_sparsity(model, pattern, ratio)
+    check = check_sparsity(model, pattern, ratio, report.block_ratios)
     start = time.perf_counter()
     ppl = evaluate_model(model, cfg, prepared, cfg.prune_method)
     return {

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -29,6 +29,7 @@ from secateurs.model import (
 )
 from secateurs.patterns import SparsityPattern
 from secateurs.recovery import LayerRecovery, WeightRedistributor
+from secateurs.scores import Solver, wanda_score
 from secateurs.stats import ActivationStats, StatsRequest, token_classes
 
 MetricFn = Callable[[nn.Module, "ActivationStats | None"], torch.Tensor]
@@ -65,9 +66,12 @@ class PruneReport:
             "calibrate": 0.0,
             "score": 0.0,
             "recover": 0.0,
+            "solve": 0.0,
             "propagate": 0.0,
         }
     )
+    block_ratios: list[float] | None = None
+    allocation: dict | None = None
 
     def mean_relative_error(self) -> dict[str, float] | None:
         """Mean over layers of the relative output error before and after recovery."""
@@ -89,6 +93,8 @@ class PruneReport:
             "seconds": dict(self.seconds),
             "recovery_mean_relative_error": self.mean_relative_error(),
             "guard": {name: asdict(alarm) for name, alarm in self.alarms().items()},
+            "block_ratios": self.block_ratios,
+            "allocation": self.allocation,
         }
 
 
@@ -121,8 +127,12 @@ def _calibrate(
     batch_size: int,
     request: StatsRequest,
     labels: torch.Tensor | None,
+    outputs: list[torch.Tensor] | None = None,
 ) -> dict[str, ActivationStats]:
-    """One pass through the unpruned block, accumulating every layer's input statistics."""
+    """One pass through the unpruned block, accumulating every layer's input statistics.
+
+    Given an ``outputs`` list, the block's outputs of the same pass are appended to it.
+    """
     device = inputs.hidden.device
     stats = {
         name: ActivationStats(weight_matrix(layer).shape[1], device, request)
@@ -150,12 +160,16 @@ def _calibrate(
         for name, layer in layers.items()
     ]
     try:
-        run_block(block, inputs, batch_size, keep_outputs=False, before_batch=next_batch)
+        result = run_block(
+            block, inputs, batch_size, keep_outputs=outputs is not None, before_batch=next_batch
+        )
     finally:
         for handle in handles:
             handle.remove()
     for name, owner in shares.items():
         stats[name] = stats[owner]
+    if outputs is not None:
+        outputs.append(result)
     return stats
 
 
@@ -198,18 +212,48 @@ def _layer_masks(
         yield group.consumer, scores[group.consumer], consumer_mask
 
 
+def block_ratios(sparsity_ratio: float | Sequence[float], blocks: int) -> list[float]:
+    """One ratio per block: a single ratio for all, or a list with one entry per block."""
+    if isinstance(sparsity_ratio, (int, float)):
+        return [float(sparsity_ratio)] * blocks
+    ratios = [float(r) for r in sparsity_ratio]
+    if len(ratios) != blocks:
+        raise SecateursError(
+            f"got {len(ratios)} per-block sparsity ratios for a model with {blocks} blocks; "
+            "give one ratio per decoder block"
+        )
+    return ratios
+
+
+def _solved_layers(
+    layers: dict[str, nn.Module],
+    stats: dict[str, ActivationStats],
+    solver: Solver,
+    pattern: SparsityPattern,
+    ratio: float,
+    prefix: str,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Let ``solver`` prune and update every layer in place; ``(name, mask)`` in block order."""
+    for name, layer in layers.items():
+        weight = weight_matrix(layer)
+        new, mask = solver(weight, stats[name], pattern, ratio, f"{prefix}.{name}")
+        weight.copy_(new)
+        yield name, mask
+
+
 def prune_sequential(
     model: nn.Module,
     windows: torch.Tensor | None,
     metric_fn: MetricFn,
     pattern: SparsityPattern,
-    sparsity_ratio: float,
+    sparsity_ratio: float | Sequence[float],
     device: torch.device | str = "cpu",
     batch_size: int = 8,
     calibrated: bool = True,
     progress: bool = True,
     redistributor: WeightRedistributor | None = None,
     request: StatsRequest | None = None,
+    solver: Solver | None = None,
 ) -> PruneReport:
     """Prune every linear layer of every decoder block, in block order.
 
@@ -217,13 +261,20 @@ def prune_sequential(
     ``0..i-1``: all its layers see the unpruned block's activations, all are pruned (and
     recovered, with a ``redistributor``), then the windows run through the pruned block to
     become the next block's inputs. ``request`` names the statistics the scores need
-    beyond Wanda's norms; with token classes, tokens are labelled from ``windows``. Every
-    calibrated layer's score goes through the channel guard; one warning per run names the
-    layers it flags (:class:`secateurs.guard.ChannelCollapseWarning`).
+    beyond Wanda's norms; with token classes, tokens are labelled from ``windows``.
+    ``sparsity_ratio`` is one ratio, or one per block (OWL). A ``solver`` replaces scoring,
+    masking and recovery: it prunes and updates each layer itself (SparseGPT). Every
+    scored layer goes through the channel guard; one warning per run names the layers it
+    flags (:class:`secateurs.guard.ChannelCollapseWarning`).
     """
     device = torch.device(device)
     check_pattern_fits(model, pattern)
-    calibrated = calibrated or redistributor is not None
+    if solver is not None and (redistributor is not None or pattern.structured):
+        raise SecateursError(
+            "a method that updates the surviving weights itself (sparsegpt) takes neither "
+            "--use_recovery nor neuron sparsity; drop --use_recovery, or use unstructured or N:M"
+        )
+    calibrated = calibrated or redistributor is not None or solver is not None
     if calibrated and (windows is None or windows.shape[0] == 0):
         raise ValueError("this method needs calibration windows")
     request = request or StatsRequest()
@@ -232,6 +283,9 @@ def prune_sequential(
     labels = token_classes(windows, request.classes) if request.classes else None
     report = PruneReport()
     stack_name, blocks = find_blocks(model)
+    ratios = block_ratios(sparsity_ratio, len(blocks))
+    if not isinstance(sparsity_ratio, (int, float)):
+        report.block_ratios = ratios
     inputs = None
     if calibrated:
         start = time.perf_counter()
@@ -246,13 +300,20 @@ def prune_sequential(
             start = time.perf_counter()
             stats = _calibrate(block, layers, inputs, batch_size, request, labels)
             report.seconds["calibrate"] += time.perf_counter() - start
+        prefix = f"{stack_name}.{index}"
+        masks = _layer_masks(layers, stats, metric_fn, pattern, ratios[index])
+        if solver is not None:
+            masks = ()
+            start = time.perf_counter()
+            for name, mask in _solved_layers(layers, stats, solver, pattern, ratios[index], prefix):
+                shape = tuple(weight_matrix(layers[name]).shape)
+                report.layers.append(LayerRecord(prefix, name, shape, int(mask.sum())))
+            report.seconds["solve"] += time.perf_counter() - start
         start = time.perf_counter()
-        for name, score, mask in _layer_masks(layers, stats, metric_fn, pattern, sparsity_ratio):
+        for name, score, mask in masks:
             weight = weight_matrix(layers[name])
             mask = mask.to(weight.device)
-            record = LayerRecord(
-                f"{stack_name}.{index}", name, tuple(weight.shape), int(mask.sum())
-            )
+            record = LayerRecord(prefix, name, tuple(weight.shape), int(mask.sum()))
             if name in stats:
                 record.alarm = check_channels(score, stats[name].sq_norm)
             if redistributor is None:
@@ -265,6 +326,7 @@ def prune_sequential(
                 report.seconds["recover"] += time.perf_counter() - start
             report.layers.append(record)
             start = time.perf_counter()
+        del stats
         if inputs is not None:
             start = time.perf_counter()
             inputs.hidden = run_block(block, inputs, batch_size, keep_outputs=True)
@@ -273,3 +335,38 @@ def prune_sequential(
     if report.alarms():
         warnings.warn(alarm_message(report.alarms()), ChannelCollapseWarning, stacklevel=2)
     return report
+
+
+def block_outlier_ratios(
+    model: nn.Module,
+    windows: torch.Tensor,
+    threshold: float,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[float]:
+    """Every block's share of Wanda scores above ``threshold`` times the block's mean score.
+
+    One pass through the dense model (OWL, Yin et al. 2024): each block's statistics and
+    outputs come from the same forward pass of the unpruned block, so it costs about one
+    forward pass of the calibration windows. The mean is over all the block's linear layers
+    together, as in the reference code.
+    """
+    device = torch.device(device)
+    _, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, windows, device, batch_size)
+    ratios = []
+    for block in tqdm(blocks, desc="outlier ratios", disable=not progress):
+        home = next(block.parameters()).device
+        block.to(device)
+        layers = find_linears(block)
+        outputs: list[torch.Tensor] = []
+        stats = _calibrate(block, layers, inputs, batch_size, StatsRequest(), None, outputs)
+        scores = [wanda_score(weight_matrix(layer), stats[n]) for n, layer in layers.items()]
+        total = sum(float(score.sum(dtype=torch.float64)) for score in scores)
+        count = sum(score.numel() for score in scores)
+        cut = threshold * total / count
+        ratios.append(sum(int((score > cut).sum()) for score in scores) / count)
+        inputs.hidden = outputs[0]
+        block.to(home)
+    return ratios

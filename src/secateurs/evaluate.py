@@ -113,17 +113,32 @@ def _mlp_roles(model: nn.Module) -> dict[str, str]:
     return roles
 
 
+def _layer_ratios(model: nn.Module, block_ratios: list[float]) -> dict[str, float]:
+    """Each decoder-block layer's full name mapped to its block's ratio."""
+    stack_name, blocks = find_blocks(model)
+    return {
+        f"{stack_name}.{index}.{name}": block_ratios[index]
+        for index, block in enumerate(blocks)
+        for name in find_linears(block)
+    }
+
+
 def check_sparsity(
-    model: nn.Module, pattern: SparsityPattern | None = None, ratio: float = 0.0
+    model: nn.Module,
+    pattern: SparsityPattern | None = None,
+    ratio: float = 0.0,
+    block_ratios: list[float] | None = None,
 ) -> SparsityCheck:
     """Count zeros in every prunable layer; with a pattern, check each layer meets it.
 
     Zeros that were already in the dense weights count too, so "at least" is the test.
+    ``block_ratios`` (one per decoder block) replace ``ratio`` for the blocks' layers.
     """
     layers: dict[str, float] = {}
     violations: list[str] = []
     zeros = total = 0
     roles = _mlp_roles(model) if pattern is not None and pattern.structured else {}
+    per_layer = _layer_ratios(model, block_ratios) if block_ratios is not None else {}
     for name, layer in iter_prunable(model):
         weight = weight_matrix(layer)
         count = int((weight == 0).sum())
@@ -134,7 +149,7 @@ def check_sparsity(
             if pattern.structured:
                 problem = _neuron_violation(weight, roles.get(name), ratio)
             else:
-                problem = _pattern_violation(weight, pattern, ratio)
+                problem = _pattern_violation(weight, pattern, per_layer.get(name, ratio))
             if problem:
                 violations.append(f"{name}: {problem}")
     return SparsityCheck(layers, zeros / total if total else 0.0, violations)

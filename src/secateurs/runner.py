@@ -16,13 +16,21 @@ from typing import Any
 import torch
 
 from secateurs import data
+from secateurs.allocation import allocate, check_allocation
 from secateurs.engine import check_pattern_fits
 from secateurs.errors import SecateursError
 from secateurs.evaluate import check_sparsity, perplexity
 from secateurs.idf import DEFAULT_IDF_FORM
 from secateurs.io import atomic_dir, ensure_free
 from secateurs.model import choose_seqlen, load_config, load_model, load_tokenizer
-from secateurs.patterns import SCOPES, SparsityPattern, effective_ratio, parse_pattern
+from secateurs.patterns import (
+    SCOPES,
+    NMSparsity,
+    SparsityPattern,
+    Unstructured,
+    effective_ratio,
+    parse_pattern,
+)
 from secateurs.profiling import measure
 from secateurs.pruning import MethodPruner
 from secateurs.recovery import (
@@ -32,7 +40,7 @@ from secateurs.recovery import (
     WeightRedistributor,
 )
 from secateurs.report import versions, write_json, write_log
-from secateurs.scores import Method, check_classes, get_method
+from secateurs.scores import Method, check_classes, check_ria_alpha, get_method
 from secateurs.shrink import shrink_mlps, width_field
 from secateurs.stats import SelectivityOptions
 
@@ -82,6 +90,10 @@ class PruneConfig:
     idf_form: str = DEFAULT_IDF_FORM
     idf_power: float = 0.5
     idf_floor: float = 0.5
+    ria_alpha: float = 0.5
+    sparsity_allocation: str = "uniform"
+    owl_threshold: float = 5.0
+    owl_lambda: float = 0.08
 
     def selectivity(self) -> SelectivityOptions:
         return SelectivityOptions(
@@ -148,6 +160,9 @@ def check_config(cfg: PruneConfig) -> tuple[Method, SparsityPattern, float]:
         cfg.selectivity()
     if "classes" in method.needs:
         check_classes(cfg.neuronrank_max_classes)
+    check_ria_alpha(cfg.ria_alpha)
+    check_solver(method, pattern, cfg)
+    check_allocation(cfg.sparsity_allocation, pattern, cfg.owl_threshold, cfg.owl_lambda)
     _positive(cfg.nsamples, "--nsamples")
     _positive(cfg.batch_size, "--batch_size")
     check_eval_args(cfg)
@@ -157,6 +172,23 @@ def check_config(cfg: PruneConfig) -> tuple[Method, SparsityPattern, float]:
     ensure_free(cfg.save_json, "--save_json")
     ensure_free(cfg.save_log, "--save_log")
     return method, pattern, ratio
+
+
+def check_solver(method: Method, pattern: SparsityPattern, cfg: PruneConfig) -> None:
+    """A method that updates survivors itself takes no recovery and no structured pattern."""
+    if method.solver is None:
+        return
+    if cfg.use_recovery:
+        raise SecateursError(
+            f"{method.name} already updates the surviving weights to minimise each layer's "
+            "output error, so --use_recovery has nothing left to do; drop --use_recovery (or "
+            "use wanda with --use_recovery --recovery least_squares)"
+        )
+    if type(pattern) not in (Unstructured, NMSparsity):
+        raise SecateursError(
+            f"{method.name} prunes unstructured (per row or layer) or N:M sparsity, not "
+            f"{pattern.describe()}; drop --use_variant or choose another --sparsity_type"
+        )
 
 
 def load_eval_windows(tokenizer, dataset: str, seqlen: int, limit: int | None) -> torch.Tensor:
@@ -233,16 +265,38 @@ def prune_loaded(model, cfg: PruneConfig, prepared: Prepared, method: Method, ra
         batch_size=cfg.batch_size,
         progress=cfg.progress,
         redistributor=make_redistributor(cfg),
+        ria_alpha=cfg.ria_alpha,
     )
     with measure(check_device(cfg.device)) as memory:
-        report = pruner.prune(
-            prepared.windows, ratio, cfg.sparsity_type, cfg.scope, cfg.use_variant
+        plan = allocate(
+            model,
+            prepared.windows,
+            cfg.sparsity_allocation,
+            ratio,
+            cfg.owl_threshold,
+            cfg.owl_lambda,
+            check_device(cfg.device),
+            cfg.batch_size,
+            cfg.progress,
         )
+        report = pruner.prune(
+            prepared.windows,
+            ratio,
+            cfg.sparsity_type,
+            cfg.scope,
+            cfg.use_variant,
+            block_ratios=plan.ratios,
+        )
+    report.allocation = plan.to_dict()
     return report, memory
 
 
 def needs_calibration(cfg: PruneConfig) -> bool:
-    return get_method(cfg.prune_method).calibrated or cfg.use_recovery
+    return (
+        get_method(cfg.prune_method).calibrated
+        or cfg.use_recovery
+        or cfg.sparsity_allocation == "owl"
+    )
 
 
 def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -273,7 +327,7 @@ def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str,
     report, memory = prune_loaded(model, cfg, prepared, method, ratio)
     timings["prune"] = memory.seconds
 
-    check = check_sparsity(model, pattern, ratio)
+    check = check_sparsity(model, pattern, ratio, report.block_ratios)
     pruned_ppl = evaluate("pruned")
 
     result = {

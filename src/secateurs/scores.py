@@ -6,15 +6,22 @@ and returns a tensor of the same shape; none of them touches a model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from secateurs import sparsegpt
 from secateurs.errors import SecateursError
+from secateurs.patterns import SparsityPattern
 from secateurs.stats import ActivationStats
 
-ScoreFn = Callable[[torch.Tensor, "ActivationStats | None"], torch.Tensor]
+ScoreFn = Callable[..., torch.Tensor]
+# (weight, statistics, pattern, ratio, layer name) -> (new weight, prune mask)
+Solver = Callable[
+    [torch.Tensor, ActivationStats, SparsityPattern, float, str], tuple[torch.Tensor, torch.Tensor]
+]
 
 
 def magnitude_score(weight: torch.Tensor, stats: ActivationStats | None = None) -> torch.Tensor:
@@ -65,6 +72,43 @@ def fisher_score(weight: torch.Tensor, stats: ActivationStats | None) -> torch.T
     return _weighted(weight, stats.norm, stats.fisher)
 
 
+def ria_score(
+    weight: torch.Tensor, stats: ActivationStats | None, alpha: float = 0.5
+) -> torch.Tensor:
+    """RIA (Zhang et al., ICLR 2024): relative importance times activation, ``|W_ij| / sum_k
+    |W_kj| + |W_ij| / sum_k |W_ik|``, times ``sqrt(s_j) ** alpha``.
+
+    Each weight is weighed against its input column and its output row, so a channel or a row
+    whose weights are all large does not take every survivor.
+    """
+    magnitude = weight.abs().float()
+    column_sums = magnitude.sum(dim=0, keepdim=True).clamp_min(1e-30)
+    row_sums = magnitude.sum(dim=1, keepdim=True).clamp_min(1e-30)
+    relative = magnitude / column_sums + magnitude / row_sums
+    activation = _require(stats, "ria").norm.to(weight.device).pow(alpha)
+    return relative * activation.unsqueeze(0)
+
+
+def check_ria_alpha(alpha: float) -> float:
+    """RIA's activation exponent, which must be finite and non-negative."""
+    if not (math.isfinite(alpha) and alpha >= 0):
+        raise SecateursError(
+            f"--ria_alpha must be a finite number >= 0, got {alpha}; 0.5 is the paper's value "
+            "(0 ignores activations)"
+        )
+    return float(alpha)
+
+
+def sparsegpt_saliency(weight: torch.Tensor, stats: ActivationStats | None) -> torch.Tensor:
+    """SparseGPT's saliency with a diagonal Hessian, ``W_ij^2 * (X^T X)_jj``.
+
+    The solver picks the real masks from the inverse Hessian as it sweeps the columns; this
+    score is what a caller asking for a score alone (``compute_pruning_metric``) gets.
+    """
+    gram = _require(stats, "sparsegpt").gram
+    return weight.float().square() * torch.diagonal(gram).to(weight.device).unsqueeze(0)
+
+
 @dataclass(frozen=True)
 class Method:
     """A registered pruning method.
@@ -73,8 +117,10 @@ class Method:
     on its own, as reference Wanda) or ``layer`` (one threshold per matrix, as reference
     magnitude). ``calibrated`` says whether the method needs activations at all; ``needs``
     names statistics beyond the norms: ``selectivity`` (IDF, spikiness), ``idf`` (the score
-    reads the IDF, so its form matters), ``classes`` (per-token-class moments for the Fisher
-    ratio).
+    reads the IDF, so its form matters), ``classes`` (per-token-class moments for the
+    Fisher ratio), ``gram`` (``X^T X``). ``options`` names the keyword arguments the score
+    takes (``alpha`` for RIA). A method with a ``solver`` chooses each layer's mask and
+    updates its survivors itself (SparseGPT).
     """
 
     name: str
@@ -83,6 +129,8 @@ class Method:
     calibrated: bool
     summary: str
     needs: frozenset[str] = frozenset()
+    options: frozenset[str] = frozenset()
+    solver: Solver | None = None
 
 
 METHODS: dict[str, Method] = {
@@ -121,6 +169,23 @@ METHODS: dict[str, Method] = {
         True,
         "Wanda * Fisher ratio over the most frequent tokens",
         frozenset({"classes"}),
+    ),
+    "ria": Method(
+        "ria",
+        ria_score,
+        "row",
+        True,
+        "relative importance (row and column) * ||X||^alpha",
+        options=frozenset({"alpha"}),
+    ),
+    "sparsegpt": Method(
+        "sparsegpt",
+        sparsegpt_saliency,
+        "layer",
+        True,
+        "second-order (OBS) masks and updates of the survivors, columns in blocks of 128",
+        frozenset({"gram"}),
+        solver=sparsegpt.solve,
     ),
 }
 
