@@ -10,6 +10,7 @@ import typer
 
 from secateurs.compare import DEFAULT_METHODS
 from secateurs.errors import SecateursError
+from secateurs.idf import DEFAULT_IDF_FORM, IDF_FORMS
 from secateurs.runner import (
     DTYPES,
     PruneConfig,
@@ -104,6 +105,19 @@ WindowBosOpt = Annotated[
         "A window stays --seqlen tokens, BOS included.",
     ),
 ]
+IdfFormOpt = Annotated[
+    str,
+    _flag(
+        "idf_form",
+        f"IDF formula for wanda_idf and wanda_select (default {DEFAULT_IDF_FORM}): "
+        "smooth = 1 + log(1/p); tempered = smooth ** idf_power; normalized = IDF / mean IDF, "
+        "floored at idf_floor; relative = 1 + log(1/r), r the share of tokens above the "
+        "channel's own mean |x|; seed = log(1/p) as written, which zeroes the always-active "
+        "outlier channels and collapses the model.",
+    ),
+]
+IdfPowerOpt = Annotated[float, _flag("idf_power", "Exponent of --idf_form tempered, > 0.")]
+IdfFloorOpt = Annotated[float, _flag("idf_floor", "Floor of --idf_form normalized, > 0.")]
 ExactOpt = Annotated[
     bool,
     _flag(
@@ -250,6 +264,9 @@ def prune(
     idf_clip: IdfClipOpt = _DEFAULTS["idf_clip"],
     spiky_clip: SpikyClipOpt = _DEFAULTS["spiky_clip"],
     exact_selectivity: ExactOpt = False,
+    idf_form: IdfFormOpt = _DEFAULTS["idf_form"],
+    idf_power: IdfPowerOpt = _DEFAULTS["idf_power"],
+    idf_floor: IdfFloorOpt = _DEFAULTS["idf_floor"],
     ria_alpha: RiaAlphaOpt = _DEFAULTS["ria_alpha"],
     sparsity_allocation: Annotated[
         str,
@@ -373,6 +390,16 @@ def compare(
     idf_clip: IdfClipOpt = _DEFAULTS["idf_clip"],
     spiky_clip: SpikyClipOpt = _DEFAULTS["spiky_clip"],
     exact_selectivity: ExactOpt = False,
+    idf_forms: Annotated[
+        str,
+        _flag(
+            "idf_forms",
+            f"Comma-separated IDF forms to compare ({', '.join(IDF_FORMS)}); each runs "
+            "wanda_idf and wanda_select once.",
+        ),
+    ] = DEFAULT_IDF_FORM,
+    idf_power: IdfPowerOpt = _DEFAULTS["idf_power"],
+    idf_floor: IdfFloorOpt = _DEFAULTS["idf_floor"],
     ria_alpha: RiaAlphaOpt = _DEFAULTS["ria_alpha"],
     window_bos: WindowBosOpt = _DEFAULTS["window_bos"],
     quiet: QuietOpt = False,
@@ -397,6 +424,7 @@ def compare(
             _split(sparsity_ratios, float),
             out,
             log=log,
+            idf_forms=_split(idf_forms),
         )
         typer.echo(comparison_table(result.rows, result.dense_ppl))
         for name, path in result.files.items():

@@ -8,6 +8,7 @@ needed beyond the model is one block plus two buffers of calibration activations
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -16,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from secateurs.errors import SecateursError
+from secateurs.guard import ChannelAlarm, ChannelCollapseWarning, alarm_message, check_channels
 from secateurs.model import (
     BlockInputs,
     block_output,
@@ -42,6 +44,7 @@ class LayerRecord:
     shape: tuple[int, int]
     pruned: int
     recovery: LayerRecovery | None = None
+    alarm: ChannelAlarm | None = None
 
     @property
     def name(self) -> str:
@@ -80,11 +83,16 @@ class PruneReport:
             "after": sum(r.relative_error_after for r in done) / len(done),
         }
 
+    def alarms(self) -> dict[str, ChannelAlarm]:
+        """The channel guard's alarms, by layer name (see :mod:`secateurs.guard`)."""
+        return {r.name: r.alarm for r in self.layers if r.alarm is not None}
+
     def to_dict(self) -> dict:
         return {
             "layers": [asdict(r) | {"name": r.name, "sparsity": r.sparsity} for r in self.layers],
             "seconds": dict(self.seconds),
             "recovery_mean_relative_error": self.mean_relative_error(),
+            "guard": {name: asdict(alarm) for name, alarm in self.alarms().items()},
             "block_ratios": self.block_ratios,
             "allocation": self.allocation,
         }
@@ -262,7 +270,9 @@ def prune_sequential(
     become the next block's inputs. ``request`` names the statistics the scores need
     beyond Wanda's norms; with token classes, tokens are labelled from ``windows``.
     ``sparsity_ratio`` is one ratio, or one per block (OWL). A ``solver`` replaces scoring,
-    masking and recovery: it prunes and updates each layer itself (SparseGPT).
+    masking and recovery: it prunes and updates each layer itself (SparseGPT). Every
+    scored layer goes through the channel guard; one warning per run names the layers it
+    flags (:class:`secateurs.guard.ChannelCollapseWarning`).
     """
     device = torch.device(device)
     check_pattern_fits(model, pattern)
@@ -311,6 +321,8 @@ def prune_sequential(
             weight = weight_matrix(layers[name])
             mask = mask.to(weight.device)
             record = LayerRecord(prefix, name, tuple(weight.shape), int(mask.sum()))
+            if name in stats:
+                record.alarm = check_channels(score, stats[name].sq_norm)
             if redistributor is None:
                 weight.masked_fill_(mask, 0)
                 report.seconds["score"] += time.perf_counter() - start
@@ -327,6 +339,8 @@ def prune_sequential(
             inputs.hidden = run_block(block, inputs, batch_size, True, index=index)
             report.seconds["propagate"] += time.perf_counter() - start
         block.to(home)
+    if report.alarms():
+        warnings.warn(alarm_message(report.alarms()), ChannelCollapseWarning, stacklevel=2)
     return report
 
 

@@ -20,6 +20,7 @@ from secateurs.allocation import allocate, check_allocation
 from secateurs.engine import check_pattern_fits
 from secateurs.errors import SecateursError
 from secateurs.evaluate import check_sparsity, perplexity
+from secateurs.idf import DEFAULT_IDF_FORM
 from secateurs.io import atomic_dir, ensure_free
 from secateurs.model import choose_seqlen, load_config, load_model, load_tokenizer
 from secateurs.patterns import (
@@ -86,6 +87,9 @@ class PruneConfig:
     idf_clip: float = 10.0
     spiky_clip: float = 10.0
     exact_selectivity: bool = False
+    idf_form: str = DEFAULT_IDF_FORM
+    idf_power: float = 0.5
+    idf_floor: float = 0.5
     ria_alpha: float = 0.5
     sparsity_allocation: str = "uniform"
     owl_threshold: float = 5.0
@@ -99,6 +103,9 @@ class PruneConfig:
             self.idf_clip,
             self.spiky_clip,
             exact=self.exact_selectivity,
+            idf_form=self.idf_form,
+            idf_power=self.idf_power,
+            idf_floor=self.idf_floor,
         )
 
 
@@ -346,6 +353,7 @@ def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str,
         "config": asdict(cfg) | {"seqlen": prepared.seqlen, "sparsity_ratio": ratio},
         "pattern": pattern.describe(),
         "window_bos": prepared.window_bos(cfg.window_bos),
+        "idf_form": cfg.idf_form if "idf" in method.needs else None,
         "versions": versions(),
         "model": {
             "class": type(model).__name__,
