@@ -77,7 +77,7 @@ def test_selective_scores_scale_wanda_per_input_channel(score, factors):
 
 
 def test_methods_name_the_statistics_they_need():
-    assert get_method("wanda_select").needs == {"selectivity"}
+    assert get_method("wanda_select").needs == {"selectivity", "idf"}
     assert get_method("neuronrank_fisher").needs == {"classes"}
     assert not get_method("wanda").needs
 

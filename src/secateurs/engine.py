@@ -8,6 +8,7 @@ needed beyond the model is one block plus two buffers of calibration activations
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -16,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from secateurs.errors import SecateursError
+from secateurs.guard import ChannelAlarm, ChannelCollapseWarning, alarm_message, check_channels
 from secateurs.model import (
     BlockInputs,
     block_output,
@@ -42,6 +44,7 @@ class LayerRecord:
     shape: tuple[int, int]
     pruned: int
     recovery: LayerRecovery | None = None
+    alarm: ChannelAlarm | None = None
 
     @property
     def name(self) -> str:
@@ -80,11 +83,16 @@ class PruneReport:
             "after": sum(r.relative_error_after for r in done) / len(done),
         }
 
+    def alarms(self) -> dict[str, ChannelAlarm]:
+        """The channel guard's alarms, by layer name (see :mod:`secateurs.guard`)."""
+        return {r.name: r.alarm for r in self.layers if r.alarm is not None}
+
     def to_dict(self) -> dict:
         return {
             "layers": [asdict(r) | {"name": r.name, "sparsity": r.sparsity} for r in self.layers],
             "seconds": dict(self.seconds),
             "recovery_mean_relative_error": self.mean_relative_error(),
+            "guard": {name: asdict(alarm) for name, alarm in self.alarms().items()},
             "block_ratios": self.block_ratios,
             "allocation": self.allocation,
         }
@@ -96,8 +104,9 @@ def run_block(
     batch_size: int,
     keep_outputs: bool,
     before_batch: Callable[[slice], None] | None = None,
+    index: int = 0,
 ) -> torch.Tensor | None:
-    """Send every calibration window through ``block`` in batches."""
+    """Send every calibration window through ``block`` (number ``index``) in batches."""
     hidden = inputs.hidden
     outputs = torch.empty_like(hidden) if keep_outputs else None
     with torch.no_grad():
@@ -105,7 +114,7 @@ def run_block(
             if before_batch is not None:
                 before_batch(slice(start, start + batch_size))
             batch = hidden[start : start + batch_size]
-            args, kwargs = inputs.call_args(batch.shape[0])
+            args, kwargs = inputs.call_args(batch.shape[0], index)
             result = block_output(block(batch, *args, **kwargs))
             if outputs is not None:
                 outputs[start : start + batch.shape[0]] = result
@@ -120,6 +129,7 @@ def _calibrate(
     request: StatsRequest,
     labels: torch.Tensor | None,
     outputs: list[torch.Tensor] | None = None,
+    index: int = 0,
 ) -> dict[str, ActivationStats]:
     """One pass through the unpruned block, accumulating every layer's input statistics.
 
@@ -153,7 +163,12 @@ def _calibrate(
     ]
     try:
         result = run_block(
-            block, inputs, batch_size, keep_outputs=outputs is not None, before_batch=next_batch
+            block,
+            inputs,
+            batch_size,
+            keep_outputs=outputs is not None,
+            before_batch=next_batch,
+            index=index,
         )
     finally:
         for handle in handles:
@@ -198,9 +213,9 @@ def _layer_masks(
     for group in find_mlp_groups(layers):
         scores = {name: metric_fn(layers[name], stats.get(name)) for name in group.names}
         consumer_mask = pattern.create_mask(scores[group.consumer], ratio)
-        neurons = consumer_mask[0]
         for name in group.producers:
-            yield name, scores[name], neurons.unsqueeze(1).expand_as(scores[name]).clone()
+            rows = group.producer_rows(name, consumer_mask[0])  # every fused part's row
+            yield name, scores[name], rows.unsqueeze(1).expand_as(scores[name]).clone()
         yield group.consumer, scores[group.consumer], consumer_mask
 
 
@@ -255,7 +270,9 @@ def prune_sequential(
     become the next block's inputs. ``request`` names the statistics the scores need
     beyond Wanda's norms; with token classes, tokens are labelled from ``windows``.
     ``sparsity_ratio`` is one ratio, or one per block (OWL). A ``solver`` replaces scoring,
-    masking and recovery: it prunes and updates each layer itself (SparseGPT).
+    masking and recovery: it prunes and updates each layer itself (SparseGPT). Every
+    scored layer goes through the channel guard; one warning per run names the layers it
+    flags (:class:`secateurs.guard.ChannelCollapseWarning`).
     """
     device = torch.device(device)
     check_pattern_fits(model, pattern)
@@ -288,7 +305,7 @@ def prune_sequential(
         stats: dict[str, ActivationStats] = {}
         if inputs is not None:
             start = time.perf_counter()
-            stats = _calibrate(block, layers, inputs, batch_size, request, labels)
+            stats = _calibrate(block, layers, inputs, batch_size, request, labels, index=index)
             report.seconds["calibrate"] += time.perf_counter() - start
         prefix = f"{stack_name}.{index}"
         masks = _layer_masks(layers, stats, metric_fn, pattern, ratios[index])
@@ -304,6 +321,8 @@ def prune_sequential(
             weight = weight_matrix(layers[name])
             mask = mask.to(weight.device)
             record = LayerRecord(prefix, name, tuple(weight.shape), int(mask.sum()))
+            if name in stats:
+                record.alarm = check_channels(score, stats[name].sq_norm)
             if redistributor is None:
                 weight.masked_fill_(mask, 0)
                 report.seconds["score"] += time.perf_counter() - start
@@ -317,9 +336,11 @@ def prune_sequential(
         del stats
         if inputs is not None:
             start = time.perf_counter()
-            inputs.hidden = run_block(block, inputs, batch_size, keep_outputs=True)
+            inputs.hidden = run_block(block, inputs, batch_size, True, index=index)
             report.seconds["propagate"] += time.perf_counter() - start
         block.to(home)
+    if report.alarms():
+        warnings.warn(alarm_message(report.alarms()), ChannelCollapseWarning, stacklevel=2)
     return report
 
 
@@ -342,12 +363,14 @@ def block_outlier_ratios(
     _, blocks = find_blocks(model)
     inputs = capture_block_inputs(model, windows, device, batch_size)
     ratios = []
-    for block in tqdm(blocks, desc="outlier ratios", disable=not progress):
+    for index, block in enumerate(tqdm(blocks, desc="outlier ratios", disable=not progress)):
         home = next(block.parameters()).device
         block.to(device)
         layers = find_linears(block)
         outputs: list[torch.Tensor] = []
-        stats = _calibrate(block, layers, inputs, batch_size, StatsRequest(), None, outputs)
+        stats = _calibrate(
+            block, layers, inputs, batch_size, StatsRequest(), None, outputs, index=index
+        )
         scores = [wanda_score(weight_matrix(layer), stats[n]) for n, layer in layers.items()]
         total = sum(float(score.sum(dtype=torch.float64)) for score in scores)
         count = sum(score.numel() for score in scores)

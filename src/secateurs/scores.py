@@ -49,7 +49,7 @@ def wanda_score(weight: torch.Tensor, stats: ActivationStats | None) -> torch.Te
 
 
 def wanda_idf_score(weight: torch.Tensor, stats: ActivationStats | None) -> torch.Tensor:
-    """Wanda times ``IDF_j``: channels active on fewer tokens weigh more."""
+    """Wanda times ``IDF_j`` (form from the statistics' options): rarer channels weigh more."""
     stats = _require(stats, "wanda_idf")
     return _weighted(weight, stats.norm, stats.idf)
 
@@ -116,10 +116,11 @@ class Method:
     ``scope`` is how unstructured pruning compares scores by default: ``row`` (each output row
     on its own, as reference Wanda) or ``layer`` (one threshold per matrix, as reference
     magnitude). ``calibrated`` says whether the method needs activations at all; ``needs``
-    names statistics beyond the norms: ``selectivity`` (IDF, spikiness), ``classes``
-    (per-token-class moments for the Fisher ratio), ``gram`` (``X^T X``). ``options`` names
-    the keyword arguments the score takes (``alpha`` for RIA). A method with a ``solver``
-    chooses each layer's mask and updates its survivors itself (SparseGPT).
+    names statistics beyond the norms: ``selectivity`` (IDF, spikiness), ``idf`` (the score
+    reads the IDF, so its form matters), ``classes`` (per-token-class moments for the
+    Fisher ratio), ``gram`` (``X^T X``). ``options`` names the keyword arguments the score
+    takes (``alpha`` for RIA). A method with a ``solver`` chooses each layer's mask and
+    updates its survivors itself (SparseGPT).
     """
 
     name: str
@@ -138,7 +139,12 @@ METHODS: dict[str, Method] = {
     ),
     "wanda": Method("wanda", wanda_score, "row", True, "|W| * ||X||, per output row"),
     "wanda_idf": Method(
-        "wanda_idf", wanda_idf_score, "row", True, "Wanda * IDF", frozenset({"selectivity"})
+        "wanda_idf",
+        wanda_idf_score,
+        "row",
+        True,
+        "Wanda * IDF",
+        frozenset({"selectivity", "idf"}),
     ),
     "wanda_spiky": Method(
         "wanda_spiky",
@@ -154,7 +160,7 @@ METHODS: dict[str, Method] = {
         "row",
         True,
         "Wanda * IDF * spikiness",
-        frozenset({"selectivity"}),
+        frozenset({"selectivity", "idf"}),
     ),
     "neuronrank_fisher": Method(
         "neuronrank_fisher",
