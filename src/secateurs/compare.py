@@ -17,7 +17,7 @@ from typing import Any
 from secateurs.errors import SecateursError
 from secateurs.evaluate import check_sparsity
 from secateurs.idf import DEFAULT_IDF_FORM, check_idf_form
-from secateurs.io import atomic_write_text
+from secateurs.io import atomic_write_text, ensure_writable
 from secateurs.patterns import NMSparsity, parse_pattern
 from secateurs.report import versions
 from secateurs.runner import (
@@ -166,6 +166,7 @@ def run_compare(
     forms = sorted({cfg.idf_form for cfg in runs if _reads_idf(cfg)})
     out = Path(out_dir)
     cache = out / "runs"
+    ensure_writable(cache, "--out")
     cache.mkdir(parents=True, exist_ok=True)
     prepared = prepare(base, any(needs_calibration(cfg) for cfg in runs))
 
@@ -201,6 +202,7 @@ def write_outputs(
         "settings": settings,
         "versions": versions(),
         "eval_windows": int(prepared.eval_windows.shape[0]),
+        "window_bos": prepared.window_bos(base.window_bos),
         "dense_ppl": dense_ppl,
         "rows": rows,
     }

@@ -104,8 +104,9 @@ def run_block(
     batch_size: int,
     keep_outputs: bool,
     before_batch: Callable[[slice], None] | None = None,
+    index: int = 0,
 ) -> torch.Tensor | None:
-    """Send every calibration window through ``block`` in batches."""
+    """Send every calibration window through ``block`` (number ``index``) in batches."""
     hidden = inputs.hidden
     outputs = torch.empty_like(hidden) if keep_outputs else None
     with torch.no_grad():
@@ -113,7 +114,7 @@ def run_block(
             if before_batch is not None:
                 before_batch(slice(start, start + batch_size))
             batch = hidden[start : start + batch_size]
-            args, kwargs = inputs.call_args(batch.shape[0])
+            args, kwargs = inputs.call_args(batch.shape[0], index)
             result = block_output(block(batch, *args, **kwargs))
             if outputs is not None:
                 outputs[start : start + batch.shape[0]] = result
@@ -128,6 +129,7 @@ def _calibrate(
     request: StatsRequest,
     labels: torch.Tensor | None,
     outputs: list[torch.Tensor] | None = None,
+    index: int = 0,
 ) -> dict[str, ActivationStats]:
     """One pass through the unpruned block, accumulating every layer's input statistics.
 
@@ -161,7 +163,12 @@ def _calibrate(
     ]
     try:
         result = run_block(
-            block, inputs, batch_size, keep_outputs=outputs is not None, before_batch=next_batch
+            block,
+            inputs,
+            batch_size,
+            keep_outputs=outputs is not None,
+            before_batch=next_batch,
+            index=index,
         )
     finally:
         for handle in handles:
@@ -206,9 +213,9 @@ def _layer_masks(
     for group in find_mlp_groups(layers):
         scores = {name: metric_fn(layers[name], stats.get(name)) for name in group.names}
         consumer_mask = pattern.create_mask(scores[group.consumer], ratio)
-        neurons = consumer_mask[0]
         for name in group.producers:
-            yield name, scores[name], neurons.unsqueeze(1).expand_as(scores[name]).clone()
+            rows = group.producer_rows(name, consumer_mask[0])  # every fused part's row
+            yield name, scores[name], rows.unsqueeze(1).expand_as(scores[name]).clone()
         yield group.consumer, scores[group.consumer], consumer_mask
 
 
@@ -298,7 +305,7 @@ def prune_sequential(
         stats: dict[str, ActivationStats] = {}
         if inputs is not None:
             start = time.perf_counter()
-            stats = _calibrate(block, layers, inputs, batch_size, request, labels)
+            stats = _calibrate(block, layers, inputs, batch_size, request, labels, index=index)
             report.seconds["calibrate"] += time.perf_counter() - start
         prefix = f"{stack_name}.{index}"
         masks = _layer_masks(layers, stats, metric_fn, pattern, ratios[index])
@@ -329,7 +336,7 @@ def prune_sequential(
         del stats
         if inputs is not None:
             start = time.perf_counter()
-            inputs.hidden = run_block(block, inputs, batch_size, keep_outputs=True)
+            inputs.hidden = run_block(block, inputs, batch_size, True, index=index)
             report.seconds["propagate"] += time.perf_counter() - start
         block.to(home)
     if report.alarms():
@@ -356,12 +363,14 @@ def block_outlier_ratios(
     _, blocks = find_blocks(model)
     inputs = capture_block_inputs(model, windows, device, batch_size)
     ratios = []
-    for block in tqdm(blocks, desc="outlier ratios", disable=not progress):
+    for index, block in enumerate(tqdm(blocks, desc="outlier ratios", disable=not progress)):
         home = next(block.parameters()).device
         block.to(device)
         layers = find_linears(block)
         outputs: list[torch.Tensor] = []
-        stats = _calibrate(block, layers, inputs, batch_size, StatsRequest(), None, outputs)
+        stats = _calibrate(
+            block, layers, inputs, batch_size, StatsRequest(), None, outputs, index=index
+        )
         scores = [wanda_score(weight_matrix(layer), stats[n]) for n, layer in layers.items()]
         total = sum(float(score.sum(dtype=torch.float64)) for score in scores)
         count = sum(score.numel() for score in scores)

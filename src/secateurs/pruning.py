@@ -196,8 +196,12 @@ def prune(
     owl_threshold: float = 5.0,
     owl_lambda: float = 0.08,
     ria_alpha: float = 0.5,
+    window_bos: str = "auto",
 ) -> Pruned:
     """Load (if given a name), calibrate and prune a model in one call.
+
+    ``window_bos`` says whether calibration windows start with BOS (see
+    :func:`secateurs.data.window_bos_token`).
 
     ``sparsity_allocation`` is ``uniform``, ``owl`` (per-block ratios from outlier ratios,
     ``owl_threshold`` and ``owl_lambda``) or a file of per-block ratios.
@@ -222,7 +226,8 @@ def prune(
     if pruner.calibrated or redistributor is not None or sparsity_allocation == "owl":
         length = choose_seqlen(model.config, seqlen)
         source = data.resolve_source(dataset)
-        windows = data.calibration_windows(tokenizer, source, nsamples, length, seed)
+        bos = data.window_bos_token(window_bos, model.config, tokenizer)
+        windows = data.calibration_windows(tokenizer, source, nsamples, length, seed, bos)
     target = effective_ratio(pattern, sparsity_ratio)
     plan = allocate(
         model,

@@ -94,6 +94,7 @@ class PruneConfig:
     sparsity_allocation: str = "uniform"
     owl_threshold: float = 5.0
     owl_lambda: float = 0.08
+    window_bos: str = "auto"
 
     def selectivity(self) -> SelectivityOptions:
         return SelectivityOptions(
@@ -115,6 +116,14 @@ def check_device(name: str) -> torch.device:
         raise SecateursError(f"unknown --device '{name}': use cpu, cuda or cuda:N") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SecateursError("--device cuda was asked for but no CUDA GPU is visible; use cpu")
+    try:
+        float(torch.ones(1, device=device).sum())  # a device that computes and hands data back
+    except (RuntimeError, NotImplementedError, AssertionError) as exc:
+        # e.g. --device mps on a build without MPS, cuda:7 on a one-GPU machine
+        raise SecateursError(
+            f"--device {name} is not available in this torch build or on this machine "
+            f"({type(exc).__name__}); use cpu" + (" or cuda" if torch.cuda.is_available() else "")
+        ) from exc
     return device
 
 
@@ -166,6 +175,7 @@ def check_config(cfg: PruneConfig) -> tuple[Method, SparsityPattern, float]:
     _positive(cfg.nsamples, "--nsamples")
     _positive(cfg.batch_size, "--batch_size")
     check_eval_args(cfg)
+    data.check_window_bos(cfg.window_bos)
     data.resolve_source(cfg.dataset)
     data.resolve_source(cfg.eval_dataset or cfg.dataset)
     ensure_free(cfg.save_model, "--save_model")
@@ -191,10 +201,13 @@ def check_solver(method: Method, pattern: SparsityPattern, cfg: PruneConfig) -> 
         )
 
 
-def load_eval_windows(tokenizer, dataset: str, seqlen: int, limit: int | None) -> torch.Tensor:
-    """Test-split windows of an evaluation source."""
+def load_eval_windows(
+    tokenizer, dataset: str, seqlen: int, limit: int | None, bos: int | None = None
+) -> torch.Tensor:
+    """Test-split windows of an evaluation source, each starting with ``bos`` if given."""
     source = data.resolve_source(dataset)
-    return data.evaluation_windows(data.evaluation_tokens(tokenizer, source), seqlen, limit, source)
+    tokens = data.evaluation_tokens(tokenizer, source)
+    return data.evaluation_windows(tokens, seqlen, limit, source, bos)
 
 
 def save_pruned_model(model, tokenizer, path: str, result: dict[str, Any]) -> None:
@@ -215,6 +228,11 @@ class Prepared:
     eval_windows: torch.Tensor
     eval_name: str
     seconds: float
+    bos: int | None = None
+
+    def window_bos(self, rule: str) -> dict[str, Any]:
+        """The BOS rule and what it resolved to, for the JSON result."""
+        return {"rule": rule, "prefixed": self.bos is not None, "bos_token_id": self.bos}
 
 
 def prepare(cfg: PruneConfig, calibrate: bool) -> Prepared:
@@ -222,15 +240,16 @@ def prepare(cfg: PruneConfig, calibrate: bool) -> Prepared:
     config = load_config(cfg.model, cfg.cache_dir, cfg.trust_remote_code)
     seqlen = choose_seqlen(config, cfg.seqlen)
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir, cfg.trust_remote_code)
+    bos = data.window_bos_token(cfg.window_bos, config, tokenizer)
     start = time.perf_counter()
     windows = None
     if calibrate:
         source = data.resolve_source(cfg.dataset)
-        windows = data.calibration_windows(tokenizer, source, cfg.nsamples, seqlen, cfg.seed)
+        windows = data.calibration_windows(tokenizer, source, cfg.nsamples, seqlen, cfg.seed, bos)
     eval_name = cfg.eval_dataset or cfg.dataset
-    eval_windows = load_eval_windows(tokenizer, eval_name, seqlen, cfg.eval_limit)
+    eval_windows = load_eval_windows(tokenizer, eval_name, seqlen, cfg.eval_limit, bos)
     return Prepared(
-        tokenizer, seqlen, windows, eval_windows, eval_name, time.perf_counter() - start
+        tokenizer, seqlen, windows, eval_windows, eval_name, time.perf_counter() - start, bos
     )
 
 
@@ -333,6 +352,7 @@ def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str,
     result = {
         "config": asdict(cfg) | {"seqlen": prepared.seqlen, "sparsity_ratio": ratio},
         "pattern": pattern.describe(),
+        "window_bos": prepared.window_bos(cfg.window_bos),
         "idf_form": cfg.idf_form if "idf" in method.needs else None,
         "versions": versions(),
         "model": {

@@ -38,9 +38,9 @@ class SelectivityOptions:
             value = getattr(self, name)
             if not 0.0 < value < 1.0:
                 raise SecateursError(f"{name} must be in (0, 1), got {value}")
-        if self.idf_clip <= 0:
+        if not self.idf_clip > 0:  # written so that NaN is refused too
             raise SecateursError(f"idf_clip must be > 0, got {self.idf_clip}")
-        if self.spiky_clip < 1:
+        if not self.spiky_clip >= 1:
             raise SecateursError(f"spiky_clip must be >= 1, got {self.spiky_clip}")
         if self.eps <= 0:
             raise SecateursError(f"eps must be > 0, got {self.eps}")
