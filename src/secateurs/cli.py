@@ -213,6 +213,55 @@ def prune(
     idf_clip: IdfClipOpt = _DEFAULTS["idf_clip"],
     spiky_clip: SpikyClipOpt = _DEFAULTS["spiky_clip"],
     exact_selectivity: ExactOpt = False,
+    prune_data: Annotated[
+        str | None,
+        _flag(
+            "prune_data",
+            "Prompt/response scoring data instead of --dataset: align (HarmBench prompts with "
+            "refusals, scoring half), utility (wiki-sample pairs), or a .jsonl/.csv file.",
+        ),
+    ] = None,
+    utility_data: Annotated[
+        str, _flag("utility_data", "wandg_set_difference: the utility prompt/response data.")
+    ] = _DEFAULTS["utility_data"],
+    entangle_prompt_feat: Annotated[
+        bool,
+        _flag("entangle_prompt_feat", "Count prompt tokens too (default: response tokens only)."),
+    ] = False,
+    save: Annotated[
+        str | None, _flag("save", "Folder for score files and attack responses.")
+    ] = None,
+    dump_wanda_score: Annotated[
+        bool,
+        _flag("dump_wanda_score", "Write the raw scores under --save and stop without pruning."),
+    ] = False,
+    load_wanda_score: Annotated[
+        bool, _flag("load_wanda_score", "Prune from scores dumped under --save (no calibration).")
+    ] = False,
+    neg_prune: Annotated[
+        bool, _flag("neg_prune", "Prune the highest scores instead of the lowest.")
+    ] = False,
+    p: Annotated[
+        float, _flag("p", "wandg_set_difference: top fraction by utility score that is kept.")
+    ] = _DEFAULTS["p"],
+    q: Annotated[
+        float, _flag("q", "wandg_set_difference: top fraction by safety score considered.")
+    ] = _DEFAULTS["q"],
+    eval_attack: Annotated[
+        bool, _flag("eval_attack", "ASR on the held-out half of align after pruning.")
+    ] = False,
+    save_attack_res: Annotated[
+        bool, _flag("save_attack_res", "Save the attack responses as JSONL under --save.")
+    ] = False,
+    attack_max_new_tokens: Annotated[
+        int, _flag("attack_max_new_tokens", "Tokens generated per attack prompt.")
+    ] = _DEFAULTS["attack_max_new_tokens"],
+    attack_batch_size: Annotated[
+        int, _flag("attack_batch_size", "Prompts per generation batch.")
+    ] = _DEFAULTS["attack_batch_size"],
+    attack_limit: Annotated[
+        int | None, _flag("attack_limit", "Attack only the first N held-out prompts.")
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Prune a model, then print dense and pruned perplexity and the sparsity check."""

@@ -113,6 +113,7 @@ def _calibrate(
     batch_size: int,
     request: StatsRequest,
     labels: torch.Tensor | None,
+    token_mask: torch.Tensor | None = None,
 ) -> dict[str, ActivationStats]:
     """One pass through the unpruned block, accumulating every layer's input statistics."""
     device = inputs.hidden.device
@@ -122,11 +123,12 @@ def _calibrate(
     }
     # Layers fed the very same tensor (q/k/v, gate/up) share one set of statistics: the last
     # input is held, so an identity match can never be a freed tensor's reused memory.
-    last: dict[str, object] = {"input": None, "owner": None, "labels": None}
+    last: dict[str, object] = {"input": None, "owner": None, "labels": None, "keep": None}
     shares: dict[str, str] = {}
 
     def next_batch(rows: slice) -> None:
         last["labels"] = None if labels is None else labels[rows].to(device)
+        last["keep"] = None if token_mask is None else token_mask[rows].to(device)
 
     def observe(name: str, x: torch.Tensor) -> None:
         if name in shares:
@@ -135,7 +137,7 @@ def _calibrate(
             shares[name] = last["owner"]
             return
         last["input"], last["owner"] = x, name
-        stats[name].add_batch(x, last["labels"])
+        stats[name].add_batch(x, last["labels"], last["keep"])
 
     handles = [
         layer.register_forward_hook(lambda _m, args, _out, n=name: observe(n, args[0]))
@@ -202,6 +204,7 @@ def prune_sequential(
     progress: bool = True,
     redistributor: WeightRedistributor | None = None,
     request: StatsRequest | None = None,
+    token_mask: torch.Tensor | None = None,
 ) -> PruneReport:
     """Prune every linear layer of every decoder block, in block order.
 
@@ -210,6 +213,7 @@ def prune_sequential(
     recovered, with a ``redistributor``), then the windows run through the pruned block to
     become the next block's inputs. ``request`` names the statistics the scores need
     beyond Wanda's norms; with token classes, tokens are labelled from ``windows``.
+    ``token_mask`` (same shape as ``windows``) limits the statistics to the tokens it marks.
     """
     device = torch.device(device)
     check_pattern_fits(model, pattern)
@@ -234,7 +238,7 @@ def prune_sequential(
         stats: dict[str, ActivationStats] = {}
         if inputs is not None:
             start = time.perf_counter()
-            stats = _calibrate(block, layers, inputs, batch_size, request, labels)
+            stats = _calibrate(block, layers, inputs, batch_size, request, labels, token_mask)
             report.seconds["calibrate"] += time.perf_counter() - start
         start = time.perf_counter()
         for name, score, mask in _layer_masks(layers, stats, metric_fn, pattern, sparsity_ratio):

@@ -21,7 +21,13 @@ from secateurs.errors import SecateursError
 from secateurs.evaluate import check_sparsity, perplexity
 from secateurs.io import atomic_dir, ensure_free
 from secateurs.model import choose_seqlen, load_config, load_model, load_tokenizer
-from secateurs.patterns import SCOPES, SparsityPattern, effective_ratio, parse_pattern
+from secateurs.patterns import (
+    SCOPES,
+    SetDifference,
+    SparsityPattern,
+    effective_ratio,
+    parse_pattern,
+)
 from secateurs.profiling import measure
 from secateurs.pruning import MethodPruner
 from secateurs.recovery import (
@@ -30,8 +36,18 @@ from secateurs.recovery import (
     LeastSquaresStrategy,
     WeightRedistributor,
 )
+from secateurs.prompts import PromptBatch
 from secateurs.report import versions, write_json, write_log
 from secateurs.scores import Method, check_classes, get_method
+from secateurs.scoring import (
+    attack_run,
+    check_score_args,
+    dump_run,
+    is_set_difference,
+    prompt_batch,
+    prune_from_table,
+    uses_table,
+)
 from secateurs.shrink import shrink_mlps, width_field
 from secateurs.stats import SelectivityOptions
 
@@ -78,6 +94,20 @@ class PruneConfig:
     idf_clip: float = 10.0
     spiky_clip: float = 10.0
     exact_selectivity: bool = False
+    prune_data: str | None = None
+    utility_data: str = "utility"
+    entangle_prompt_feat: bool = False
+    save: str | None = None
+    dump_wanda_score: bool = False
+    load_wanda_score: bool = False
+    neg_prune: bool = False
+    p: float = 0.5
+    q: float = 0.5
+    eval_attack: bool = False
+    save_attack_res: bool = False
+    attack_max_new_tokens: int = 64
+    attack_batch_size: int = 8
+    attack_limit: int | None = None
 
     def selectivity(self) -> SelectivityOptions:
         return SelectivityOptions(
@@ -149,6 +179,12 @@ def check_config(cfg: PruneConfig) -> tuple[Method, SparsityPattern, float]:
     ensure_free(cfg.save_model, "--save_model")
     ensure_free(cfg.save_json, "--save_json")
     ensure_free(cfg.save_log, "--save_log")
+    if is_set_difference(method):
+        pattern, ratio = SetDifference(cfg.p, cfg.q), 0.0
+    _positive(cfg.attack_max_new_tokens, "--attack_max_new_tokens")
+    _positive(cfg.attack_batch_size, "--attack_batch_size")
+    _positive(cfg.attack_limit, "--attack_limit")
+    check_score_args(cfg, method)
     return method, pattern, ratio
 
 
@@ -176,6 +212,7 @@ class Prepared:
     eval_windows: torch.Tensor
     eval_name: str
     seconds: float
+    batch: PromptBatch | None = None
 
 
 def prepare(cfg: PruneConfig, calibrate: bool) -> Prepared:
@@ -184,14 +221,18 @@ def prepare(cfg: PruneConfig, calibrate: bool) -> Prepared:
     seqlen = choose_seqlen(config, cfg.seqlen)
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir, cfg.trust_remote_code)
     start = time.perf_counter()
-    windows = None
-    if calibrate:
+    windows = batch = None
+    method = get_method(cfg.prune_method)
+    if calibrate and (cfg.prune_data or is_set_difference(method)):
+        batch = prompt_batch(cfg, tokenizer, cfg.prune_data or "align", seqlen)
+        windows = batch.input_ids
+    elif calibrate:
         source = data.resolve_source(cfg.dataset)
         windows = data.calibration_windows(tokenizer, source, cfg.nsamples, seqlen, cfg.seed)
     eval_name = cfg.eval_dataset or cfg.dataset
     eval_windows = load_eval_windows(tokenizer, eval_name, seqlen, cfg.eval_limit)
     return Prepared(
-        tokenizer, seqlen, windows, eval_windows, eval_name, time.perf_counter() - start
+        tokenizer, seqlen, windows, eval_windows, eval_name, time.perf_counter() - start, batch
     )
 
 
@@ -216,6 +257,21 @@ def evaluate_model(model, cfg: PruneConfig, prepared: Prepared, label: str) -> f
 
 def prune_loaded(model, cfg: PruneConfig, prepared: Prepared, method: Method, ratio: float):
     """Prune a loaded model as the checked ``cfg`` says; the report, time and memory used."""
+    device = check_device(cfg.device)
+    if uses_table(cfg, method):
+        with measure(device) as memory:
+            report = prune_from_table(
+                model,
+                cfg,
+                method,
+                ratio,
+                prepared.batch if prepared.batch is not None else prepared.windows,
+                prepared.tokenizer,
+                prepared.seqlen,
+                device,
+                print if cfg.progress else (lambda _m: None),
+            )
+        return report, memory
     pruner = MethodPruner(
         model,
         method,
@@ -229,13 +285,35 @@ def prune_loaded(model, cfg: PruneConfig, prepared: Prepared, method: Method, ra
     )
     with measure(check_device(cfg.device)) as memory:
         report = pruner.prune(
-            prepared.windows, ratio, cfg.sparsity_type, cfg.scope, cfg.use_variant
+            prepared.batch if prepared.batch is not None else prepared.windows,
+            ratio,
+            cfg.sparsity_type,
+            cfg.scope,
+            cfg.use_variant,
+            negate=cfg.neg_prune,
         )
     return report, memory
 
 
 def needs_calibration(cfg: PruneConfig) -> bool:
-    return get_method(cfg.prune_method).calibrated or cfg.use_recovery
+    method = get_method(cfg.prune_method)
+    if cfg.load_wanda_score:
+        return False
+    return method.calibrated or cfg.use_recovery or "gradients" in method.needs
+
+
+def run_dump(cfg: PruneConfig, model, prepared: Prepared, method: Method, log) -> dict[str, Any]:
+    """``--dump_wanda_score``: write the raw scores under ``--save`` and stop without pruning."""
+    start = time.perf_counter()
+    batch = prepared.batch if prepared.batch is not None else prepared.windows
+    path = dump_run(model, cfg, method, batch, prepared.seqlen, check_device(cfg.device))
+    log(f"wrote the raw {method.name} scores to {path}; nothing was pruned")
+    return {
+        "config": asdict(cfg) | {"seqlen": prepared.seqlen},
+        "versions": versions(),
+        "scores": str(path),
+        "timings": {"score": time.perf_counter() - start},
+    }
 
 
 def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -250,6 +328,8 @@ def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str,
     model = load(cfg, prepared)
     timings["load_model"] = time.perf_counter() - start
     check_pattern_fits(model, pattern)
+    if cfg.dump_wanda_score:
+        return run_dump(cfg, model, prepared, method, log)
     shrink = pattern.structured and cfg.save_model is not None and not cfg.keep_shape
     if shrink:
         width_field(model.config)
@@ -268,6 +348,12 @@ def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str,
 
     check = check_sparsity(model, pattern, ratio)
     pruned_ppl = evaluate("pruned")
+    attack_result = None
+    if cfg.eval_attack:
+        start = time.perf_counter()
+        attack_result = attack_run(model, prepared.tokenizer, cfg, check_device(cfg.device))
+        timings["attack"] = time.perf_counter() - start
+        log(", ".join(f"ASR {k}: {v:.3f}" for k, v in attack_result["asr"].items()))
 
     result = {
         "config": asdict(cfg) | {"seqlen": prepared.seqlen, "sparsity_ratio": ratio},
@@ -284,6 +370,7 @@ def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str,
             "pruned": pruned_ppl,
         },
         "sparsity": check.to_dict(),
+        "attack": attack_result,
         "prune": report.to_dict(),
         "timings": timings,
         "memory": memory.to_dict(),

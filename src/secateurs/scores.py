@@ -65,6 +65,16 @@ def fisher_score(weight: torch.Tensor, stats: ActivationStats | None) -> torch.T
     return _weighted(weight, stats.norm, stats.fisher)
 
 
+def wandg_score(weight: torch.Tensor, gradient: torch.Tensor | None) -> torch.Tensor:
+    """``|W_ij| * sum_s |dL_s/dW_ij|``, the SNIP-style score of Wei et al. (2024).
+
+    ``gradient`` is the per-sample-absolute gradient sum of :mod:`secateurs.gradients`.
+    """
+    if gradient is None:
+        raise ValueError("the wandg score needs the summed gradient magnitudes")
+    return weight.abs().float() * gradient.to(weight.device)
+
+
 @dataclass(frozen=True)
 class Method:
     """A registered pruning method.
@@ -73,7 +83,8 @@ class Method:
     on its own, as reference Wanda) or ``layer`` (one threshold per matrix, as reference
     magnitude). ``calibrated`` says whether the method needs activations at all; ``needs``
     names statistics beyond the norms: ``selectivity`` (IDF, spikiness), ``classes``
-    (per-token-class moments for the Fisher ratio).
+    (per-token-class moments for the Fisher ratio), ``gradients`` (a whole-model gradient
+    pass; the score function then takes the gradient magnitudes instead of statistics).
     """
 
     name: str
@@ -115,6 +126,22 @@ METHODS: dict[str, Method] = {
         True,
         "Wanda * Fisher ratio over the most frequent tokens",
         frozenset({"classes"}),
+    ),
+    "wandg": Method(
+        "wandg",
+        wandg_score,
+        "row",
+        False,
+        "|W| * sum of |dL/dW| over samples (needs the LM loss; use --prune_data)",
+        frozenset({"gradients"}),
+    ),
+    "wandg_set_difference": Method(
+        "wandg_set_difference",
+        wandg_score,
+        "layer",
+        False,
+        "prune top-q wandg on --prune_data (safety) minus top-p on --utility_data, per matrix",
+        frozenset({"gradients", "set_difference"}),
     ),
 }
 
