@@ -140,7 +140,7 @@ def attack(
             model, tokenizer, prompts, system, max_new_tokens, batch_size, device, progress
         )
         refused = [judge(p, a) for p, a in zip(prompts, answers, strict=True)]
-        result.asr[setting] = 1.0 - sum(refused) / len(refused)
+        result.asr[setting] = (len(refused) - sum(refused)) / len(refused)
         result.rows.extend(
             {"setting": setting, "prompt": p, "response": a, "refused": r}
             for p, a, r in zip(prompts, answers, refused, strict=True)

@@ -265,9 +265,7 @@ class MethodPruner(BasePruner):
                 dataloader, sparsity_ratio, sparsity_type, scope, use_variant, token_mask, negate
             )
         table = self.scores(dataloader, token_mask)
-        pruner = TablePruner(
-            self.model, table, scope or self.default_scope, progress=self.progress
-        )
+        pruner = TablePruner(self.model, table, scope or self.default_scope, progress=self.progress)
         return pruner.prune(None, sparsity_ratio, sparsity_type, scope, use_variant, negate=negate)
 
 

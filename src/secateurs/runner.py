@@ -29,6 +29,7 @@ from secateurs.patterns import (
     parse_pattern,
 )
 from secateurs.profiling import measure
+from secateurs.prompts import PromptBatch
 from secateurs.pruning import MethodPruner
 from secateurs.recovery import (
     STRATEGIES,
@@ -36,7 +37,6 @@ from secateurs.recovery import (
     LeastSquaresStrategy,
     WeightRedistributor,
 )
-from secateurs.prompts import PromptBatch
 from secateurs.report import versions, write_json, write_log
 from secateurs.scores import Method, check_classes, get_method
 from secateurs.scoring import (

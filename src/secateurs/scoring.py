@@ -72,17 +72,19 @@ def check_score_args(cfg: Any, method: Method) -> None:
         raise SecateursError("--save_attack_res writes under --save DIR; pass --save")
     if cfg.save_attack_res:
         ensure_free(attack_path(cfg), "attack responses")
+    if cfg.use_recovery and (cfg.load_wanda_score or uses_table(cfg, method)):
+        raise SecateursError(
+            "--use_recovery needs the block-by-block calibration; it does not combine with "
+            "gradient scores, loaded scores or set difference"
+        )
+    if not (cfg.dump_wanda_score or cfg.load_wanda_score):
+        return
     for path in score_files(cfg, method).values():
         if cfg.dump_wanda_score:
             check_dumpable(path)
         if cfg.load_wanda_score:
             check_loadable(path)
             check_model_name(path, cfg.model)
-    if cfg.use_recovery and (cfg.load_wanda_score or uses_table(cfg, method)):
-        raise SecateursError(
-            "--use_recovery needs the block-by-block calibration; it does not combine with "
-            "gradient scores, loaded scores or set difference"
-        )
 
 
 def attack_path(cfg: Any) -> Path:
@@ -153,7 +155,7 @@ def prune_from_table(
     log: Callable[[str], None],
 ) -> PruneReport:
     """Prune from loaded scores, a gradient pass, or the set difference of two score sets."""
-    files = score_files(cfg, method)
+    files = score_files(cfg, method) if cfg.load_wanda_score else {}
     if is_set_difference(method):
         scorer = get_method(SET_DIFFERENCE_SCORE)
         if cfg.load_wanda_score:
