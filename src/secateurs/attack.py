@@ -154,3 +154,15 @@ def save_responses(path: str | Path, rows: list[dict]) -> None:
         tmp.write_text(
             "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8"
         )
+
+
+def attack_prompts(name: str) -> list[str]:
+    """``align``: the held-out half; ``utility``: wiki-sample test pairs; or a JSONL/CSV file."""
+    from secateurs import prompts
+
+    if name == "align":
+        return [pair.prompt for pair in prompts.align_split("eval")]
+    if name == "utility":
+        return [pair.prompt for pair in prompts.utility_pairs("test")]
+    prompts.check_prompt_data(name)
+    return [pair.prompt for pair in prompts.read_pairs(name)]

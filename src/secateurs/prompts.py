@@ -73,11 +73,11 @@ def align_split(split: str) -> list[Pair]:
     return [Pair(prompt, REFUSALS[j % len(REFUSALS)]) for j, prompt in enumerate(chosen)]
 
 
-def utility_pairs() -> list[Pair]:
-    """Passage-continuation pairs cut from the ``wiki-sample`` train split."""
+def utility_pairs(split: str = "train") -> list[Pair]:
+    """Passage-continuation pairs cut from a ``wiki-sample`` split (scoring uses train)."""
     pairs = []
     size = _UTILITY_PROMPT_WORDS + _UTILITY_RESPONSE_WORDS
-    for text in assets.wiki_sample_split("train"):
+    for text in assets.wiki_sample_split(split):
         words = re.sub(r"\s+", " ", text).split(" ")
         for start in range(0, len(words) - size + 1, size):
             prompt_words = words[start : start + _UTILITY_PROMPT_WORDS]
