@@ -29,7 +29,7 @@ from secateurs.patterns import (
     parse_pattern,
 )
 from secateurs.profiling import measure
-from secateurs.prompts import PromptBatch
+from secateurs.prompts import PromptBatch, check_chat_template
 from secateurs.pruning import MethodPruner
 from secateurs.recovery import (
     STRATEGIES,
@@ -322,6 +322,8 @@ def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str,
     timings: dict[str, float] = {}
     prepared = prepare(cfg, needs_calibration(cfg))
     timings["data"] = prepared.seconds
+    if cfg.eval_attack:
+        check_chat_template(prepared.tokenizer)
 
     log(f"loading {cfg.model}")
     start = time.perf_counter()
