@@ -255,7 +255,14 @@ def evaluate_model(model, cfg: PruneConfig, prepared: Prepared, label: str) -> f
     )
 
 
-def prune_loaded(model, cfg: PruneConfig, prepared: Prepared, method: Method, ratio: float):
+def prune_loaded(
+    model,
+    cfg: PruneConfig,
+    prepared: Prepared,
+    method: Method,
+    ratio: float,
+    log: Callable[[str], None] = lambda _m: None,
+):
     """Prune a loaded model as the checked ``cfg`` says; the report, time and memory used."""
     device = check_device(cfg.device)
     if uses_table(cfg, method):
@@ -269,7 +276,7 @@ def prune_loaded(model, cfg: PruneConfig, prepared: Prepared, method: Method, ra
                 prepared.tokenizer,
                 prepared.seqlen,
                 device,
-                print if cfg.progress else (lambda _m: None),
+                log,
             )
         return report, memory
     pruner = MethodPruner(
@@ -331,7 +338,10 @@ def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str,
     timings["load_model"] = time.perf_counter() - start
     check_pattern_fits(model, pattern)
     if cfg.dump_wanda_score:
-        return run_dump(cfg, model, prepared, method, log)
+        result = run_dump(cfg, model, prepared, method, log)
+        if cfg.save_json:
+            write_json(cfg.save_json, result)
+        return result
     shrink = pattern.structured and cfg.save_model is not None and not cfg.keep_shape
     if shrink:
         width_field(model.config)
@@ -345,7 +355,7 @@ def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str,
 
     dense_ppl = evaluate("dense") if cfg.eval_dense else None
     log(f"pruning with {method.name}, {pattern.describe()}, sparsity {ratio}")
-    report, memory = prune_loaded(model, cfg, prepared, method, ratio)
+    report, memory = prune_loaded(model, cfg, prepared, method, ratio, log)
     timings["prune"] = memory.seconds
 
     check = check_sparsity(model, pattern, ratio)
