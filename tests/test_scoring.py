@@ -230,3 +230,13 @@ def test_set_difference_end_to_end_with_attack(chat_model_dir, pairs_files, tmp_
     assert on_the_fly.exit_code == 0, on_the_fly.output
     again = json.loads((tmp_path / "f.json").read_text())["sparsity"]
     assert again["layers"] == report["sparsity"]["layers"]
+
+
+def test_a_large_set_difference_warns():
+    from secateurs.pruning import prune_set_difference
+
+    model = make_model("llama")
+    safety = _scores(model)
+    utility = {name: -score for name, score in safety.items()}
+    with pytest.warns(UserWarning, match="Lower --q"):
+        prune_set_difference(model, safety, utility, p=0.1, q=0.3, progress=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,10 @@ def as_windows(dataloader: Any) -> torch.Tensor | None:
         ids = item[0] if isinstance(item, (tuple, list)) else item
         rows.append(ids if ids.dim() == 2 else ids.unsqueeze(0))
     return torch.cat(rows) if rows else None
+
+
+# Above this share of weights a set difference stops isolating safety (Wei et al. prune ~3%).
+LARGE_SET_DIFFERENCE = 0.1
 
 
 def negated(metric: MetricFn) -> MetricFn:
@@ -154,7 +159,17 @@ def prune_set_difference(
 ) -> PruneReport:
     """Prune, per weight matrix, the top-``q`` safety weights outside the top-``p`` utility."""
     stacked = {name: torch.stack([safety[name], utility[name].to(safety[name])]) for name in safety}
-    return prune_with_pattern(model, stacked, SetDifference(p, q), progress)
+    report = prune_with_pattern(model, stacked, SetDifference(p, q), progress)
+    pruned = sum(r.pruned for r in report.layers)
+    total = sum(r.shape[0] * r.shape[1] for r in report.layers)
+    if total and pruned / total > LARGE_SET_DIFFERENCE:
+        warnings.warn(
+            f"the set difference pruned {pruned / total:.1%} of the weights; the published effect "
+            "comes from a few percent, and this many usually costs perplexity too. Lower --q "
+            "or raise --p",
+            stacklevel=2,
+        )
+    return report
 
 
 def prune_with_pattern(

@@ -101,8 +101,8 @@ class PruneConfig:
     dump_wanda_score: bool = False
     load_wanda_score: bool = False
     neg_prune: bool = False
-    p: float = 0.5
-    q: float = 0.5
+    p: float = 0.02
+    q: float = 0.02
     eval_attack: bool = False
     save_attack_res: bool = False
     attack_max_new_tokens: int = 64
