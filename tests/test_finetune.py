@@ -1,4 +1,5 @@
 import pytest
+import torch
 from chat_helpers import chat_tokenizer, write_pairs
 from conftest import invoke, make_model, make_windows
 from transformers import AutoModelForCausalLM
@@ -98,3 +99,15 @@ def test_attack_command_writes_responses(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "no_system" in result.output and len(out.read_text().splitlines()) == 6
+
+
+def test_samples_without_a_response_token_are_dropped():
+    from secateurs.finetune import trainable_rows
+    from secateurs.prompts import PromptBatch
+
+    ids = torch.ones(3, 4, dtype=torch.long)
+    mask = torch.tensor([[0, 0, 1, 1], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=torch.bool)
+    kept = trainable_rows(PromptBatch(ids, mask, torch.tensor([4, 4, 4])))
+    assert kept.token_mask.tolist() == [[0, 0, 1, 1], [0, 0, 0, 1]]
+    with pytest.raises(SecateursError, match="raise --seqlen"):
+        trainable_rows(PromptBatch(ids[1:2], mask[1:2], torch.tensor([4])))

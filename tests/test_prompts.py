@@ -17,7 +17,7 @@ def test_align_halves_are_disjoint_and_cover_harmbench():
 def test_utility_pairs_come_from_the_train_split():
     pairs = prompts.utility_pairs()
     assert len(pairs) > 500
-    assert all(len(p.response.split()) == 40 for p in pairs[:20])
+    assert all(len(p.response.split()) == 20 for p in pairs[:20])
 
 
 def test_read_jsonl_and_csv(tmp_path):

@@ -75,6 +75,14 @@ def reapply(model: nn.Module, masks: dict[str, torch.Tensor]) -> int:
     return int(sum(int(mask.sum()) for mask in masks.values()))
 
 
+def trainable_rows(batch: PromptBatch) -> PromptBatch:
+    """The samples with at least one counted target token (a cut response has none)."""
+    keep = batch.token_mask[:, 1:].any(dim=1)
+    if not bool(keep.any()):
+        raise SecateursError("no sample has a response token within --seqlen; raise --seqlen")
+    return PromptBatch(batch.input_ids[keep], batch.token_mask[keep], batch.lengths[keep])
+
+
 def _minibatch(batch: PromptBatch, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Ids and labels of ``rows``, cut to their longest sample (the rest is padding)."""
     length = int(batch.lengths[rows].max())
@@ -92,6 +100,7 @@ def finetune(
     from peft import LoraConfig, get_peft_model
 
     options = options or LoraOptions()
+    batch = trainable_rows(batch)
     device = torch.device(device)
     masks = zero_masks(model)
     config = LoraConfig(

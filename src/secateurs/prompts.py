@@ -54,8 +54,8 @@ _UTILITY_INSTRUCTIONS = (
     "Read this text and carry on writing in the same style:\n\n",
     "Finish this paragraph:\n\n",
 )
-_UTILITY_PROMPT_WORDS = 80
-_UTILITY_RESPONSE_WORDS = 40
+_UTILITY_PROMPT_WORDS = 40
+_UTILITY_RESPONSE_WORDS = 20
 
 
 def harmbench_prompts() -> list[str]:
