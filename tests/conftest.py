@@ -5,12 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     OPTConfig,
     OPTForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
@@ -66,6 +72,49 @@ def _configs():
                 vocab_size=VOCAB,
                 bos_token_id=0,
                 eos_token_id=0,
+            ),
+        ),
+        # sliding-window and full attention layers, tied embeddings, soft-capped logits
+        "gemma3": (
+            Gemma3ForCausalLM,
+            Gemma3TextConfig(
+                hidden_size=64,
+                intermediate_size=128,
+                num_key_value_heads=2,
+                head_dim=16,
+                max_position_embeddings=256,
+                sliding_window=8,
+                layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                final_logit_softcapping=2.0,  # small, so that capping shows in tiny logits
+                tie_word_embeddings=True,
+                bos_token_id=2,
+                **common,
+            ),
+        ),
+        "mistral": (
+            MistralForCausalLM,
+            MistralConfig(
+                hidden_size=64,
+                intermediate_size=128,
+                num_key_value_heads=2,
+                max_position_embeddings=256,
+                sliding_window=8,
+                **common,
+            ),
+        ),
+        # fused projections: qkv_proj (q, k and v rows) and gate_up_proj (gate rows, up rows)
+        "phi3": (
+            Phi3ForCausalLM,
+            Phi3Config(
+                hidden_size=64,
+                intermediate_size=128,
+                num_key_value_heads=2,
+                max_position_embeddings=256,
+                original_max_position_embeddings=256,
+                pad_token_id=0,
+                bos_token_id=1,
+                eos_token_id=1,
+                **common,
             ),
         ),
     }

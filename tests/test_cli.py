@@ -57,6 +57,15 @@ def test_help_teaches_the_flags():
             "neuronrank_max_classes must be > 0",
         ),
         (["--prune_method", "wanda_idf", "--tau_percentile", "1.2"], "tau_percentile"),
+        (["--prune_method", "wanda_idf", "--idf_form", "bm25"], "unknown --idf_form 'bm25'"),
+        (["--prune_method", "sparsegpt", "--use_recovery"], "drop --use_recovery"),
+        (["--prune_method", "sparsegpt", "--sparsity_type", "neuron"], "not neuron"),
+        (["--prune_method", "sparsegpt", "--use_variant"], "drop --use_variant"),
+        (["--prune_method", "ria", "--ria_alpha", "-1"], "--ria_alpha must be"),
+        (["--sparsity_allocation", "owl", "--sparsity_type", "2:4"], "2:4 fixes it"),
+        (["--sparsity_allocation", "owl", "--owl_lambda", "0.7"], "--owl_lambda must be"),
+        (["--sparsity_allocation", "owl", "--owl_threshold", "0"], "--owl_threshold must be"),
+        (["--sparsity_allocation", "no/such/file.json"], "neither uniform nor owl"),
     ],
 )
 def test_bad_input_fails_fast_with_a_fix(args, message, tiny_model_dir, text_dir, no_model_load):
@@ -133,3 +142,68 @@ def test_interrupted_run_leaves_no_output(tmp_path, tiny_model_dir, text_dir, mo
     leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("tiny-llama", "text")]
     assert leftovers == ["pruned"]  # the model folder landed whole before the interrupt
     assert not any(p.name.endswith(".tmp") for p in tmp_path.rglob("*"))
+
+
+def test_help_names_the_default_idf_form(monkeypatch):
+    from secateurs.idf import DEFAULT_IDF_FORM
+
+    monkeypatch.setenv("COLUMNS", "400")  # one line per option, so the phrase is not wrapped
+    result = invoke("prune", "--help")
+    assert "--idf_form" in result.output and f"default {DEFAULT_IDF_FORM}" in result.output
+
+
+def test_guard_findings_reach_the_output_json_and_log(
+    tmp_path, tiny_model_dir, text_dir, monkeypatch
+):
+    from secateurs import scores
+
+    def kill_busiest(weight, stats):
+        score = scores.wanda_score(weight, stats)
+        score[:, stats.sq_norm.argsort(descending=True)[: score.shape[1] // 4]] = 0.0
+        return score
+
+    broken = scores.Method("wanda", kill_busiest, "row", True, "zeroes the busiest channels")
+    monkeypatch.setitem(scores.METHODS, "wanda", broken)
+    report, log = tmp_path / "run.json", tmp_path / "run.log"
+    result = invoke_prune(
+        tiny_model_dir, text_dir, "--nsamples", "4", "--save_json", report, "--save_log", log
+    )
+    assert result.exit_code == 0, result.output
+    assert "WARNING" in result.output
+    guard = json.loads(report.read_text())["prune"]["guard"]
+    assert guard and all(alarm["energy_share"] >= 0.05 for alarm in guard.values())
+    assert "channel guard: layers whose scores are zero" in log.read_text()
+    assert next(iter(guard)) in log.read_text()
+
+
+def test_idf_form_is_named_in_the_result(tmp_path, tiny_model_dir, text_dir):
+    report, log = tmp_path / "run.json", tmp_path / "run.log"
+    result = invoke_prune(
+        tiny_model_dir,
+        text_dir,
+        *("--nsamples", "4", "--prune_method", "wanda_idf", "--idf_form", "relative"),
+        *("--save_json", report, "--save_log", log),
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert data["idf_form"] == "relative" and data["prune"]["guard"] == {}
+    assert "IDF form relative" in result.output
+    assert "channel guard: no layer" in log.read_text()
+
+
+def test_owl_run_reports_its_block_ratios(tmp_path, tiny_model_dir, text_dir):
+    out = tmp_path / "owl.json"
+    result = invoke_prune(
+        tiny_model_dir,
+        text_dir,
+        *("--prune_method", "sparsegpt", "--sparsity_ratio", "0.6", "--nsamples", "4"),
+        *("--sparsity_allocation", "owl", "--owl_threshold", "2", "--eval_limit", "2"),
+        *("--save_json", out),
+    )
+    assert result.exit_code == 0, result.output
+    saved = json.loads(out.read_text())
+    ratios = saved["prune"]["block_ratios"]
+    assert len(ratios) == 3 and all(0 <= r < 1 for r in ratios)
+    assert saved["prune"]["allocation"]["kind"] == "owl"
+    assert saved["prune"]["allocation"]["outlier_pass_s"] > 0
+    assert not saved["sparsity"]["violations"]

@@ -133,3 +133,39 @@ def test_compare_command_prints_the_table(tiny_model_dir, text_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert result.output.count("| wanda_idf | unstructured |") == 2
     assert "ppl_vs_sparsity.png" in result.output
+
+
+def test_idf_forms_multiply_only_the_methods_that_read_the_idf(tiny_model_dir, text_dir):
+    base = base_config(tiny_model_dir, text_dir)
+    forms = ["seed", "relative"]
+    runs = plan_runs(base, ["wanda", "wanda_idf", "wanda_spiky"], ["2:4"], [0.5], forms)
+    assert [(r.prune_method, r.idf_form) for r in runs] == [
+        ("wanda", base.idf_form),
+        ("wanda_idf", "seed"),
+        ("wanda_idf", "relative"),
+        ("wanda_spiky", base.idf_form),
+    ]
+    assert [compare.run_label(r, forms) for r in runs] == [
+        "wanda",
+        "wanda_idf[seed]",
+        "wanda_idf[relative]",
+        "wanda_spiky",
+    ]
+    with pytest.raises(SecateursError, match="unknown --idf_form"):
+        plan_runs(base, ["wanda_idf"], ["2:4"], [0.5], ["bm25"])
+
+
+def test_run_key_holds_the_idf_form_only_where_it_is_read(tiny_model_dir, text_dir):
+    for method, matters in (("wanda", False), ("wanda_spiky", False), ("wanda_select", True)):
+        base = base_config(tiny_model_dir, text_dir, prune_method=method)
+        seed = PruneConfig(**(vars(base) | {"idf_form": "seed"}))
+        assert (run_key(base) != run_key(seed)) == matters, method
+
+
+def test_compare_runs_sparsegpt_and_ria(tiny_model_dir, text_dir, tmp_path):
+    base = base_config(tiny_model_dir, text_dir)
+    result = run_compare(base, ["wanda", "sparsegpt", "ria"], ["2:4"], [0.5], tmp_path / "c")
+    rows = {row["method"]: row for row in result.rows}
+    assert set(rows) == {"wanda", "sparsegpt", "ria"}
+    assert all(row["pattern_met"] for row in rows.values())
+    assert rows["sparsegpt"]["phases_s"]["solve"] > 0

@@ -77,3 +77,100 @@ def test_hub_dataset_offline_error_names_the_builtin(monkeypatch):
 def test_c4_protocol_caps_evaluation_windows():
     source = data.resolve_source("c4")
     assert data.evaluation_windows(torch.arange(300 * 4), 4, source=source).shape == (256, 4)
+
+
+def _configs_by_arch():
+    from conftest import ARCHS, make_model
+
+    return {arch: make_model(arch).config for arch in ARCHS}
+
+
+def test_auto_bos_only_for_families_that_need_it():
+    tokenizer = make_tokenizer()
+    chosen = {
+        arch: data.window_bos_token("auto", config, tokenizer)
+        for arch, config in _configs_by_arch().items()
+    }
+    assert chosen.pop("gemma3") == 2  # the tiny tokenizer has none: the config's BOS id
+    assert set(chosen.values()) == {None}
+    llama = _configs_by_arch()["llama"]
+    assert data.window_bos_token("never", llama, tokenizer) is None
+    assert data.window_bos_token("always", llama, tokenizer) == llama.bos_token_id
+    llama.bos_token_id = None
+    with pytest.raises(SecateursError, match="--window_bos never"):
+        data.window_bos_token("always", llama, tokenizer)
+    with pytest.raises(SecateursError, match="auto, always, never"):
+        data.window_bos_token("sometimes", llama, tokenizer)
+
+
+def test_auto_keeps_llama_calibration_bit_identical(text_dir):
+    """LLaMA-style models get exactly the reference windows under the default rule."""
+    source = data.resolve_source(str(text_dir))
+    tokenizer = make_tokenizer()
+    bos = data.window_bos_token("auto", _configs_by_arch()["llama"], tokenizer)
+    for seed in (0, 3):
+        reference = data.calibration_windows(tokenizer, source, 8, 32, seed=seed)
+        assert torch.equal(data.calibration_windows(tokenizer, source, 8, 32, seed, bos), reference)
+
+
+def test_bos_windows_keep_seqlen_and_the_reference_draws(text_dir):
+    import random
+
+    source = data.resolve_source(str(text_dir))
+    tokenizer = make_tokenizer()
+    ids = data.tokenize(tokenizer, (text_dir / "train.txt").read_text())
+    rng = random.Random(0)
+    starts = [rng.randint(0, ids.numel() - 15 - 1) for _ in range(3)]
+    windows = data.calibration_windows(tokenizer, source, 3, 16, seed=0, bos=1)
+    assert windows.shape == (3, 16) and bool((windows[:, 0] == 1).all())
+    assert torch.equal(windows[:, 1:], torch.stack([ids[s : s + 15] for s in starts]))
+    again = data.calibration_windows(tokenizer, source, 3, 16, seed=0, bos=1)
+    assert torch.equal(windows, again)
+
+
+def test_bos_evaluation_windows_never_double_the_texts_own_bos():
+    ids = torch.cat([torch.tensor([0]), torch.arange(1, 101)])  # the text starts with BOS 0
+    windows = data.evaluation_windows(ids, 30, bos=0)
+    assert windows.shape == (3, 30)
+    assert torch.equal(windows[0], torch.cat([torch.tensor([0]), torch.arange(1, 30)]))
+    assert torch.equal(windows[1], torch.cat([torch.tensor([0]), torch.arange(30, 59)]))
+    assert data.evaluation_windows(ids, 30, limit=1, bos=0).shape == (1, 30)
+    assert torch.equal(data.evaluation_windows(ids, 30)[0], ids[:30])  # no rule: as before
+
+
+def test_text_with_no_room_for_one_window_is_refused(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text(random_text(32))
+    source = data.resolve_source(str(short))
+    # exactly seqlen tokens: the reference draw would need randint(0, -1)
+    with pytest.raises(SecateursError, match="too few for one window of 32"):
+        data.calibration_windows(make_tokenizer(), source, 1, 32)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\xff\xfe\x00binary\x9c", "not UTF-8 text"),
+        (b"w1 w2\x00w3", "NUL bytes"),
+        (b"  \n\n ", "holds no text"),
+    ],
+)
+def test_non_text_files_are_refused(tmp_path, content, message):
+    path = tmp_path / "data.bin"
+    path.write_bytes(content)
+    with pytest.raises(SecateursError, match=message):
+        data.resolve_source(str(path)).load("train")
+
+
+def test_unreadable_file_is_refused(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    path = tmp_path / "locked.txt"
+    path.write_text("w1 w2")
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(SecateursError, match=r"cannot read .*Permission denied"):
+        data.resolve_source(str(path)).load("train")

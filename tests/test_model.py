@@ -20,8 +20,19 @@ EXPECTED_STACK = {
     "qwen2": "model.layers",
     "opt": "model.decoder.layers",
     "gpt2": "transformer.h",
+    "gemma3": "model.layers",
+    "mistral": "model.layers",
+    "phi3": "model.layers",
 }
-EXPECTED_LINEARS = {"llama": 7, "qwen2": 7, "opt": 6, "gpt2": 4}
+EXPECTED_LINEARS = {
+    "llama": 7,
+    "qwen2": 7,
+    "opt": 6,
+    "gpt2": 4,
+    "gemma3": 7,
+    "mistral": 7,
+    "phi3": 4,
+}
 
 
 def test_finds_the_decoder_stack_and_its_linears(arch):
@@ -59,7 +70,7 @@ def test_captured_inputs_replay_the_model(arch):
             parts = []
             for start in range(0, 5, 2):
                 batch = hidden[start : start + 2]
-                args, kwargs = inputs.call_args(batch.shape[0])
+                args, kwargs = inputs.call_args(batch.shape[0], index)
                 parts.append(block_output(block(batch, *args, **kwargs)))
             hidden = torch.cat(parts)
             torch.testing.assert_close(hidden, expected[index + 1], rtol=1e-5, atol=1e-5)
@@ -92,6 +103,9 @@ EXPECTED_MLPS = {
     "qwen2": [(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj")],
     "opt": [(("fc1",), "fc2")],
     "gpt2": [(("mlp.c_fc",), "mlp.c_proj")],
+    "gemma3": [(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj")],
+    "mistral": [(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj")],
+    "phi3": [(("mlp.gate_up_proj",), "mlp.down_proj")],
 }
 
 

@@ -5,9 +5,12 @@ from secateurs.errors import SecateursError
 from secateurs.scores import (
     METHODS,
     check_classes,
+    check_ria_alpha,
     fisher_score,
     get_method,
     magnitude_score,
+    ria_score,
+    sparsegpt_saliency,
     wanda_idf_score,
     wanda_score,
     wanda_select_score,
@@ -15,7 +18,7 @@ from secateurs.scores import (
 )
 from secateurs.stats import ActivationStats, SelectivityOptions, StatsRequest
 
-FULL = StatsRequest(selectivity=SelectivityOptions(exact=True), classes=3)
+FULL = StatsRequest(selectivity=SelectivityOptions(exact=True), classes=3, gram=True)
 
 
 def full_stats(columns: int, seed: int = 0) -> ActivationStats:
@@ -75,7 +78,7 @@ def test_selective_scores_scale_wanda_per_input_channel(score, factors):
 
 
 def test_methods_name_the_statistics_they_need():
-    assert get_method("wanda_select").needs == {"selectivity"}
+    assert get_method("wanda_select").needs == {"selectivity", "idf"}
     assert get_method("neuronrank_fisher").needs == {"classes"}
     assert not get_method("wanda").needs
 
@@ -91,3 +94,39 @@ def test_a_score_without_its_statistics_says_so():
 def test_class_count_must_be_positive(classes):
     with pytest.raises(SecateursError, match="neuronrank_max_classes must be > 0"):
         check_classes(classes)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_ria_against_a_direct_computation(alpha):
+    weight = torch.randn(5, 7)
+    stats = ActivationStats(7)
+    x = torch.randn(3, 11, 7)
+    stats.add_batch(x)
+    norms = torch.sqrt((x**2).sum(dim=(0, 1)) / 3)
+    expected = torch.empty(5, 7)
+    for i in range(5):
+        for j in range(7):
+            column = sum(abs(float(weight[k, j])) for k in range(5))
+            row = sum(abs(float(weight[i, k])) for k in range(7))
+            relative = abs(float(weight[i, j])) / column + abs(float(weight[i, j])) / row
+            expected[i, j] = relative * float(norms[j]) ** alpha
+    torch.testing.assert_close(ria_score(weight, stats, alpha), expected)
+
+
+def test_ria_is_registered_with_its_alpha_and_both_scopes():
+    ria = get_method("ria")
+    assert ria.options == {"alpha"} and ria.scope == "row" and ria.calibrated
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(SecateursError, match="ria_alpha"):
+            check_ria_alpha(bad)
+
+
+def test_sparsegpt_is_a_solver_with_a_diagonal_saliency():
+    sparsegpt = get_method("sparsegpt")
+    assert sparsegpt.solver is not None and sparsegpt.needs == {"gram"}
+    weight = torch.randn(3, 4)
+    stats = ActivationStats(4, request=StatsRequest(gram=True))
+    x = torch.randn(2, 9, 4)
+    stats.add_batch(x)
+    expected = weight.square() * (x.reshape(-1, 4) ** 2).sum(dim=0).unsqueeze(0)
+    torch.testing.assert_close(sparsegpt_saliency(weight, stats), expected)

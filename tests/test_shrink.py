@@ -22,7 +22,9 @@ def _mlp_widths(model) -> set[int]:
         layers = find_linears(block)
         for group in find_mlp_groups(layers):
             widths.add(weight_matrix(layers[group.consumer]).shape[1])
-            widths |= {weight_matrix(layers[n]).shape[0] for n in group.producers}
+            widths |= {
+                weight_matrix(layers[n]).shape[0] // group.parts_of(n) for n in group.producers
+            }
     return widths
 
 

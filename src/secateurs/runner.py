@@ -16,15 +16,19 @@ from typing import Any
 import torch
 
 from secateurs import data
+from secateurs.allocation import allocate, check_allocation
 from secateurs.engine import check_pattern_fits
 from secateurs.errors import SecateursError
 from secateurs.evaluate import check_sparsity, perplexity
+from secateurs.idf import DEFAULT_IDF_FORM
 from secateurs.io import atomic_dir, ensure_free
 from secateurs.model import choose_seqlen, load_config, load_model, load_tokenizer
 from secateurs.patterns import (
     SCOPES,
+    NMSparsity,
     SetDifference,
     SparsityPattern,
+    Unstructured,
     effective_ratio,
     parse_pattern,
 )
@@ -38,7 +42,7 @@ from secateurs.recovery import (
     WeightRedistributor,
 )
 from secateurs.report import versions, write_json, write_log
-from secateurs.scores import Method, check_classes, get_method
+from secateurs.scores import Method, check_classes, check_ria_alpha, get_method
 from secateurs.scoring import (
     attack_run,
     check_score_args,
@@ -94,6 +98,14 @@ class PruneConfig:
     idf_clip: float = 10.0
     spiky_clip: float = 10.0
     exact_selectivity: bool = False
+    idf_form: str = DEFAULT_IDF_FORM
+    idf_power: float = 0.5
+    idf_floor: float = 0.5
+    ria_alpha: float = 0.5
+    sparsity_allocation: str = "uniform"
+    owl_threshold: float = 5.0
+    owl_lambda: float = 0.08
+    window_bos: str = "auto"
     prune_data: str | None = None
     utility_data: str = "utility"
     entangle_prompt_feat: bool = False
@@ -116,6 +128,9 @@ class PruneConfig:
             self.idf_clip,
             self.spiky_clip,
             exact=self.exact_selectivity,
+            idf_form=self.idf_form,
+            idf_power=self.idf_power,
+            idf_floor=self.idf_floor,
         )
 
 
@@ -126,6 +141,14 @@ def check_device(name: str) -> torch.device:
         raise SecateursError(f"unknown --device '{name}': use cpu, cuda or cuda:N") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SecateursError("--device cuda was asked for but no CUDA GPU is visible; use cpu")
+    try:
+        float(torch.ones(1, device=device).sum())  # a device that computes and hands data back
+    except (RuntimeError, NotImplementedError, AssertionError) as exc:
+        # e.g. --device mps on a build without MPS, cuda:7 on a one-GPU machine
+        raise SecateursError(
+            f"--device {name} is not available in this torch build or on this machine "
+            f"({type(exc).__name__}); use cpu" + (" or cuda" if torch.cuda.is_available() else "")
+        ) from exc
     return device
 
 
@@ -171,9 +194,13 @@ def check_config(cfg: PruneConfig) -> tuple[Method, SparsityPattern, float]:
         cfg.selectivity()
     if "classes" in method.needs:
         check_classes(cfg.neuronrank_max_classes)
+    check_ria_alpha(cfg.ria_alpha)
+    check_solver(method, pattern, cfg)
+    check_allocation(cfg.sparsity_allocation, pattern, cfg.owl_threshold, cfg.owl_lambda)
     _positive(cfg.nsamples, "--nsamples")
     _positive(cfg.batch_size, "--batch_size")
     check_eval_args(cfg)
+    data.check_window_bos(cfg.window_bos)
     data.resolve_source(cfg.dataset)
     data.resolve_source(cfg.eval_dataset or cfg.dataset)
     ensure_free(cfg.save_model, "--save_model")
@@ -188,10 +215,30 @@ def check_config(cfg: PruneConfig) -> tuple[Method, SparsityPattern, float]:
     return method, pattern, ratio
 
 
-def load_eval_windows(tokenizer, dataset: str, seqlen: int, limit: int | None) -> torch.Tensor:
-    """Test-split windows of an evaluation source."""
+def check_solver(method: Method, pattern: SparsityPattern, cfg: PruneConfig) -> None:
+    """A method that updates survivors itself takes no recovery and no structured pattern."""
+    if method.solver is None:
+        return
+    if cfg.use_recovery:
+        raise SecateursError(
+            f"{method.name} already updates the surviving weights to minimise each layer's "
+            "output error, so --use_recovery has nothing left to do; drop --use_recovery (or "
+            "use wanda with --use_recovery --recovery least_squares)"
+        )
+    if type(pattern) not in (Unstructured, NMSparsity):
+        raise SecateursError(
+            f"{method.name} prunes unstructured (per row or layer) or N:M sparsity, not "
+            f"{pattern.describe()}; drop --use_variant or choose another --sparsity_type"
+        )
+
+
+def load_eval_windows(
+    tokenizer, dataset: str, seqlen: int, limit: int | None, bos: int | None = None
+) -> torch.Tensor:
+    """Test-split windows of an evaluation source, each starting with ``bos`` if given."""
     source = data.resolve_source(dataset)
-    return data.evaluation_windows(data.evaluation_tokens(tokenizer, source), seqlen, limit, source)
+    tokens = data.evaluation_tokens(tokenizer, source)
+    return data.evaluation_windows(tokens, seqlen, limit, source, bos)
 
 
 def save_pruned_model(model, tokenizer, path: str, result: dict[str, Any]) -> None:
@@ -212,7 +259,12 @@ class Prepared:
     eval_windows: torch.Tensor
     eval_name: str
     seconds: float
+    bos: int | None = None
     batch: PromptBatch | None = None
+
+    def window_bos(self, rule: str) -> dict[str, Any]:
+        """The BOS rule and what it resolved to, for the JSON result."""
+        return {"rule": rule, "prefixed": self.bos is not None, "bos_token_id": self.bos}
 
 
 def prepare(cfg: PruneConfig, calibrate: bool) -> Prepared:
@@ -220,6 +272,7 @@ def prepare(cfg: PruneConfig, calibrate: bool) -> Prepared:
     config = load_config(cfg.model, cfg.cache_dir, cfg.trust_remote_code)
     seqlen = choose_seqlen(config, cfg.seqlen)
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir, cfg.trust_remote_code)
+    bos = data.window_bos_token(cfg.window_bos, config, tokenizer)
     start = time.perf_counter()
     windows = batch = None
     method = get_method(cfg.prune_method)
@@ -228,11 +281,18 @@ def prepare(cfg: PruneConfig, calibrate: bool) -> Prepared:
         windows = batch.input_ids
     elif calibrate:
         source = data.resolve_source(cfg.dataset)
-        windows = data.calibration_windows(tokenizer, source, cfg.nsamples, seqlen, cfg.seed)
+        windows = data.calibration_windows(tokenizer, source, cfg.nsamples, seqlen, cfg.seed, bos)
     eval_name = cfg.eval_dataset or cfg.dataset
-    eval_windows = load_eval_windows(tokenizer, eval_name, seqlen, cfg.eval_limit)
+    eval_windows = load_eval_windows(tokenizer, eval_name, seqlen, cfg.eval_limit, bos)
     return Prepared(
-        tokenizer, seqlen, windows, eval_windows, eval_name, time.perf_counter() - start, batch
+        tokenizer,
+        seqlen,
+        windows,
+        eval_windows,
+        eval_name,
+        time.perf_counter() - start,
+        bos,
+        batch,
     )
 
 
@@ -289,16 +349,30 @@ def prune_loaded(
         batch_size=cfg.batch_size,
         progress=cfg.progress,
         redistributor=make_redistributor(cfg),
+        ria_alpha=cfg.ria_alpha,
     )
     with measure(check_device(cfg.device)) as memory:
+        plan = allocate(
+            model,
+            prepared.windows,
+            cfg.sparsity_allocation,
+            ratio,
+            cfg.owl_threshold,
+            cfg.owl_lambda,
+            check_device(cfg.device),
+            cfg.batch_size,
+            cfg.progress,
+        )
         report = pruner.prune(
             prepared.batch if prepared.batch is not None else prepared.windows,
             ratio,
             cfg.sparsity_type,
             cfg.scope,
             cfg.use_variant,
+            block_ratios=plan.ratios,
             negate=cfg.neg_prune,
         )
+    report.allocation = plan.to_dict()
     return report, memory
 
 
@@ -306,7 +380,12 @@ def needs_calibration(cfg: PruneConfig) -> bool:
     method = get_method(cfg.prune_method)
     if cfg.load_wanda_score:
         return False
-    return method.calibrated or cfg.use_recovery or "gradients" in method.needs
+    return (
+        method.calibrated
+        or cfg.use_recovery
+        or cfg.sparsity_allocation == "owl"
+        or "gradients" in method.needs
+    )
 
 
 def run_dump(cfg: PruneConfig, model, prepared: Prepared, method: Method, log) -> dict[str, Any]:
@@ -358,7 +437,7 @@ def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str,
     report, memory = prune_loaded(model, cfg, prepared, method, ratio, log)
     timings["prune"] = memory.seconds
 
-    check = check_sparsity(model, pattern, ratio)
+    check = check_sparsity(model, pattern, ratio, report.block_ratios)
     pruned_ppl = evaluate("pruned")
     attack_result = None
     if cfg.eval_attack:
@@ -370,6 +449,8 @@ def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str,
     result = {
         "config": asdict(cfg) | {"seqlen": prepared.seqlen, "sparsity_ratio": ratio},
         "pattern": pattern.describe(),
+        "window_bos": prepared.window_bos(cfg.window_bos),
+        "idf_form": cfg.idf_form if "idf" in method.needs else None,
         "versions": versions(),
         "model": {
             "class": type(model).__name__,

@@ -6,15 +6,22 @@ and returns a tensor of the same shape; none of them touches a model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from secateurs import sparsegpt
 from secateurs.errors import SecateursError
+from secateurs.patterns import SparsityPattern
 from secateurs.stats import ActivationStats
 
-ScoreFn = Callable[[torch.Tensor, "ActivationStats | None"], torch.Tensor]
+ScoreFn = Callable[..., torch.Tensor]
+# (weight, statistics, pattern, ratio, layer name) -> (new weight, prune mask)
+Solver = Callable[
+    [torch.Tensor, ActivationStats, SparsityPattern, float, str], tuple[torch.Tensor, torch.Tensor]
+]
 
 
 def magnitude_score(weight: torch.Tensor, stats: ActivationStats | None = None) -> torch.Tensor:
@@ -42,7 +49,7 @@ def wanda_score(weight: torch.Tensor, stats: ActivationStats | None) -> torch.Te
 
 
 def wanda_idf_score(weight: torch.Tensor, stats: ActivationStats | None) -> torch.Tensor:
-    """Wanda times ``IDF_j``: channels active on fewer tokens weigh more."""
+    """Wanda times ``IDF_j`` (form from the statistics' options): rarer channels weigh more."""
     stats = _require(stats, "wanda_idf")
     return _weighted(weight, stats.norm, stats.idf)
 
@@ -75,6 +82,43 @@ def wandg_score(weight: torch.Tensor, gradient: torch.Tensor | None) -> torch.Te
     return weight.abs().float() * gradient.to(weight.device)
 
 
+def ria_score(
+    weight: torch.Tensor, stats: ActivationStats | None, alpha: float = 0.5
+) -> torch.Tensor:
+    """RIA (Zhang et al., ICLR 2024): relative importance times activation, ``|W_ij| / sum_k
+    |W_kj| + |W_ij| / sum_k |W_ik|``, times ``sqrt(s_j) ** alpha``.
+
+    Each weight is weighed against its input column and its output row, so a channel or a row
+    whose weights are all large does not take every survivor.
+    """
+    magnitude = weight.abs().float()
+    column_sums = magnitude.sum(dim=0, keepdim=True).clamp_min(1e-30)
+    row_sums = magnitude.sum(dim=1, keepdim=True).clamp_min(1e-30)
+    relative = magnitude / column_sums + magnitude / row_sums
+    activation = _require(stats, "ria").norm.to(weight.device).pow(alpha)
+    return relative * activation.unsqueeze(0)
+
+
+def check_ria_alpha(alpha: float) -> float:
+    """RIA's activation exponent, which must be finite and non-negative."""
+    if not (math.isfinite(alpha) and alpha >= 0):
+        raise SecateursError(
+            f"--ria_alpha must be a finite number >= 0, got {alpha}; 0.5 is the paper's value "
+            "(0 ignores activations)"
+        )
+    return float(alpha)
+
+
+def sparsegpt_saliency(weight: torch.Tensor, stats: ActivationStats | None) -> torch.Tensor:
+    """SparseGPT's saliency with a diagonal Hessian, ``W_ij^2 * (X^T X)_jj``.
+
+    The solver picks the real masks from the inverse Hessian as it sweeps the columns; this
+    score is what a caller asking for a score alone (``compute_pruning_metric``) gets.
+    """
+    gram = _require(stats, "sparsegpt").gram
+    return weight.float().square() * torch.diagonal(gram).to(weight.device).unsqueeze(0)
+
+
 @dataclass(frozen=True)
 class Method:
     """A registered pruning method.
@@ -82,9 +126,12 @@ class Method:
     ``scope`` is how unstructured pruning compares scores by default: ``row`` (each output row
     on its own, as reference Wanda) or ``layer`` (one threshold per matrix, as reference
     magnitude). ``calibrated`` says whether the method needs activations at all; ``needs``
-    names statistics beyond the norms: ``selectivity`` (IDF, spikiness), ``classes``
-    (per-token-class moments for the Fisher ratio), ``gradients`` (a whole-model gradient
-    pass; the score function then takes the gradient magnitudes instead of statistics).
+    names statistics beyond the norms: ``selectivity`` (IDF, spikiness), ``idf`` (the score
+    reads the IDF, so its form matters), ``classes`` (per-token-class moments for the
+    Fisher ratio), ``gram`` (``X^T X``), ``gradients`` (a whole-model gradient pass; the
+    score function then takes the gradient magnitudes instead of statistics). ``options``
+    names the keyword arguments the score takes (``alpha`` for RIA). A method with a
+    ``solver`` chooses each layer's mask and updates its survivors itself (SparseGPT).
     """
 
     name: str
@@ -93,6 +140,8 @@ class Method:
     calibrated: bool
     summary: str
     needs: frozenset[str] = frozenset()
+    options: frozenset[str] = frozenset()
+    solver: Solver | None = None
 
 
 METHODS: dict[str, Method] = {
@@ -101,7 +150,12 @@ METHODS: dict[str, Method] = {
     ),
     "wanda": Method("wanda", wanda_score, "row", True, "|W| * ||X||, per output row"),
     "wanda_idf": Method(
-        "wanda_idf", wanda_idf_score, "row", True, "Wanda * IDF", frozenset({"selectivity"})
+        "wanda_idf",
+        wanda_idf_score,
+        "row",
+        True,
+        "Wanda * IDF",
+        frozenset({"selectivity", "idf"}),
     ),
     "wanda_spiky": Method(
         "wanda_spiky",
@@ -117,7 +171,7 @@ METHODS: dict[str, Method] = {
         "row",
         True,
         "Wanda * IDF * spikiness",
-        frozenset({"selectivity"}),
+        frozenset({"selectivity", "idf"}),
     ),
     "neuronrank_fisher": Method(
         "neuronrank_fisher",
@@ -142,6 +196,23 @@ METHODS: dict[str, Method] = {
         False,
         "prune top-q wandg on --prune_data (safety) minus top-p on --utility_data, per matrix",
         frozenset({"gradients", "set_difference"}),
+    ),
+    "ria": Method(
+        "ria",
+        ria_score,
+        "row",
+        True,
+        "relative importance (row and column) * ||X||^alpha",
+        options=frozenset({"alpha"}),
+    ),
+    "sparsegpt": Method(
+        "sparsegpt",
+        sparsegpt_saliency,
+        "layer",
+        True,
+        "second-order (OBS) masks and updates of the survivors, columns in blocks of 128",
+        frozenset({"gram"}),
+        solver=sparsegpt.solve,
     ),
 }
 

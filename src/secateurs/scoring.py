@@ -66,6 +66,18 @@ def check_score_args(cfg: Any, method: Method) -> None:
             f"--dump_wanda_score with wandg_set_difference: dump each score set with "
             f"--prune_method {SET_DIFFERENCE_SCORE} instead (--prune_data align, then utility)"
         )
+    if method.solver is not None and (
+        cfg.dump_wanda_score or cfg.load_wanda_score or cfg.neg_prune
+    ):
+        raise SecateursError(
+            f"{method.name} chooses masks and updates weights itself; it has no score to dump, "
+            "load or negate. Use a score method such as wanda or wandg"
+        )
+    if cfg.sparsity_allocation != "uniform" and uses_table(cfg, method):
+        raise SecateursError(
+            "--sparsity_allocation needs the block-by-block calibration; it does not combine "
+            "with gradient scores, loaded scores or set difference"
+        )
     if cfg.save_attack_res and not cfg.eval_attack:
         raise SecateursError("--save_attack_res saves --eval_attack's responses; add --eval_attack")
     if cfg.save_attack_res and not cfg.save:
@@ -127,6 +139,7 @@ def compute_scores(
         method,
         selectivity=cfg.selectivity(),
         classes=cfg.neuronrank_max_classes,
+        ria_alpha=cfg.ria_alpha,
         device=device,
         batch_size=cfg.batch_size,
         progress=progress,

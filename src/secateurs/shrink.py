@@ -84,7 +84,8 @@ def shrink_mlps(model: nn.Module) -> Shrinkage:
     for layers, group, live in plans:
         keep = _kept(live, width)
         for name in group.producers:
-            _narrow(layers[name], keep, 0)
+            rows = [keep + part * live.numel() for part in range(group.parts_of(name))]
+            _narrow(layers[name], torch.cat(rows), 0)
         _narrow(layers[group.consumer], keep, 1)
     setattr(model.config, field, width)
     after_params = sum(p.numel() for p in model.parameters())

@@ -12,11 +12,16 @@ from dataclasses import dataclass, replace
 import torch
 
 from secateurs.errors import SecateursError
+from secateurs.idf import DEFAULT_IDF_FORM, check_idf_form, idf_values
 
 
 @dataclass(frozen=True)
 class SelectivityOptions:
-    """Hyperparameters of the IDF and spikiness statistics (defaults as in the seed)."""
+    """Hyperparameters of the IDF and spikiness statistics (thresholds and clips as the seed).
+
+    ``idf_form`` picks the IDF formula (see :mod:`secateurs.idf`); ``idf_power`` tempers the
+    ``tempered`` form, ``idf_floor`` floors the ``normalized`` one.
+    """
 
     tau_percentile: float = 0.6
     top_quantile: float = 0.9
@@ -24,18 +29,28 @@ class SelectivityOptions:
     spiky_clip: float = 10.0
     eps: float = 1e-10
     exact: bool = False
+    idf_form: str = DEFAULT_IDF_FORM
+    idf_power: float = 0.5
+    idf_floor: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("tau_percentile", "top_quantile"):
             value = getattr(self, name)
             if not 0.0 < value < 1.0:
                 raise SecateursError(f"{name} must be in (0, 1), got {value}")
-        if self.idf_clip <= 0:
+        if not self.idf_clip > 0:  # written so that NaN is refused too
             raise SecateursError(f"idf_clip must be > 0, got {self.idf_clip}")
-        if self.spiky_clip < 1:
+        if not self.spiky_clip >= 1:
             raise SecateursError(f"spiky_clip must be >= 1, got {self.spiky_clip}")
         if self.eps <= 0:
             raise SecateursError(f"eps must be > 0, got {self.eps}")
+        check_idf_form(self.idf_form)
+        if self.idf_power <= 0:
+            raise SecateursError(f"idf_power must be > 0, got {self.idf_power}")
+        if self.idf_floor <= 0:
+            raise SecateursError(
+                f"idf_floor must be > 0 (0 would allow zeroed channels), got {self.idf_floor}"
+            )
 
 
 @dataclass(frozen=True)
@@ -142,8 +157,10 @@ class SelectivityStats:
 
     ``tau`` is the ``tau_percentile`` quantile of ``|x|`` over all tokens and channels,
     ``p_j`` the share of tokens with ``|x_j| > tau``, ``IDF_j = log(1 / p_j)`` clipped to
-    ``[0, idf_clip]``; ``R_j`` is the mean of the top ``1 - top_quantile`` of ``|x_j|`` over
-    tokens divided by the mean of ``|x_j|``, clipped to ``[1, spiky_clip]``.
+    ``[0, idf_clip]`` in the seed's form (other forms in :mod:`secateurs.idf`), ``r_j`` the
+    share of tokens with ``|x_j|`` above the channel's own mean ``|x_j|``; ``R_j`` is the mean
+    of the top ``1 - top_quantile`` of ``|x_j|`` over tokens divided by the mean of ``|x_j|``,
+    clipped to ``[1, spiky_clip]``.
 
     Streamed, the first batch fixes provisional thresholds (the global ``tau`` and each
     channel's top quantile) and every batch adds exact per-channel sums against them: the
@@ -151,7 +168,8 @@ class SelectivityStats:
     channel is ``k * t + excess(t)`` at ``t`` = its k-th largest value and grows only to second
     order as ``t`` moves off it, so a near threshold is almost as good as the true one. A
     histogram of a seeded ``HISTOGRAM_SHARE`` of the tokens places the final ``tau`` and
-    bridges the thin band between the provisional and the final thresholds.
+    bridges the thin band between the provisional and the final thresholds; it also gives
+    ``r_j``, whose threshold is known only at the end.
     """
 
     HISTOGRAM_SHARE = 0.125
@@ -167,7 +185,7 @@ class SelectivityStats:
         self._binned = 0
         self._sampler = torch.Generator().manual_seed(0)
         self._values: list[torch.Tensor] = []
-        self._result: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._result: tuple[torch.Tensor, ...] | None = None
         self._provisional_tau: float | None = None
         self._top_floor: torch.Tensor | None = None
         self._above_tau = torch.zeros(channels, dtype=torch.float64, device=device)
@@ -222,14 +240,16 @@ class SelectivityStats:
     def _top_count(self) -> int:
         return max(1, round((1.0 - self.options.top_quantile) * self.tokens))
 
-    def _exact(self) -> tuple[torch.Tensor, float, torch.Tensor]:
+    def _exact(self) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor]:
         values = torch.cat(self._values)
         tau = _quantile(values, self.options.tau_percentile)
         active = (values > tau).double().mean(dim=0)
         top = values.topk(self._top_count(), dim=0).values.double().mean(dim=0)
-        return active, tau, top
+        mean = (self._abs_sum / self.tokens).float()
+        relative = (values > mean).double().mean(dim=0)
+        return active, tau, top, relative
 
-    def _estimated(self) -> tuple[torch.Tensor, float, torch.Tensor]:
+    def _estimated(self) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor]:
         histogram = self._histogram
         # the sampled counts, scaled to stand for every token
         counts = histogram.counts.double() * (self.tokens / max(self._binned, 1))
@@ -251,19 +271,25 @@ class SelectivityStats:
         above = self._above_floor
         kth = _quantiles(counts, edges, (_cdf(counts, edges, floor) + above - k) / self.tokens)
         top_sum = k * floor + self._excess - 0.5 * (above - k) * (kth - floor)
-        return active, tau, top_sum / k
+        # the channel's own mean is known only now: the sampled histogram counts above it
+        mean = self._abs_sum / self.tokens
+        relative = (1.0 - _cdf(counts, edges, mean) / self.tokens).clamp(0.0, 1.0)
+        return active, tau, top_sum / k, relative
 
-    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(idf, spikiness)``, each (channels,) float32."""
+    def result(self) -> tuple[torch.Tensor, ...]:
+        """``(idf, spikiness, p, r)``, each (channels,) float32: ``p_j`` active share above the
+        global ``tau``, ``r_j`` above the channel's own mean."""
         if self._result is None:
             if self.tokens == 0:
                 raise ValueError("no tokens were seen")
             opts = self.options
-            active, _, top = self._exact() if self._histogram is None else self._estimated()
-            idf = torch.log(1.0 / (active + opts.eps)).clamp(0.0, opts.idf_clip)
+            active, _, top, relative = (
+                self._exact() if self._histogram is None else self._estimated()
+            )
+            idf = idf_values(active, relative, opts)
             mean = self._abs_sum / self.tokens
             spikiness = (top / (mean + opts.eps)).clamp(1.0, opts.spiky_clip)
-            self._result = (idf.float(), spikiness.float())
+            self._result = (idf, spikiness.float(), active.float(), relative.float())
         return self._result
 
     @property
@@ -428,8 +454,18 @@ class ActivationStats:
 
     @property
     def idf(self) -> torch.Tensor:
-        """Per-channel ``log(1 / p_j)``: high for channels that are rarely active."""
+        """Per-channel IDF in the configured form: high for channels that are rarely active."""
         return self._needs(self._selectivity, "selectivity").result()[0]
+
+    @property
+    def active_rate(self) -> torch.Tensor:
+        """Per-channel ``p_j``, the share of tokens with ``|x_j|`` above the global ``tau``."""
+        return self._needs(self._selectivity, "selectivity").result()[2]
+
+    @property
+    def relative_rate(self) -> torch.Tensor:
+        """Per-channel ``r_j``, the share of tokens with ``|x_j|`` above its own mean."""
+        return self._needs(self._selectivity, "selectivity").result()[3]
 
     @property
     def spikiness(self) -> torch.Tensor:

@@ -1,0 +1,139 @@
+"""SparseGPT: prune a layer and update its surviving weights with second-order (OBS) steps.
+
+Frantar and Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot"
+(ICML 2023). The layer's Hessian is ``H = 2 X^T X / n`` over its calibration inputs; since the
+dampening is relative to ``mean(diag H)`` and every step is invariant to scaling ``H``, the Gram
+``X^T X`` the statistics already gather serves as it is. Columns are processed left to right in
+blocks of 128: inside a block the mask is chosen from the saliency ``w^2 / [H^-1]_jj^2``, then each
+column is pruned and its error spread over the columns not yet processed through the upper
+Cholesky factor of ``H^-1``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from secateurs.errors import SecateursError
+from secateurs.patterns import SCOPES, NMSparsity, SparsityPattern, Unstructured, _lowest
+from secateurs.stats import ActivationStats
+
+BLOCK_SIZE = 128
+DAMP = 0.01
+# Each failed Cholesky factorisation retries with ten times the dampening.
+RETRIES = 4
+
+
+def _inverse_factor(hessian: torch.Tensor, damp: float, layer: str) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + lambda I)^-1`` with ``lambda = damp * mean(diag H)``.
+
+    A singular or indefinite ``H`` is retried with ten times the dampening, up to ``RETRIES``
+    times; then the layer is named in a clear error.
+    """
+    h = hessian.double().clone()
+    # A channel that never fired has no curvature: make it independent of the others.
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    mean_diag = torch.diagonal(h).mean().clamp_min(1e-12)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    for attempt in range(RETRIES + 1):
+        factor, info = torch.linalg.cholesky_ex(h + damp * 10**attempt * mean_diag * eye)
+        if int(info) == 0:
+            inverse = torch.cholesky_solve(eye, factor)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0 and bool(torch.isfinite(upper).all()):
+                return upper.float()
+    raise SecateursError(
+        f"SparseGPT could not factor the Hessian of {layer or 'a layer'} even with dampening "
+        f"{damp * 10**RETRIES:g} x its mean diagonal: its calibration inputs are degenerate "
+        "(constant or non-finite). Use more or different calibration data (--nsamples, "
+        "--dataset), or a method without a Hessian such as wanda"
+    )
+
+
+def _block_mask(
+    saliency: torch.Tensor, start: int, stop: int, ratio: float, scope: str
+) -> torch.Tensor:
+    """The unstructured mask of columns ``start:stop``: lowest saliency, in the block or per row.
+
+    Each block prunes what keeps the running count at ``int(columns seen * ratio)``.
+    """
+    rows = saliency.shape[0]
+    if scope == "row":
+        k = int(stop * ratio) - int(start * ratio)
+        return _lowest(saliency, k, dim=1)
+    k = int(rows * stop * ratio) - int(rows * start * ratio)
+    return _lowest(saliency.reshape(-1), k, dim=0).view_as(saliency)
+
+
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    ratio: float = 0.5,
+    nm: tuple[int, int] | None = None,
+    scope: str = "layer",
+    block_size: int = BLOCK_SIZE,
+    damp: float = DAMP,
+    layer: str = "",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pruned and updated weight (input dtype) and its mask (True = pruned).
+
+    ``nm = (n, m)`` prunes ``n`` of every ``m`` consecutive columns of each row, choosing each
+    group when the sweep reaches it; otherwise ``ratio`` of the weights, chosen per column block:
+    over the whole block (``scope="layer"``, as published) or within each row (``"row"``).
+    Counts per block keep a running total, so the layer (or each row) loses exactly
+    ``int(numel * ratio)`` (``int(cols * ratio)``) weights.
+    """
+    if scope not in SCOPES:
+        raise SecateursError(f"SparseGPT scope must be one of {SCOPES}, got '{scope}'")
+    columns = weight.shape[1]
+    if nm is not None and (block_size % nm[1] or columns % nm[1]):
+        raise SecateursError(
+            f"{nm[0]}:{nm[1]} needs columns and the SparseGPT block ({block_size}) in multiples "
+            f"of {nm[1]}, but {layer or 'a layer'} has {columns} columns"
+        )
+    w = weight.detach().float().clone()
+    inverse = _inverse_factor(hessian.to(w.device), damp, layer).to(w.device)
+    mask = torch.zeros_like(w, dtype=torch.bool)
+    for start in range(0, columns, block_size):
+        stop = min(start + block_size, columns)
+        block = w[:, start:stop].clone()
+        hinv = inverse[start:stop, start:stop]
+        diag = torch.diagonal(hinv)
+        saliency = block.square() / diag.square().unsqueeze(0)
+        block_mask = (
+            torch.zeros_like(block, dtype=torch.bool)
+            if nm is not None
+            else _block_mask(saliency, start, stop, ratio, scope)
+        )
+        errors = torch.zeros_like(block)
+        for i in range(stop - start):
+            if nm is not None and i % nm[1] == 0:
+                group = block[:, i : i + nm[1]].square() / diag[i : i + nm[1]].square()
+                block_mask[:, i : i + nm[1]] = _lowest(group, nm[0], dim=1)
+            column = block[:, i]
+            pruned = torch.where(block_mask[:, i], column, torch.zeros_like(column))
+            error = pruned / diag[i]
+            block[:, i:] -= error.unsqueeze(1) * hinv[i, i:].unsqueeze(0)
+            errors[:, i] = error
+        block.masked_fill_(block_mask, 0)
+        w[:, start:stop] = block
+        mask[:, start:stop] = block_mask
+        w[:, stop:] -= errors @ inverse[start:stop, stop:]
+    return w.to(weight.dtype), mask
+
+
+def solve(
+    weight: torch.Tensor,
+    stats: ActivationStats,
+    pattern: SparsityPattern,
+    ratio: float,
+    layer: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The engine's entry: SparseGPT on one layer with its statistics' Gram as the Hessian."""
+    if isinstance(pattern, NMSparsity):
+        return sparsegpt_prune(weight, stats.gram, nm=(pattern.n, pattern.m), layer=layer)
+    if type(pattern) is not Unstructured:
+        raise SecateursError(
+            f"sparsegpt prunes unstructured or N:M sparsity, not {pattern.describe()}"
+        )
+    return sparsegpt_prune(weight, stats.gram, ratio, scope=pattern.scope, layer=layer)
