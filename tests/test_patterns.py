@@ -194,3 +194,24 @@ def test_parse_pattern_knows_variant_and_neuron():
     assert parse_pattern("neuron").structured and not parse_pattern("2:4").structured
     with pytest.raises(SecateursError, match="--use_variant"):
         parse_pattern("2:4", use_variant=True)
+
+
+def test_set_difference_on_hand_made_scores():
+    from secateurs.patterns import SetDifference, set_difference_mask
+
+    safety = torch.tensor([[9.0, 8.0, 1.0], [7.0, 2.0, 3.0]])
+    utility = torch.tensor([[9.0, 1.0, 1.0], [1.0, 1.0, 8.0]])
+    # top half by safety: 9, 8, 7; top third by utility: 9, 8 -> prune 8 and 7
+    mask = set_difference_mask(safety, utility, p=1 / 3, q=0.5)
+    assert mask.tolist() == [[False, True, False], [True, False, False]]
+    pattern = SetDifference(p=1 / 3, q=0.5)
+    assert torch.equal(pattern.create_mask(torch.stack([safety, utility])), mask)
+    assert not set_difference_mask(safety, utility, p=0.5, q=0.0).any()
+    assert torch.equal(set_difference_mask(safety, utility, p=0.0, q=1.0), torch.ones_like(mask))
+
+
+def test_set_difference_refuses_fractions_outside_0_1():
+    from secateurs.patterns import SetDifference
+
+    with pytest.raises(SecateursError, match="--q must be in"):
+        SetDifference(0.1, 1.5)

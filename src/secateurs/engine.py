@@ -130,6 +130,7 @@ def _calibrate(
     labels: torch.Tensor | None,
     outputs: list[torch.Tensor] | None = None,
     index: int = 0,
+    token_mask: torch.Tensor | None = None,
 ) -> dict[str, ActivationStats]:
     """One pass through the unpruned block, accumulating every layer's input statistics.
 
@@ -142,11 +143,12 @@ def _calibrate(
     }
     # Layers fed the very same tensor (q/k/v, gate/up) share one set of statistics: the last
     # input is held, so an identity match can never be a freed tensor's reused memory.
-    last: dict[str, object] = {"input": None, "owner": None, "labels": None}
+    last: dict[str, object] = {"input": None, "owner": None, "labels": None, "keep": None}
     shares: dict[str, str] = {}
 
     def next_batch(rows: slice) -> None:
         last["labels"] = None if labels is None else labels[rows].to(device)
+        last["keep"] = None if token_mask is None else token_mask[rows].to(device)
 
     def observe(name: str, x: torch.Tensor) -> None:
         if name in shares:
@@ -155,7 +157,7 @@ def _calibrate(
             shares[name] = last["owner"]
             return
         last["input"], last["owner"] = x, name
-        stats[name].add_batch(x, last["labels"])
+        stats[name].add_batch(x, last["labels"], last["keep"])
 
     handles = [
         layer.register_forward_hook(lambda _m, args, _out, n=name: observe(n, args[0]))
@@ -261,6 +263,7 @@ def prune_sequential(
     redistributor: WeightRedistributor | None = None,
     request: StatsRequest | None = None,
     solver: Solver | None = None,
+    token_mask: torch.Tensor | None = None,
 ) -> PruneReport:
     """Prune every linear layer of every decoder block, in block order.
 
@@ -272,7 +275,8 @@ def prune_sequential(
     ``sparsity_ratio`` is one ratio, or one per block (OWL). A ``solver`` replaces scoring,
     masking and recovery: it prunes and updates each layer itself (SparseGPT). Every
     scored layer goes through the channel guard; one warning per run names the layers it
-    flags (:class:`secateurs.guard.ChannelCollapseWarning`).
+    flags (:class:`secateurs.guard.ChannelCollapseWarning`). ``token_mask`` (same shape as
+    ``windows``) limits the statistics to the tokens it marks.
     """
     device = torch.device(device)
     check_pattern_fits(model, pattern)
@@ -305,7 +309,16 @@ def prune_sequential(
         stats: dict[str, ActivationStats] = {}
         if inputs is not None:
             start = time.perf_counter()
-            stats = _calibrate(block, layers, inputs, batch_size, request, labels, index=index)
+            stats = _calibrate(
+                block,
+                layers,
+                inputs,
+                batch_size,
+                request,
+                labels,
+                index=index,
+                token_mask=token_mask,
+            )
             report.seconds["calibrate"] += time.perf_counter() - start
         prefix = f"{stack_name}.{index}"
         masks = _layer_masks(layers, stats, metric_fn, pattern, ratios[index])

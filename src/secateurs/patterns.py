@@ -100,6 +100,26 @@ def variant_mask(
     return mask
 
 
+def top_fraction(score: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Mask of the ``int(numel * fraction)`` highest scores of the flattened matrix."""
+    flat = _lowest(-score.float().reshape(-1), int(score.numel() * fraction), dim=0)
+    return flat.view_as(score)
+
+
+def set_difference_mask(
+    safety: torch.Tensor, utility: torch.Tensor, p: float, q: float
+) -> torch.Tensor:
+    """Weights in the top-``q`` safety set but not in the top-``p`` utility set (Wei et al.).
+
+    Both sets are taken over the whole flattened matrix, so rows lose different counts.
+    ``p`` names the utility fraction and ``q`` the safety fraction, as the reference code
+    and the paper's (p, q) tables do.
+    """
+    if safety.shape != utility.shape:
+        raise ValueError(f"score shapes differ: {tuple(safety.shape)} vs {tuple(utility.shape)}")
+    return top_fraction(safety, q) & ~top_fraction(utility, p)
+
+
 class SparsityPattern(ABC):
     """Turns a score matrix into a prune mask. Subclass it to add a pattern.
 
@@ -189,6 +209,26 @@ class NMSparsity(SparsityPattern):
 
     def describe(self) -> str:
         return f"{self.n}:{self.m}"
+
+
+class SetDifference(SparsityPattern):
+    """Prune the top-``q`` safety weights that are not top-``p`` utility weights.
+
+    Its metric is the two scores stacked, ``(2, out, in)``: safety first, then utility. The
+    ratio is ignored (the set sizes decide the sparsity) and so is ``--neg_prune``.
+    """
+
+    def __init__(self, p: float, q: float) -> None:
+        for flag, value in (("--p", p), ("--q", q)):
+            if not 0.0 <= value <= 1.0:
+                raise SecateursError(f"{flag} must be in [0, 1], got {value}; try 0.01 to 0.1")
+        self.p, self.q = float(p), float(q)
+
+    def create_mask(self, metric: torch.Tensor, sparsity_ratio: float = 0.0) -> torch.Tensor:
+        return set_difference_mask(metric[0], metric[1], self.p, self.q)
+
+    def describe(self) -> str:
+        return f"set difference (top {self.q} safety minus top {self.p} utility, per matrix)"
 
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")

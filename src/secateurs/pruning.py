@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,10 +13,19 @@ from torch import nn
 
 from secateurs import data
 from secateurs.allocation import allocate, check_allocation
-from secateurs.engine import PruneReport, prune_sequential
+from secateurs.engine import MetricFn, PruneReport, prune_sequential
 from secateurs.errors import SecateursError
-from secateurs.model import choose_seqlen, load_model, weight_matrix
-from secateurs.patterns import NMSparsity, effective_ratio, parse_pattern
+from secateurs.gradients import gradient_magnitudes
+from secateurs.model import choose_seqlen, iter_prunable, load_model, weight_matrix
+from secateurs.patterns import (
+    NMSparsity,
+    SetDifference,
+    SparsityPattern,
+    Unstructured,
+    effective_ratio,
+    parse_pattern,
+)
+from secateurs.prompts import PromptBatch, text_batch
 from secateurs.recovery import WeightRedistributor
 from secateurs.scores import Method, Solver, check_classes, check_ria_alpha, get_method
 from secateurs.stats import ActivationStats, SelectivityOptions, StatsRequest
@@ -34,6 +44,21 @@ def as_windows(dataloader: Any) -> torch.Tensor | None:
         ids = item[0] if isinstance(item, (tuple, list)) else item
         rows.append(ids if ids.dim() == 2 else ids.unsqueeze(0))
     return torch.cat(rows) if rows else None
+
+
+# Above this share of weights a set difference stops isolating safety (Wei et al. prune ~3%).
+LARGE_SET_DIFFERENCE = 0.1
+
+
+def negated(metric: MetricFn) -> MetricFn:
+    """The metric with its sign flipped: the highest scores are pruned (``--neg_prune``)."""
+    return lambda layer, stats: -metric(layer, stats)
+
+
+def table_metric(model: nn.Module, table: dict[str, torch.Tensor]) -> MetricFn:
+    """A metric that looks each layer's score up by its full module name."""
+    names = {id(layer): name for name, layer in iter_prunable(model)}
+    return lambda layer, _stats: table[names[id(layer)]]
 
 
 class BasePruner(ABC):
@@ -82,12 +107,18 @@ class BasePruner(ABC):
         scope: str | None = None,
         use_variant: bool = False,
         block_ratios: Sequence[float] | None = None,
+        token_mask: torch.Tensor | None = None,
+        negate: bool = False,
     ) -> PruneReport:
         """Prune the model in place, block by block.
 
         ``block_ratios`` (one per decoder block, see :mod:`secateurs.allocation`) replace
-        ``sparsity_ratio`` for unstructured sparsity.
+        ``sparsity_ratio`` for unstructured sparsity. ``token_mask`` limits the statistics
+        to the tokens it marks (a :class:`PromptBatch` as ``dataloader`` brings its own);
+        ``negate`` prunes the highest scores instead.
         """
+        if isinstance(dataloader, PromptBatch):
+            dataloader, token_mask = dataloader.input_ids, dataloader.token_mask
         pattern = parse_pattern(sparsity_type, scope or self.default_scope, use_variant)
         ratio: float | Sequence[float] = effective_ratio(pattern, sparsity_ratio)
         if block_ratios is not None:
@@ -98,10 +129,11 @@ class BasePruner(ABC):
                 )
             ratio = block_ratios
         needs_data = self.calibrated or self.redistributor is not None
+        metric = self.compute_pruning_metric
         return prune_sequential(
             self.model,
             as_windows(dataloader) if needs_data else None,
-            self.compute_pruning_metric,
+            negated(metric) if negate else metric,
             pattern,
             ratio,
             device=self.device,
@@ -111,7 +143,62 @@ class BasePruner(ABC):
             redistributor=self.redistributor,
             request=self.stats_request(),
             solver=self.solver,
+            token_mask=token_mask if needs_data else None,
         )
+
+
+class TablePruner(BasePruner):
+    """Prunes from precomputed scores (a gradient pass, or a loaded score file)."""
+
+    calibrated = False
+
+    def __init__(
+        self, model: nn.Module, table: dict[str, torch.Tensor], scope: str = "row", **kwargs: Any
+    ) -> None:
+        super().__init__(model, **kwargs)
+        self.default_scope = scope
+        self._metric = table_metric(model, table)
+
+    def compute_pruning_metric(
+        self, layer: nn.Module, activation_stats: ActivationStats | None
+    ) -> torch.Tensor:
+        return self._metric(layer, activation_stats)
+
+
+def prune_set_difference(
+    model: nn.Module,
+    safety: dict[str, torch.Tensor],
+    utility: dict[str, torch.Tensor],
+    p: float,
+    q: float,
+    progress: bool = True,
+) -> PruneReport:
+    """Prune, per weight matrix, the top-``q`` safety weights outside the top-``p`` utility."""
+    stacked = {name: torch.stack([safety[name], utility[name].to(safety[name])]) for name in safety}
+    report = prune_with_pattern(model, stacked, SetDifference(p, q), progress)
+    pruned = sum(r.pruned for r in report.layers)
+    total = sum(r.shape[0] * r.shape[1] for r in report.layers)
+    if total and pruned / total > LARGE_SET_DIFFERENCE:
+        warnings.warn(
+            f"the set difference pruned {pruned / total:.1%} of the weights; the published effect "
+            "comes from a few percent, and this many usually costs perplexity too. Lower --q "
+            "or raise --p",
+            stacklevel=2,
+        )
+    return report
+
+
+def prune_with_pattern(
+    model: nn.Module,
+    table: dict[str, torch.Tensor],
+    pattern: SparsityPattern,
+    progress: bool = True,
+    ratio: float = 0.0,
+) -> PruneReport:
+    """Prune from precomputed scores with a pattern object (no calibration)."""
+    return prune_sequential(
+        model, None, table_metric(model, table), pattern, ratio, calibrated=False, progress=progress
+    )
 
 
 class MethodPruner(BasePruner):
@@ -153,6 +240,87 @@ class MethodPruner(BasePruner):
         self, layer: nn.Module, activation_stats: ActivationStats | None
     ) -> torch.Tensor:
         return self.method.score(weight_matrix(layer), activation_stats, **self.score_options)
+
+    def scores(
+        self, dataloader: Any = None, token_mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Raw scores of every prunable layer, keyed by full name; the model is left unchanged.
+
+        Gradient methods run their gradient pass; the others run the engine at ratio 0, so
+        each block is scored on the dense outputs of the blocks before it.
+        """
+        prompt_batch = dataloader if isinstance(dataloader, PromptBatch) else None
+        if prompt_batch is not None:
+            dataloader, token_mask = prompt_batch.input_ids, prompt_batch.token_mask
+        windows = as_windows(dataloader)
+        if "gradients" in self.method.needs:
+            if windows is None:
+                raise ValueError("a gradient method needs prompt/response data or text windows")
+            batch = prompt_batch or (
+                text_batch(windows) if token_mask is None else _as_batch(windows, token_mask)
+            )
+            gradients = gradient_magnitudes(self.model, batch, self.device, self.progress)
+            return {
+                name: self.method.score(weight_matrix(layer), gradients[name])
+                for name, layer in iter_prunable(self.model)
+            }
+        names = {id(layer): name for name, layer in iter_prunable(self.model)}
+        table: dict[str, torch.Tensor] = {}
+
+        def record(layer: nn.Module, stats: ActivationStats | None) -> torch.Tensor:
+            score = self.compute_pruning_metric(layer, stats)
+            table[names[id(layer)]] = score.detach().float().cpu()
+            return score
+
+        prune_sequential(
+            self.model,
+            windows if self.calibrated else None,
+            record,
+            Unstructured("row"),
+            0.0,
+            device=self.device,
+            batch_size=self.batch_size,
+            calibrated=self.calibrated,
+            progress=self.progress,
+            request=self.stats_request(),
+            token_mask=token_mask if self.calibrated else None,
+        )
+        return table
+
+    def prune(
+        self,
+        dataloader: Any = None,
+        sparsity_ratio: float = 0.5,
+        sparsity_type: str = "unstructured",
+        scope: str | None = None,
+        use_variant: bool = False,
+        block_ratios: Sequence[float] | None = None,
+        token_mask: torch.Tensor | None = None,
+        negate: bool = False,
+    ) -> PruneReport:
+        if "gradients" not in self.method.needs:
+            return super().prune(
+                dataloader,
+                sparsity_ratio,
+                sparsity_type,
+                scope,
+                use_variant,
+                block_ratios,
+                token_mask=token_mask,
+                negate=negate,
+            )
+        table = self.scores(dataloader, token_mask)
+        pruner = TablePruner(self.model, table, scope or self.default_scope, progress=self.progress)
+        return pruner.prune(
+            None, sparsity_ratio, sparsity_type, scope, use_variant, block_ratios, negate=negate
+        )
+
+
+def _as_batch(windows: torch.Tensor, token_mask: torch.Tensor) -> PromptBatch:
+    """Windows with a token mask; a sample's length runs to its last marked token."""
+    positions = torch.arange(windows.shape[1]).expand_as(windows)
+    lengths = torch.where(token_mask, positions + 1, 0).amax(dim=1)
+    return PromptBatch(windows, token_mask, lengths)
 
 
 class WandaPruner(MethodPruner):

@@ -37,13 +37,16 @@ def fmt_ppl(value: float | None) -> str:
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
     """The lines `secateurs prune` prints at the end, and writes with --save_log."""
+    if "perplexity" not in result:  # --dump_wanda_score stops before pruning
+        return [f"scores           {result['scores']} (raw scores; nothing was pruned)"]
     cfg, ppl, sp = result["config"], result["perplexity"], result["sparsity"]
     timing, memory = result["timings"], result["memory"]
     lines = [
         f"model            {cfg['model']} ({result['model']['parameters']:,} parameters)",
         f"method           {cfg['prune_method']}, {result['pattern']}, "
         f"target {cfg['sparsity_ratio']}",
-        f"calibration      {cfg['dataset']}: {cfg['nsamples']} x {cfg['seqlen']} tokens, "
+        f"calibration      {cfg.get('prune_data') or cfg['dataset']}: {cfg['nsamples']} x "
+        f"{cfg['seqlen']} tokens, "
         f"seed {cfg['seed']}",
         f"evaluation       {ppl['eval_dataset']}: {ppl['windows']} windows of {cfg['seqlen']}",
         f"dense ppl        {fmt_ppl(ppl['dense'])}",
@@ -74,6 +77,10 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             f"WARNING          {len(guard)} layer(s) score whole high-energy input channels "
             "zero (see guard below / in the JSON): expect a collapsed model"
         )
+    attack = result.get("attack")
+    if attack:
+        asr = ", ".join(f"{k} {v:.3f}" for k, v in attack["asr"].items())
+        lines.append(f"attack (ASR)     {asr} over {attack['prompts']} held-out prompts")
     lines += [f"  violation: {v}" for v in sp["violations"]]
     return lines
 

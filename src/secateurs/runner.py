@@ -26,12 +26,14 @@ from secateurs.model import choose_seqlen, load_config, load_model, load_tokeniz
 from secateurs.patterns import (
     SCOPES,
     NMSparsity,
+    SetDifference,
     SparsityPattern,
     Unstructured,
     effective_ratio,
     parse_pattern,
 )
 from secateurs.profiling import measure
+from secateurs.prompts import PromptBatch, check_chat_template
 from secateurs.pruning import MethodPruner
 from secateurs.recovery import (
     STRATEGIES,
@@ -41,6 +43,15 @@ from secateurs.recovery import (
 )
 from secateurs.report import versions, write_json, write_log
 from secateurs.scores import Method, check_classes, check_ria_alpha, get_method
+from secateurs.scoring import (
+    attack_run,
+    check_score_args,
+    dump_run,
+    is_set_difference,
+    prompt_batch,
+    prune_from_table,
+    uses_table,
+)
 from secateurs.shrink import shrink_mlps, width_field
 from secateurs.stats import SelectivityOptions
 
@@ -95,6 +106,20 @@ class PruneConfig:
     owl_threshold: float = 5.0
     owl_lambda: float = 0.08
     window_bos: str = "auto"
+    prune_data: str | None = None
+    utility_data: str = "utility"
+    entangle_prompt_feat: bool = False
+    save: str | None = None
+    dump_wanda_score: bool = False
+    load_wanda_score: bool = False
+    neg_prune: bool = False
+    p: float = 0.02
+    q: float = 0.02
+    eval_attack: bool = False
+    save_attack_res: bool = False
+    attack_max_new_tokens: int = 64
+    attack_batch_size: int = 8
+    attack_limit: int | None = None
 
     def selectivity(self) -> SelectivityOptions:
         return SelectivityOptions(
@@ -181,6 +206,12 @@ def check_config(cfg: PruneConfig) -> tuple[Method, SparsityPattern, float]:
     ensure_free(cfg.save_model, "--save_model")
     ensure_free(cfg.save_json, "--save_json")
     ensure_free(cfg.save_log, "--save_log")
+    if is_set_difference(method):
+        pattern, ratio = SetDifference(cfg.p, cfg.q), 0.0
+    _positive(cfg.attack_max_new_tokens, "--attack_max_new_tokens")
+    _positive(cfg.attack_batch_size, "--attack_batch_size")
+    _positive(cfg.attack_limit, "--attack_limit")
+    check_score_args(cfg, method)
     return method, pattern, ratio
 
 
@@ -229,6 +260,7 @@ class Prepared:
     eval_name: str
     seconds: float
     bos: int | None = None
+    batch: PromptBatch | None = None
 
     def window_bos(self, rule: str) -> dict[str, Any]:
         """The BOS rule and what it resolved to, for the JSON result."""
@@ -242,14 +274,25 @@ def prepare(cfg: PruneConfig, calibrate: bool) -> Prepared:
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir, cfg.trust_remote_code)
     bos = data.window_bos_token(cfg.window_bos, config, tokenizer)
     start = time.perf_counter()
-    windows = None
-    if calibrate:
+    windows = batch = None
+    method = get_method(cfg.prune_method)
+    if calibrate and (cfg.prune_data or is_set_difference(method)):
+        batch = prompt_batch(cfg, tokenizer, cfg.prune_data or "align", seqlen)
+        windows = batch.input_ids
+    elif calibrate:
         source = data.resolve_source(cfg.dataset)
         windows = data.calibration_windows(tokenizer, source, cfg.nsamples, seqlen, cfg.seed, bos)
     eval_name = cfg.eval_dataset or cfg.dataset
     eval_windows = load_eval_windows(tokenizer, eval_name, seqlen, cfg.eval_limit, bos)
     return Prepared(
-        tokenizer, seqlen, windows, eval_windows, eval_name, time.perf_counter() - start, bos
+        tokenizer,
+        seqlen,
+        windows,
+        eval_windows,
+        eval_name,
+        time.perf_counter() - start,
+        bos,
+        batch,
     )
 
 
@@ -272,8 +315,30 @@ def evaluate_model(model, cfg: PruneConfig, prepared: Prepared, label: str) -> f
     )
 
 
-def prune_loaded(model, cfg: PruneConfig, prepared: Prepared, method: Method, ratio: float):
+def prune_loaded(
+    model,
+    cfg: PruneConfig,
+    prepared: Prepared,
+    method: Method,
+    ratio: float,
+    log: Callable[[str], None] = lambda _m: None,
+):
     """Prune a loaded model as the checked ``cfg`` says; the report, time and memory used."""
+    device = check_device(cfg.device)
+    if uses_table(cfg, method):
+        with measure(device) as memory:
+            report = prune_from_table(
+                model,
+                cfg,
+                method,
+                ratio,
+                prepared.batch if prepared.batch is not None else prepared.windows,
+                prepared.tokenizer,
+                prepared.seqlen,
+                device,
+                log,
+            )
+        return report, memory
     pruner = MethodPruner(
         model,
         method,
@@ -299,23 +364,42 @@ def prune_loaded(model, cfg: PruneConfig, prepared: Prepared, method: Method, ra
             cfg.progress,
         )
         report = pruner.prune(
-            prepared.windows,
+            prepared.batch if prepared.batch is not None else prepared.windows,
             ratio,
             cfg.sparsity_type,
             cfg.scope,
             cfg.use_variant,
             block_ratios=plan.ratios,
+            negate=cfg.neg_prune,
         )
     report.allocation = plan.to_dict()
     return report, memory
 
 
 def needs_calibration(cfg: PruneConfig) -> bool:
+    method = get_method(cfg.prune_method)
+    if cfg.load_wanda_score:
+        return False
     return (
-        get_method(cfg.prune_method).calibrated
+        method.calibrated
         or cfg.use_recovery
         or cfg.sparsity_allocation == "owl"
+        or "gradients" in method.needs
     )
+
+
+def run_dump(cfg: PruneConfig, model, prepared: Prepared, method: Method, log) -> dict[str, Any]:
+    """``--dump_wanda_score``: write the raw scores under ``--save`` and stop without pruning."""
+    start = time.perf_counter()
+    batch = prepared.batch if prepared.batch is not None else prepared.windows
+    path = dump_run(model, cfg, method, batch, prepared.seqlen, check_device(cfg.device))
+    log(f"wrote the raw {method.name} scores to {path}; nothing was pruned")
+    return {
+        "config": asdict(cfg) | {"seqlen": prepared.seqlen},
+        "versions": versions(),
+        "scores": str(path),
+        "timings": {"score": time.perf_counter() - start},
+    }
 
 
 def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -324,12 +408,19 @@ def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str,
     timings: dict[str, float] = {}
     prepared = prepare(cfg, needs_calibration(cfg))
     timings["data"] = prepared.seconds
+    if cfg.eval_attack:
+        check_chat_template(prepared.tokenizer)
 
     log(f"loading {cfg.model}")
     start = time.perf_counter()
     model = load(cfg, prepared)
     timings["load_model"] = time.perf_counter() - start
     check_pattern_fits(model, pattern)
+    if cfg.dump_wanda_score:
+        result = run_dump(cfg, model, prepared, method, log)
+        if cfg.save_json:
+            write_json(cfg.save_json, result)
+        return result
     shrink = pattern.structured and cfg.save_model is not None and not cfg.keep_shape
     if shrink:
         width_field(model.config)
@@ -343,11 +434,17 @@ def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str,
 
     dense_ppl = evaluate("dense") if cfg.eval_dense else None
     log(f"pruning with {method.name}, {pattern.describe()}, sparsity {ratio}")
-    report, memory = prune_loaded(model, cfg, prepared, method, ratio)
+    report, memory = prune_loaded(model, cfg, prepared, method, ratio, log)
     timings["prune"] = memory.seconds
 
     check = check_sparsity(model, pattern, ratio, report.block_ratios)
     pruned_ppl = evaluate("pruned")
+    attack_result = None
+    if cfg.eval_attack:
+        start = time.perf_counter()
+        attack_result = attack_run(model, prepared.tokenizer, cfg, check_device(cfg.device))
+        timings["attack"] = time.perf_counter() - start
+        log(", ".join(f"ASR {k}: {v:.3f}" for k, v in attack_result["asr"].items()))
 
     result = {
         "config": asdict(cfg) | {"seqlen": prepared.seqlen, "sparsity_ratio": ratio},
@@ -366,6 +463,7 @@ def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str,
             "pruned": pruned_ppl,
         },
         "sparsity": check.to_dict(),
+        "attack": attack_result,
         "prune": report.to_dict(),
         "timings": timings,
         "memory": memory.to_dict(),

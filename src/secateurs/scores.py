@@ -72,6 +72,16 @@ def fisher_score(weight: torch.Tensor, stats: ActivationStats | None) -> torch.T
     return _weighted(weight, stats.norm, stats.fisher)
 
 
+def wandg_score(weight: torch.Tensor, gradient: torch.Tensor | None) -> torch.Tensor:
+    """``|W_ij| * sum_s |dL_s/dW_ij|``, the SNIP-style score of Wei et al. (2024).
+
+    ``gradient`` is the per-sample-absolute gradient sum of :mod:`secateurs.gradients`.
+    """
+    if gradient is None:
+        raise ValueError("the wandg score needs the summed gradient magnitudes")
+    return weight.abs().float() * gradient.to(weight.device)
+
+
 def ria_score(
     weight: torch.Tensor, stats: ActivationStats | None, alpha: float = 0.5
 ) -> torch.Tensor:
@@ -118,9 +128,10 @@ class Method:
     magnitude). ``calibrated`` says whether the method needs activations at all; ``needs``
     names statistics beyond the norms: ``selectivity`` (IDF, spikiness), ``idf`` (the score
     reads the IDF, so its form matters), ``classes`` (per-token-class moments for the
-    Fisher ratio), ``gram`` (``X^T X``). ``options`` names the keyword arguments the score
-    takes (``alpha`` for RIA). A method with a ``solver`` chooses each layer's mask and
-    updates its survivors itself (SparseGPT).
+    Fisher ratio), ``gram`` (``X^T X``), ``gradients`` (a whole-model gradient pass; the
+    score function then takes the gradient magnitudes instead of statistics). ``options``
+    names the keyword arguments the score takes (``alpha`` for RIA). A method with a
+    ``solver`` chooses each layer's mask and updates its survivors itself (SparseGPT).
     """
 
     name: str
@@ -169,6 +180,22 @@ METHODS: dict[str, Method] = {
         True,
         "Wanda * Fisher ratio over the most frequent tokens",
         frozenset({"classes"}),
+    ),
+    "wandg": Method(
+        "wandg",
+        wandg_score,
+        "row",
+        False,
+        "|W| * sum of |dL/dW| over samples (needs the LM loss; use --prune_data)",
+        frozenset({"gradients"}),
+    ),
+    "wandg_set_difference": Method(
+        "wandg_set_difference",
+        wandg_score,
+        "layer",
+        False,
+        "prune top-q wandg on --prune_data (safety) minus top-p on --utility_data, per matrix",
+        frozenset({"gradients", "set_difference"}),
     ),
     "ria": Method(
         "ria",

@@ -386,12 +386,25 @@ class ActivationStats:
             ClassStats(in_features, request.classes, device) if request.classes else None
         )
 
-    def add_batch(self, inputs: torch.Tensor, labels: torch.Tensor | None = None) -> None:
-        """Fold in layer inputs shaped (windows, tokens, in_features), labels (windows, tokens)."""
+    def add_batch(
+        self,
+        inputs: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
+    ) -> None:
+        """Fold in layer inputs shaped (windows, tokens, in_features), labels (windows, tokens).
+
+        ``keep`` (windows, tokens) selects the tokens that count (prompt/response data counts
+        response tokens); every window still counts once in the Wanda average.
+        """
         if inputs.dim() == 2:
             inputs = inputs.unsqueeze(0)
         batch = inputs.shape[0]
         flat = inputs.reshape(-1, inputs.shape[-1]).float()
+        if keep is not None:
+            selected = keep.reshape(-1).to(flat.device)
+            flat = flat[selected]
+            labels = None if labels is None else labels.reshape(-1)[selected]
         self.sq_norm.mul_(self.windows / (self.windows + batch))
         self.windows += batch
         self.tokens += flat.shape[0]

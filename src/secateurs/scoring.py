@@ -1,0 +1,208 @@
+"""Runs that score outside the block loop: ``wandg``, score dump/load, set difference, attack.
+
+Every check here needs no model; the score files are opened (and their model compared)
+before any weights load, and their shapes are checked before any weight changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from secateurs import __version__, prompts
+from secateurs.attack import attack, save_responses
+from secateurs.engine import PruneReport
+from secateurs.errors import SecateursError
+from secateurs.io import ensure_free
+from secateurs.prompts import PromptBatch
+from secateurs.pruning import MethodPruner, TablePruner, prune_set_difference
+from secateurs.scorefiles import (
+    check_dumpable,
+    check_loadable,
+    check_model_name,
+    dump_scores,
+    load_scores,
+    score_path,
+)
+from secateurs.scores import Method, get_method
+
+SET_DIFFERENCE_SCORE = "wandg"
+
+
+def is_set_difference(method: Method) -> bool:
+    return "set_difference" in method.needs
+
+
+def score_files(cfg: Any, method: Method) -> dict[str, Path]:
+    """The score files a run reads or writes: ``{"safety": ..., "utility": ...}`` or one."""
+    data = cfg.prune_data or cfg.dataset
+    if is_set_difference(method):
+        return {
+            "safety": score_path(cfg.save, SET_DIFFERENCE_SCORE, prompts.data_label(data)),
+            "utility": score_path(
+                cfg.save, SET_DIFFERENCE_SCORE, prompts.data_label(cfg.utility_data)
+            ),
+        }
+    return {"scores": score_path(cfg.save, method.name, prompts.data_label(data))}
+
+
+def check_score_args(cfg: Any, method: Method) -> None:
+    """Flags of this stage that contradict each other, missing files, and occupied paths."""
+    if cfg.prune_data is not None:
+        prompts.check_prompt_data(cfg.prune_data)
+    if is_set_difference(method):
+        prompts.check_prompt_data(cfg.prune_data or "align")
+        prompts.check_prompt_data(cfg.utility_data)
+    if cfg.dump_wanda_score and cfg.load_wanda_score:
+        raise SecateursError(
+            "--dump_wanda_score and --load_wanda_score are mutually exclusive: dump in one run, "
+            "load in the next"
+        )
+    if (cfg.dump_wanda_score or cfg.load_wanda_score) and not cfg.save:
+        raise SecateursError("score files live under --save DIR; pass --save with this flag")
+    if cfg.dump_wanda_score and is_set_difference(method):
+        raise SecateursError(
+            f"--dump_wanda_score with wandg_set_difference: dump each score set with "
+            f"--prune_method {SET_DIFFERENCE_SCORE} instead (--prune_data align, then utility)"
+        )
+    if method.solver is not None and (
+        cfg.dump_wanda_score or cfg.load_wanda_score or cfg.neg_prune
+    ):
+        raise SecateursError(
+            f"{method.name} chooses masks and updates weights itself; it has no score to dump, "
+            "load or negate. Use a score method such as wanda or wandg"
+        )
+    if cfg.sparsity_allocation != "uniform" and uses_table(cfg, method):
+        raise SecateursError(
+            "--sparsity_allocation needs the block-by-block calibration; it does not combine "
+            "with gradient scores, loaded scores or set difference"
+        )
+    if cfg.save_attack_res and not cfg.eval_attack:
+        raise SecateursError("--save_attack_res saves --eval_attack's responses; add --eval_attack")
+    if cfg.save_attack_res and not cfg.save:
+        raise SecateursError("--save_attack_res writes under --save DIR; pass --save")
+    if cfg.save_attack_res:
+        ensure_free(attack_path(cfg), "attack responses")
+    if cfg.use_recovery and (cfg.load_wanda_score or uses_table(cfg, method)):
+        raise SecateursError(
+            "--use_recovery needs the block-by-block calibration; it does not combine with "
+            "gradient scores, loaded scores or set difference"
+        )
+    if not (cfg.dump_wanda_score or cfg.load_wanda_score):
+        return
+    for path in score_files(cfg, method).values():
+        if cfg.dump_wanda_score:
+            check_dumpable(path)
+        if cfg.load_wanda_score:
+            check_loadable(path)
+            check_model_name(path, cfg.model)
+
+
+def attack_path(cfg: Any) -> Path:
+    return Path(cfg.save) / "attack" / f"{cfg.prune_method}-responses.jsonl"
+
+
+def uses_table(cfg: Any, method: Method) -> bool:
+    """Whether the run prunes from a precomputed table instead of the block loop's scores."""
+    return cfg.load_wanda_score or "gradients" in method.needs
+
+
+def needs_prompt_batch(cfg: Any, method: Method) -> bool:
+    return not cfg.load_wanda_score and (method.calibrated or "gradients" in method.needs)
+
+
+def prompt_batch(cfg: Any, tokenizer, data: str, seqlen: int) -> PromptBatch:
+    """Sampled, chat-formatted pairs of ``data`` for scoring."""
+    pairs = prompts.sample_pairs(prompts.load_pairs(data), cfg.nsamples, cfg.seed)
+    return prompts.encode_pairs(tokenizer, pairs, seqlen, cfg.entangle_prompt_feat)
+
+
+def metadata(cfg: Any, method: Method, data: str, seqlen: int) -> dict[str, str]:
+    return {
+        "method": method.name,
+        "prune_data": data,
+        "model": cfg.model,
+        "nsamples": str(cfg.nsamples),
+        "seed": str(cfg.seed),
+        "seqlen": str(seqlen),
+        "entangle_prompt_feat": str(cfg.entangle_prompt_feat),
+        "secateurs_version": __version__,
+    }
+
+
+def compute_scores(
+    model, cfg: Any, method: Method, batch: Any, device, progress: bool
+) -> dict[str, Any]:
+    pruner = MethodPruner(
+        model,
+        method,
+        selectivity=cfg.selectivity(),
+        classes=cfg.neuronrank_max_classes,
+        ria_alpha=cfg.ria_alpha,
+        device=device,
+        batch_size=cfg.batch_size,
+        progress=progress,
+    )
+    return pruner.scores(batch)
+
+
+def dump_run(model, cfg: Any, method: Method, batch: Any, seqlen: int, device) -> Path:
+    """Score and write the raw scores; no weight changes."""
+    data = cfg.prune_data or cfg.dataset
+    path = score_files(cfg, method)["scores"]
+    scores = compute_scores(model, cfg, method, batch, device, cfg.progress)
+    dump_scores(path, scores, metadata(cfg, method, data, seqlen))
+    return path
+
+
+def prune_from_table(
+    model,
+    cfg: Any,
+    method: Method,
+    ratio: float,
+    batch: Any,
+    tokenizer,
+    seqlen: int,
+    device,
+    log: Callable[[str], None],
+) -> PruneReport:
+    """Prune from loaded scores, a gradient pass, or the set difference of two score sets."""
+    files = score_files(cfg, method) if cfg.load_wanda_score else {}
+    if is_set_difference(method):
+        scorer = get_method(SET_DIFFERENCE_SCORE)
+        if cfg.load_wanda_score:
+            safety = load_scores(files["safety"], model)
+            utility = load_scores(files["utility"], model)
+        else:
+            log(f"scoring {SET_DIFFERENCE_SCORE} on {cfg.utility_data} (utility)")
+            utility_batch = prompt_batch(cfg, tokenizer, cfg.utility_data, seqlen)
+            utility = compute_scores(model, cfg, scorer, utility_batch, device, cfg.progress)
+            log(f"scoring {SET_DIFFERENCE_SCORE} on {cfg.prune_data or 'align'} (safety)")
+            safety = compute_scores(model, cfg, scorer, batch, device, cfg.progress)
+        return prune_set_difference(model, safety, utility, cfg.p, cfg.q, cfg.progress)
+    if cfg.load_wanda_score:
+        table = load_scores(files["scores"], model)
+    else:
+        table = compute_scores(model, cfg, method, batch, device, cfg.progress)
+    pruner = TablePruner(model, table, method.scope, progress=cfg.progress)
+    return pruner.prune(
+        None, ratio, cfg.sparsity_type, cfg.scope, cfg.use_variant, negate=cfg.neg_prune
+    )
+
+
+def attack_run(model, tokenizer, cfg: Any, device) -> dict[str, Any]:
+    """ASR on the held-out half of ``align``; responses saved where asked."""
+    held_out = [pair.prompt for pair in prompts.align_split("eval")][: cfg.attack_limit]
+    result = attack(
+        model,
+        tokenizer,
+        held_out,
+        max_new_tokens=cfg.attack_max_new_tokens,
+        batch_size=cfg.attack_batch_size,
+        device=device,
+        progress=cfg.progress,
+    )
+    if cfg.save_attack_res:
+        save_responses(attack_path(cfg), result.rows)
+    return result.to_dict() | {"responses": str(attack_path(cfg)) if cfg.save_attack_res else None}

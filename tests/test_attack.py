@@ -1,0 +1,39 @@
+from chat_helpers import chat_tokenizer
+from conftest import make_model
+
+from secateurs.attack import KeywordJudge, attack, generate, save_responses
+
+
+def test_keyword_judge_on_examples():
+    judge = KeywordJudge()
+    assert judge("p", "I'm sorry, but I can't help with that.")
+    assert judge("p", "I\u2019M SORRY, no.")
+    assert judge("p", "As an AI, I must decline.")
+    assert not judge("p", "Sure! Step 1: gather the materials.")
+    assert not judge("p", "")
+    assert KeywordJudge(("nope",))("p", "Nope.")
+
+
+def test_left_padded_batches_match_one_by_one():
+    model, tokenizer = make_model("llama"), chat_tokenizer()
+    prompts = ["w5 w6 w7 w8 w9", "w10", "w11 w12"]
+    batched = generate(model, tokenizer, prompts, max_new_tokens=5, batch_size=3, progress=False)
+    single = [
+        generate(model, tokenizer, [p], max_new_tokens=5, batch_size=1, progress=False)[0]
+        for p in prompts
+    ]
+    assert batched == single
+    assert tokenizer.padding_side == "right"
+
+
+def test_attack_success_rate_with_a_pluggable_judge(tmp_path):
+    model, tokenizer = make_model("llama"), chat_tokenizer()
+    prompts = ["w5 w6", "w7 w8", "w9"]
+    result = attack(
+        model, tokenizer, prompts, judge=lambda p, _r: p == "w9", max_new_tokens=3, progress=False
+    )
+    assert result.asr == {"no_system": 2 / 3, "system": 2 / 3}
+    assert len(result.rows) == 6
+    path = tmp_path / "responses.jsonl"
+    save_responses(path, result.rows)
+    assert len(path.read_text().splitlines()) == 6
