@@ -34,7 +34,6 @@ from secateurs.patterns import (
 )
 from secateurs.profiling import measure
 from secateurs.prompts import PromptBatch, check_chat_template
-from secateurs.pruning import MethodPruner
 from secateurs.recovery import (
     STRATEGIES,
     InverseWandaStrategy,
@@ -46,6 +45,7 @@ from secateurs.scores import Method, check_classes, check_ria_alpha, get_method
 from secateurs.scoring import (
     attack_run,
     check_score_args,
+    configured_pruner,
     dump_run,
     is_set_difference,
     prompt_batch,
@@ -339,17 +339,14 @@ def prune_loaded(
                 log,
             )
         return report, memory
-    pruner = MethodPruner(
+    pruner = configured_pruner(
         model,
+        cfg,
         method,
-        selectivity=cfg.selectivity(),
-        classes=cfg.neuronrank_max_classes,
         tokenizer=prepared.tokenizer,
         device=check_device(cfg.device),
-        batch_size=cfg.batch_size,
         progress=cfg.progress,
         redistributor=make_redistributor(cfg),
-        ria_alpha=cfg.ria_alpha,
     )
     with measure(check_device(cfg.device)) as memory:
         plan = allocate(

@@ -131,19 +131,23 @@ def metadata(cfg: Any, method: Method, data: str, seqlen: int) -> dict[str, str]
     }
 
 
-def compute_scores(
-    model, cfg: Any, method: Method, batch: Any, device, progress: bool
-) -> dict[str, Any]:
-    pruner = MethodPruner(
+def configured_pruner(model, cfg: Any, method: Method, **kwargs: Any) -> MethodPruner:
+    """A pruner for ``method`` with the score options and batch size of a run's configuration."""
+    return MethodPruner(
         model,
         method,
         selectivity=cfg.selectivity(),
         classes=cfg.neuronrank_max_classes,
         ria_alpha=cfg.ria_alpha,
-        device=device,
         batch_size=cfg.batch_size,
-        progress=progress,
+        **kwargs,
     )
+
+
+def compute_scores(
+    model, cfg: Any, method: Method, batch: Any, device, progress: bool
+) -> dict[str, Any]:
+    pruner = configured_pruner(model, cfg, method, device=device, progress=progress)
     return pruner.scores(batch)
 
 
