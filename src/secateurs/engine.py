@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 from secateurs.errors import SecateursError
 from secateurs.guard import ChannelAlarm, ChannelCollapseWarning, alarm_message, check_channels
 from secateurs.model import (
-    StopForward,
     BlockInputs,
+    StopForward,
     block_output,
     capture_block_inputs,
     find_blocks,
