@@ -112,3 +112,9 @@ def test_builtin_task_from_wiki_sample_has_hundreds_of_items():
     items = build_items(assets.wiki_sample_split("test"))
     assert len(items) > 500
     assert build_items(assets.wiki_sample_split("test")) == items
+
+
+def test_the_first_items_span_the_articles():
+    articles = synthetic_articles()
+    first = build_items(articles)[:10]
+    assert len({next(i for i, a in enumerate(articles) if x["context"] in a) for x in first}) > 2

@@ -33,7 +33,7 @@ _SENTENCE_END = re.compile(r"(?<=[a-z0-9\)\]\"'][.!?])\s+(?=[\"'(]?[A-Z])")
 class ClozeSettings:
     """How items are cut from the text."""
 
-    context_sentences: int = 3  # sentences of passage before the ending (fewer at a start)
+    context_sentences: int = 1  # sentences of passage before the ending (fewer at a start)
     min_words: int = 8  # endings and distractors are whole prose sentences of this many
     max_words: int = 40  # words or more, and at most this many
     length_pool: int = 12  # distractors come from the sentences closest in length
@@ -75,7 +75,7 @@ def _distractors(
 def build_items(
     articles: list[str], settings: ClozeSettings | None = None, seed: int = SEED
 ) -> list[dict]:
-    """Every item of the task, in article order; the same articles give the same items."""
+    """Every item of the task, in a seeded order; the same articles give the same items."""
     settings = settings or ClozeSettings()
     rng = random.Random(seed)
     parsed = [article_paragraphs(text) for text in articles]
@@ -101,6 +101,7 @@ def build_items(
                 items.append(
                     {"context": context, "choices": choices, "label": choices.index(target)}
                 )
+    rng.shuffle(items)  # so that the first N items (--zero_shot_limit) span every article
     return items
 
 
