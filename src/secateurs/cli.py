@@ -466,7 +466,7 @@ def evaluate(
         zero_shot = None
         if plan is not None:
             zero_shot = {"tasks": plan.tasks, "limit": plan.limit}
-            zero_shot["model"] = evaluate_zero_shot(loaded, tokenizer, plan)
+            zero_shot["model"] = evaluate_zero_shot(loaded, tokenizer, plan, not quiet)
             for line in zero_shot_lines({"pruned": zero_shot["model"]}, "zero-shot    "):
                 typer.echo(line)
         if save_json:

@@ -414,11 +414,17 @@ def zero_shot_planned(cfg: PruneConfig) -> ZeroShotPlan | None:
 
 
 def run_zero_shot(
-    model, prepared: Prepared, plan: ZeroShotPlan, label: str, timings: dict[str, float], log
+    model,
+    prepared: Prepared,
+    plan: ZeroShotPlan,
+    label: str,
+    timings: dict[str, float],
+    log,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Zero-shot accuracy of the model as it is now, timed under ``zero_shot_<label>``."""
     start = time.perf_counter()
-    metrics = evaluate_zero_shot(model, prepared.tokenizer, plan)
+    metrics = evaluate_zero_shot(model, prepared.tokenizer, plan, progress)
     timings[f"zero_shot_{label}"] = time.perf_counter() - start
     for task, entry in metrics.items():
         scores = ", ".join(f"{m} {entry[m]:.4f}" for m in METRICS if entry.get(m) is not None)
@@ -462,7 +468,7 @@ def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str,
     if zero_shot_plan is not None:
         zero_shot = {"tasks": zero_shot_plan.tasks, "limit": zero_shot_plan.limit}
         zero_shot["dense"] = (
-            run_zero_shot(model, prepared, zero_shot_plan, "dense", timings, log)
+            run_zero_shot(model, prepared, zero_shot_plan, "dense", timings, log, cfg.progress)
             if cfg.eval_dense
             else None
         )
@@ -473,7 +479,9 @@ def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str,
     check = check_sparsity(model, pattern, ratio, report.block_ratios)
     pruned_ppl = evaluate("pruned")
     if zero_shot is not None:
-        zero_shot["pruned"] = run_zero_shot(model, prepared, zero_shot_plan, "pruned", timings, log)
+        zero_shot["pruned"] = run_zero_shot(
+            model, prepared, zero_shot_plan, "pruned", timings, log, cfg.progress
+        )
     attack_result = None
     if cfg.eval_attack:
         start = time.perf_counter()

@@ -85,6 +85,27 @@ def hub_reachable() -> bool:
 
 
 @contextlib.contextmanager
+def _progress_off() -> Iterator[None]:
+    """No progress bars from lm-eval or datasets: both draw them on ``sys.stderr``."""
+    with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
+        yield
+
+
+@contextlib.contextmanager
+def _no_git_hash() -> Iterator[None]:
+    """lm-eval records ``git describe`` of the working folder, which says nothing about an
+    in-memory model and prints git's error outside a repository; skip it."""
+    from lm_eval import evaluator
+
+    original = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
+
+
+@contextlib.contextmanager
 def _quiet_lm_eval() -> Iterator[None]:
     """lm-eval logs every step at INFO; keep its errors only while it runs."""
     logger = logging.getLogger("lm_eval")
@@ -151,17 +172,21 @@ def task_metrics(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return found
 
 
-def evaluate_zero_shot(model, tokenizer, plan: ZeroShotPlan) -> dict[str, dict[str, Any]]:
+def evaluate_zero_shot(
+    model, tokenizer, plan: ZeroShotPlan, progress: bool = True
+) -> dict[str, dict[str, Any]]:
     """Accuracy of ``model`` (as it is in memory, on its own device) on the planned tasks."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    with _quiet_lm_eval():
+    quiet = contextlib.nullcontext() if progress else _progress_off()
+    with _quiet_lm_eval(), _no_git_hash(), quiet:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=plan.batch_size)
         try:
             output = simple_evaluate(
                 model=lm,
                 tasks=plan.tasks,
+                num_fewshot=0,
                 task_manager=plan.manager,
                 limit=plan.limit,
                 log_samples=False,
