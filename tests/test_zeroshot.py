@@ -149,3 +149,19 @@ def test_offline_paper_tasks_fail_before_pruning(tmp_path, tiny_model_dir, text_
     assert result.exit_code == 2  # a call to prepare would be an unexpected error, exit 1
     assert result.output.count("\n") == 1 and "--eval_zero_shot wiki-cloze" in result.output
     assert not out.exists()
+
+
+def test_the_callers_tokenizer_is_left_as_it_was(cloze_plan):
+    tokenizer = make_tokenizer()
+    assert tokenizer.pad_token is None
+    evaluate_zero_shot(make_model("llama"), tokenizer, cloze_plan, progress=False)
+    assert tokenizer.pad_token is None
+
+
+def test_score_dump_cannot_be_scored_or_plotted(tmp_path, tiny_model_dir, text_dir, monkeypatch):
+    monkeypatch.setattr(runner, "prepare", _forbidden)
+    for extra in (["--eval_zero_shot", "wiki-cloze"], ["--save_plot", tmp_path / "p.png"]):
+        result = invoke_prune(
+            tiny_model_dir, text_dir, "--dump_wanda_score", "--save", tmp_path / "s", *extra
+        )
+        assert result.exit_code == 2 and "--dump_wanda_score stops before pruning" in result.output

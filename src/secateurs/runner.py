@@ -407,6 +407,11 @@ def run_dump(cfg: PruneConfig, model, prepared: Prepared, method: Method, log) -
 
 def zero_shot_planned(cfg: PruneConfig) -> ZeroShotPlan | None:
     """The checked zero-shot tasks (their data reachable), or None without --eval_zero_shot."""
+    if cfg.dump_wanda_score and (cfg.eval_zero_shot is not None or cfg.save_plot):
+        raise SecateursError(
+            "--dump_wanda_score stops before pruning, so there is nothing to score or plot; "
+            "drop --eval_zero_shot/--save_plot, or prune in a second run with --load_wanda_score"
+        )
     if cfg.eval_zero_shot is None:
         _positive(cfg.zero_shot_limit, "--zero_shot_limit")
         return None

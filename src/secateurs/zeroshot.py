@@ -8,6 +8,7 @@ that cannot be reached) fails in :func:`prepare_zero_shot`, before any pruning w
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import socket
@@ -181,7 +182,8 @@ def evaluate_zero_shot(
 
     quiet = contextlib.nullcontext() if progress else _progress_off()
     with _quiet_lm_eval(), _no_git_hash(), quiet:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=plan.batch_size)
+        # a copy: lm-eval gives the tokenizer it is handed a pad token, and the caller saves its own
+        lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=plan.batch_size)
         try:
             output = simple_evaluate(
                 model=lm,
