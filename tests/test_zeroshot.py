@@ -165,3 +165,9 @@ def test_score_dump_cannot_be_scored_or_plotted(tmp_path, tiny_model_dir, text_d
             tiny_model_dir, text_dir, "--dump_wanda_score", "--save", tmp_path / "s", *extra
         )
         assert result.exit_code == 2 and "--dump_wanda_score stops before pruning" in result.output
+
+
+def test_unknown_task_is_named(monkeypatch):
+    monkeypatch.setattr(zeroshot, "hub_reachable", _forbidden)
+    with pytest.raises(SecateursError, match=r"unknown zero-shot task.*nonesuch"):
+        prepare_zero_shot("wiki-cloze,nonesuch", None)

@@ -64,6 +64,13 @@ def _offline_error(hub: list[str], reason: str) -> SecateursError:
     )
 
 
+def _failure(exc: OSError) -> str:
+    """Why the hub gave no data, in the words of the offline message."""
+    if hub_offline():
+        return "is switched off here (HF_HUB_OFFLINE) and the data are not in the local cache"
+    return f"did not serve them ({type(exc).__name__})"
+
+
 def hub_offline() -> bool:
     """Whether the user turned the hub off (the data must then be in the local cache)."""
     from huggingface_hub import constants
@@ -133,9 +140,6 @@ def prepare_zero_shot(spec: str, limit: int | None, batch_size: int = 8) -> Zero
     for value, flag in ((limit, "--zero_shot_limit"), (batch_size, "--zero_shot_batch_size")):
         if value is not None and value <= 0:
             raise SecateursError(f"{flag} must be at least 1, got {value}")
-    hub = [n for n in names if n != TASK_NAME]
-    if hub and not hub_offline() and not hub_reachable():
-        raise _offline_error(hub, "cannot be reached from this machine")
     manager = _task_manager(names)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
@@ -143,12 +147,15 @@ def prepare_zero_shot(spec: str, limit: int | None, batch_size: int = 8) -> Zero
             f"unknown zero-shot task(s) {', '.join(unknown)}: use {TASK_NAME} (built in) or "
             f"lm-evaluation-harness task names such as {', '.join(DEFAULT_TASKS)}"
         )
+    hub = [n for n in names if n != TASK_NAME]
+    if hub and not hub_offline() and not hub_reachable():
+        raise _offline_error(hub, "cannot be reached from this machine")
     if hub:
         try:
             with _quiet_lm_eval():
                 manager.load(hub)  # fetches the data now (or reads it from the cache)
         except OSError as exc:  # ConnectionError, a missing cached file, ...
-            raise _offline_error(hub, f"did not give their data ({type(exc).__name__})") from exc
+            raise _offline_error(hub, _failure(exc)) from exc
     return ZeroShotPlan(names, limit, batch_size, manager)
 
 
@@ -195,7 +202,7 @@ def evaluate_zero_shot(
             )
         except OSError as exc:
             hub = [n for n in plan.tasks if n != TASK_NAME]
-            raise _offline_error(hub, f"did not give their data ({type(exc).__name__})") from exc
+            raise _offline_error(hub, _failure(exc)) from exc
     return task_metrics(output)
 
 
