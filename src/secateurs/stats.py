@@ -399,16 +399,13 @@ class ActivationStats:
         """
         if inputs.dim() == 2:
             inputs = inputs.unsqueeze(0)
-        batch = inputs.shape[0]
         flat = inputs.reshape(-1, inputs.shape[-1]).float()
         if keep is not None:
             selected = keep.reshape(-1).to(flat.device)
             flat = flat[selected]
             labels = None if labels is None else labels.reshape(-1)[selected]
-        self.sq_norm.mul_(self.windows / (self.windows + batch))
-        self.windows += batch
+        self._add_norms(inputs, keep)
         self.tokens += flat.shape[0]
-        self.sq_norm.add_(flat.square().sum(dim=0) / self.windows)
         if self._sum is not None:
             self._sum.add_(flat.sum(dim=0).double())  # fp32 within a batch, fp64 across
         if self._gram is not None:
@@ -422,6 +419,20 @@ class ActivationStats:
             if labels is None:
                 raise ValueError("class statistics need the token labels of every batch")
             self._classes.add(flat, labels.reshape(-1))
+
+    def _add_norms(self, inputs: torch.Tensor, keep: torch.Tensor | None) -> None:
+        """Wanda's running average of squared norms, one window at a time.
+
+        The reference folds in one sample per step; doing the same here makes the norms (and
+        so the masks) the same at every batch size, bit for bit.
+        """
+        for row in range(inputs.shape[0]):
+            part = inputs[row].float()
+            if keep is not None:
+                part = part[keep[row].to(part.device)]
+            self.sq_norm.mul_(self.windows / (self.windows + 1))
+            self.windows += 1
+            self.sq_norm.add_(part.square().sum(dim=0) / self.windows)
 
     def _sample(self, count: int, fraction: float) -> torch.Tensor:
         """Indices of a seeded random ``fraction`` of ``count`` tokens."""
