@@ -266,9 +266,11 @@ def plot_layers(result: dict[str, Any], path: str | Path) -> None:
                 xs, [e["relative_error_before"] for e in errors], linestyle=":", **style
             )
     cfg = result["config"]
+    allocation = cfg.get("sparsity_allocation", "uniform")
     axes[0][0].set_title(
-        f"{cfg['model']}: {cfg['prune_method']}, {result['pattern']} "
-        f"(overall {result['sparsity']['overall']:.4f})"
+        f"{cfg['model']}: {cfg['prune_method']}, {result['pattern']}"
+        + ("" if allocation == "uniform" else f", {allocation} allocation")
+        + f" (overall {result['sparsity']['overall']:.4f})"
     )
     axes[0][0].set_ylabel("sparsity")
     axes[0][0].legend(fontsize=7, ncol=2)
