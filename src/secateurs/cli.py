@@ -333,6 +333,20 @@ def prune(
     attack_limit: Annotated[
         int | None, _flag("attack_limit", "Attack only the first N held-out prompts.")
     ] = None,
+    offload: Annotated[
+        str,
+        _flag(
+            "offload",
+            "Where the weights wait: none (all in memory); disk (a skeleton in memory, each "
+            "block read from the safetensors shards when reached, written to --save_model when "
+            "pruned, then freed; needs --save_model); auto (disk when the weights exceed "
+            "--max_memory).",
+        ),
+    ] = _DEFAULTS["offload"],
+    max_memory: Annotated[
+        str | None,
+        _flag("max_memory", "Memory the weights may take, e.g. 8GB; more streams from disk."),
+    ] = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:

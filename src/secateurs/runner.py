@@ -120,6 +120,8 @@ class PruneConfig:
     attack_max_new_tokens: int = 64
     attack_batch_size: int = 8
     attack_limit: int | None = None
+    offload: str = "auto"
+    max_memory: str | None = None
 
     def selectivity(self) -> SelectivityOptions:
         return SelectivityOptions(
@@ -322,8 +324,14 @@ def prune_loaded(
     method: Method,
     ratio: float,
     log: Callable[[str], None] = lambda _m: None,
+    store=None,
+    parallel=None,
 ):
-    """Prune a loaded model as the checked ``cfg`` says; the report, time and memory used."""
+    """Prune a loaded model as the checked ``cfg`` says; the report, time and memory used.
+
+    A ``store`` streams the blocks of a skeleton model (:mod:`secateurs.offload`);
+    ``parallel`` is this process's part of a data-parallel run (:mod:`secateurs.distributed`).
+    """
     device = check_device(cfg.device)
     if uses_table(cfg, method):
         with measure(device) as memory:
@@ -347,6 +355,8 @@ def prune_loaded(
         device=check_device(cfg.device),
         progress=cfg.progress,
         redistributor=make_redistributor(cfg),
+        store=store,
+        parallel=parallel,
     )
     with measure(check_device(cfg.device)) as memory:
         plan = allocate(
@@ -402,9 +412,14 @@ def run_dump(cfg: PruneConfig, model, prepared: Prepared, method: Method, log) -
 def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run a pruning job end to end and return its result (also written where asked)."""
     method, pattern, ratio = check_config(cfg)
+    from secateurs.offload import check_offload, run_streamed
+
+    streamed = check_offload(cfg, method, pattern)
     timings: dict[str, float] = {}
     prepared = prepare(cfg, needs_calibration(cfg))
     timings["data"] = prepared.seconds
+    if streamed:
+        return run_streamed(cfg, method, pattern, ratio, prepared, timings, log)
     if cfg.eval_attack:
         check_chat_template(prepared.tokenizer)
 
