@@ -358,7 +358,8 @@ def prune(
 
         log = (lambda _m: None) if quiet else (lambda m: typer.echo(m, err=True))
         result = run_prune(cfg, log=log)
-        typer.echo("\n".join(summary_lines(result)))
+        if "rank" not in result:  # the other ranks of a torchrun launch report nothing
+            typer.echo("\n".join(summary_lines(result)))
 
     _guarded(action, quiet, debug)
 

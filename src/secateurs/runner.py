@@ -412,12 +412,18 @@ def run_dump(cfg: PruneConfig, model, prepared: Prepared, method: Method, log) -
 def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run a pruning job end to end and return its result (also written where asked)."""
     method, pattern, ratio = check_config(cfg)
+    from secateurs import distributed
     from secateurs.offload import check_offload, run_streamed
 
     streamed = check_offload(cfg, method, pattern)
+    distributed.check_parallel(cfg, method)
+    launch = distributed.start(check_device(cfg.device))
+    if launch is not None:
+        cfg, log = launch.local(cfg, log)
     timings: dict[str, float] = {}
     prepared = prepare(cfg, needs_calibration(cfg))
     timings["data"] = prepared.seconds
+    parallel = None if launch is None else launch.calibration(prepared, cfg.batch_size)
     if streamed:
         return run_streamed(cfg, method, pattern, ratio, prepared, timings, log)
     if cfg.eval_attack:
@@ -444,10 +450,15 @@ def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str,
         log(f"{label} perplexity: {value:.3f}")
         return value
 
-    dense_ppl = evaluate("dense") if cfg.eval_dense else None
+    leader = launch is None or launch.leader
+    dense_ppl = evaluate("dense") if cfg.eval_dense and leader else None
     log(f"pruning with {method.name}, {pattern.describe()}, sparsity {ratio}")
-    report, memory = prune_loaded(model, cfg, prepared, method, ratio, log)
+    report, memory = prune_loaded(model, cfg, prepared, method, ratio, log, parallel=parallel)
     timings["prune"] = memory.seconds
+    if launch is not None:
+        launch.check_masks(model)
+        if not leader:  # rank 0 evaluates and writes
+            return {"rank": launch.rank, "timings": timings, "memory": memory.to_dict()}
 
     check = check_sparsity(model, pattern, ratio, report.block_ratios)
     pruned_ppl = evaluate("pruned")
