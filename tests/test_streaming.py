@@ -139,3 +139,17 @@ def test_parse_memory(text, expected):
 def test_parse_memory_refuses_what_is_not_an_amount(text):
     with pytest.raises(SecateursError, match="--max_memory"):
         parse_memory(text)
+
+
+def test_a_bf16_checkpoint_streams_as_fp32_like_loading_it_as_fp32(tmp_path):
+    source = tmp_path / "source"
+    make_model("llama").to(torch.bfloat16).save_pretrained(source, max_shard_size="60KB")
+    windows = make_windows(6, 16)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    MethodPruner(model, "wanda", progress=False).prune(windows, 0.5)
+    model.save_pretrained(tmp_path / "memory")
+    _streamed(source, tmp_path / "streamed", "wanda", windows, sparsity_ratio=0.5)
+    memory, streamed = _tensors(tmp_path / "memory"), _tensors(tmp_path / "streamed")
+    assert memory.keys() == streamed.keys()
+    assert all(streamed[k].dtype == torch.float32 for k in streamed)
+    assert all(torch.equal(memory[k], streamed[k]) for k in memory)

@@ -41,6 +41,18 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1}
+_DTYPE_NAMES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_COPY_CHUNK = 16 * 2**20
 
 
 def parse_memory(text: str) -> int:
@@ -87,16 +99,20 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
     )
 
 
+def shard_header(shard: Path) -> tuple[int, dict[str, dict]]:
+    """Where a safetensors file's data starts, and each tensor's dtype, shape and offsets."""
+    with open(shard, "rb") as file:
+        size = int.from_bytes(file.read(8), "little")
+        header = json.loads(file.read(size))
+    header.pop("__metadata__", None)
+    return 8 + size, header
+
+
 def checkpoint_bytes(folder: Path, dtype: torch.dtype) -> int:
     """Bytes the checkpoint's floating-point tensors take in ``dtype`` (others as stored)."""
     total = 0
     for shard in dict.fromkeys(checkpoint_files(folder).values()):
-        with open(shard, "rb") as file:
-            size = int.from_bytes(file.read(8), "little")
-            header = json.loads(file.read(size))
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
+        for entry in shard_header(shard)[1].values():
             count = 1
             for dim in entry["shape"]:
                 count *= dim
@@ -179,22 +195,54 @@ class DiskBlocks:
         self.total_size = 0
         self.zeros: dict[str, tuple[int, int]] = {}
 
-    def _read(self, prefix: str, names: list[str]) -> dict[str, torch.Tensor]:
-        """The tensors ``prefix + name`` in ``self.dtype``, each shard opened once and closed."""
+    def _read(self, prefix: str, names: list[str], mapped: bool = False) -> dict[str, torch.Tensor]:
+        """The tensors ``prefix + name`` in ``self.dtype``, each shard opened once and closed.
+
+        ``mapped`` tensors stored in ``self.dtype`` are views of a private mapping of the
+        shard instead of copies: only the pages a computation touches (the embedding rows of
+        the windows' tokens) become resident, and the mapping goes with the last view.
+        """
         by_shard: dict[Path, list[str]] = {}
         for name in names:
             by_shard.setdefault(self.files[prefix + name], []).append(name)
         tensors = {}
         for shard, members in by_shard.items():
+            views = self._views(shard, [prefix + n for n in members]) if mapped else {}
             with safe_open(shard, "pt") as handle:
                 for name in members:
-                    tensor = handle.get_tensor(prefix + name)
+                    tensor = views.get(prefix + name)
+                    if tensor is None:
+                        tensor = handle.get_tensor(prefix + name)
                     if tensor.is_floating_point():
                         tensor = tensor.to(self.dtype)
                     tensors[name] = tensor
         return tensors
 
-    def _materialize(self, module: nn.Module, prefix: str, optional: bool = False) -> None:
+    def _views(self, shard: Path, names: list[str]) -> dict[str, torch.Tensor]:
+        """Views of a shard's mapping for the ``names`` stored in ``self.dtype`` and aligned."""
+        start, header = shard_header(shard)
+        wanted = _DTYPE_NAMES.get(self.dtype)
+        fits = [
+            n
+            for n in names
+            if header[n]["dtype"] == wanted
+            and (start + header[n]["data_offsets"][0]) % self.dtype.itemsize == 0
+        ]
+        if not fits:
+            return {}
+        whole = torch.from_file(
+            str(shard), shared=False, size=shard.stat().st_size, dtype=torch.uint8
+        )
+        views = {}
+        for name in fits:
+            begin, end = header[name]["data_offsets"]
+            raw = whole[start + begin : start + end]
+            views[name] = raw.view(self.dtype).view(header[name]["shape"])
+        return views
+
+    def _materialize(
+        self, module: nn.Module, prefix: str, optional: bool = False, mapped: bool = False
+    ) -> None:
         """Give ``module`` (named ``prefix`` in the model) its weights from the checkpoint."""
         wanted = list(module.state_dict(keep_vars=True))
         missing = [n for n in wanted if prefix + n not in self.files]
@@ -205,12 +253,13 @@ class DiskBlocks:
                 "re-save the model that way or use --offload none"
             )
         present = [n for n in wanted if n not in missing]
-        module.load_state_dict(self._read(prefix, present), assign=True, strict=False)
+        module.load_state_dict(self._read(prefix, present, mapped), assign=True, strict=False)
 
     def load_outer(self) -> None:
-        """Embeddings, final norm and head (shared with the embeddings when tied)."""
+        """Embeddings, final norm and head (shared with the embeddings when tied), mapped
+        from the shards rather than copied where the dtype allows."""
         for name, module in self.outer:
-            self._materialize(module, f"{name}.", optional=True)
+            self._materialize(module, f"{name}.", optional=True, mapped=True)
         _tie_head(self.model)
         empty = [n for n, p in self.model.named_parameters() if p.is_meta]
         empty = [n for n in empty if not n.startswith(f"{self.stack_name}.")]
@@ -254,7 +303,7 @@ class DiskBlocks:
         _free(block)
 
     def _write(self, number: int, tensors: dict[str, torch.Tensor]) -> None:
-        shard = f"model-{number:05d}-of-{self.shards:05d}.safetensors"
+        shard = self._shard_name(number)
         tensors = {n: t.detach().contiguous() for n, t in tensors.items()}
         save_file(tensors, self.out / shard, metadata={"format": "pt"})
         for name, tensor in tensors.items():
@@ -262,7 +311,11 @@ class DiskBlocks:
             self.total_size += tensor.numel() * tensor.element_size()
 
     def write_outer(self) -> None:
-        """The unchanged outer modules as the first shard; a tied head is saved once."""
+        """The unchanged outer modules as the first shard; a tied head is saved once.
+
+        A tensor stored in the run's dtype is copied byte for byte from its shard, in
+        chunks, so the embedding never needs to be resident to be written.
+        """
         self.load_outer()
         tensors: dict[str, torch.Tensor] = {}
         stored: set[int] = set()
@@ -271,8 +324,46 @@ class DiskBlocks:
                 continue
             stored.add(tensor.data_ptr())
             tensors[name] = tensor
-        self._write(1, tensors)
+        shard = self._shard_name(1)
+        entries, offset = {}, 0
+        for name, tensor in tensors.items():
+            size = tensor.numel() * tensor.element_size()
+            entries[name] = {
+                "dtype": _DTYPE_NAMES[tensor.dtype],
+                "shape": list(tensor.shape),
+                "data_offsets": [offset, offset + size],
+            }
+            offset += size
+            self.weight_map[name] = shard
+        self.total_size += offset
+        header = json.dumps({"__metadata__": {"format": "pt"}} | entries).encode()
+        header += b" " * (-len(header) % 8)
+        with open(self.out / shard, "wb") as file:
+            file.write(len(header).to_bytes(8, "little") + header)
+            for name, tensor in tensors.items():
+                self._copy_tensor(file, name, tensor)
         self.free_outer()
+
+    def _copy_tensor(self, file, name: str, tensor: torch.Tensor) -> None:
+        """Append a tensor's bytes: straight from its source shard if stored as it is now."""
+        source = self.files.get(name)
+        if source is not None:
+            start, header = shard_header(source)
+            entry = header[name]
+            if entry["dtype"] == _DTYPE_NAMES[tensor.dtype]:
+                begin, end = entry["data_offsets"]
+                with open(source, "rb") as reader:
+                    reader.seek(start + begin)
+                    left = end - begin
+                    while left:
+                        chunk = reader.read(min(_COPY_CHUNK, left))
+                        file.write(chunk)
+                        left -= len(chunk)
+                return
+        file.write(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+
+    def _shard_name(self, number: int) -> str:
+        return f"model-{number:05d}-of-{self.shards:05d}.safetensors"
 
     def finish(self) -> None:
         """The index file, config and generation config of the output folder."""
