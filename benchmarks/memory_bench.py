@@ -259,7 +259,7 @@ def main() -> None:
     parser = bench_parser(__doc__, "memory_bench")
     parser.add_argument("--parts", default="stream,cap,parallel")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--cap_mib", type=int, default=448)
+    parser.add_argument("--cap_mib", type=int, default=480)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     parts = {"stream": stream_part, "cap": cap_part, "parallel": parallel_part}

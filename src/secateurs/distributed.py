@@ -59,6 +59,10 @@ class Launch:
         """Rank 0: the process that evaluates and writes the outputs."""
         return self.rank == 0
 
+    def describe(self) -> dict:
+        """For the run's result: how many processes, which backend."""
+        return {"processes": self.size, "backend": dist.get_backend(), "device": str(self.device)}
+
     def check_agreement(self, what: str, payload: bytes) -> None:
         """Fail on every rank if the ranks' ``payload`` differ (a SHA-256, all-gathered)."""
         digest = torch.frombuffer(bytearray(hashlib.sha256(payload).digest()), dtype=torch.uint8)

@@ -491,6 +491,8 @@ def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str,
         "timings": timings,
         "memory": memory.to_dict(),
     }
+    if launch is not None:
+        result["parallel"] = launch.describe()
     if shrink:
         shrinkage = shrink_mlps(model)
         result["saved_model"] = shrinkage.to_dict()
