@@ -2,7 +2,7 @@
 
 This is the only module that knows about hooks, devices and the order of blocks. The model
 stays where it was loaded; one block at a time moves to the compute device, so the memory
-needed beyond the model is one block plus two buffers of calibration activations.
+needed beyond the model is one block plus one buffer of calibration activations.
 """
 
 from __future__ import annotations
@@ -108,9 +108,13 @@ def run_block(
     before_batch: Callable[[slice], None] | None = None,
     index: int = 0,
 ) -> torch.Tensor | None:
-    """Send every calibration window through ``block`` (number ``index``) in batches."""
+    """Send every calibration window through ``block`` (number ``index``) in batches.
+
+    With ``keep_outputs`` each batch's output overwrites its own input in ``inputs.hidden``
+    (batches never see each other), which is returned: one buffer of activations, not two.
+    """
     hidden = inputs.hidden
-    outputs = torch.empty_like(hidden) if keep_outputs else None
+    outputs = hidden if keep_outputs else None
     with torch.no_grad():
         for start in range(0, hidden.shape[0], batch_size):
             if before_batch is not None:

@@ -165,16 +165,14 @@ def _free(module: nn.Module) -> None:
                 sub._buffers[name] = buffer.to("meta")
 
 
-def _tie_head(model: nn.Module) -> bool:
-    """Share the input embedding with the head if the config ties them; whether it did."""
+def _tie_head(model: nn.Module) -> None:
+    """Share the input embedding with the head if the config ties them (as loading does)."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
     if not getattr(config or model.config, "tie_word_embeddings", False):
-        return False
+        return
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-    if head is None or embedding is None:
-        return False
-    head.weight = embedding.weight
-    return True
+    if head is not None and embedding is not None:
+        head.weight = embedding.weight
 
 
 class DiskBlocks:
