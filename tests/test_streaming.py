@@ -153,3 +153,26 @@ def test_a_bf16_checkpoint_streams_as_fp32_like_loading_it_as_fp32(tmp_path):
     assert memory.keys() == streamed.keys()
     assert all(streamed[k].dtype == torch.float32 for k in streamed)
     assert all(torch.equal(memory[k], streamed[k]) for k in memory)
+
+
+def test_one_block_holds_weights_at_a_time(tmp_path):
+    source = _sharded(tmp_path, "llama")
+    skeleton = build_skeleton(source, torch.float32)
+    (tmp_path / "out").mkdir()
+    store = DiskBlocks(skeleton, source, torch.float32, tmp_path / "out")
+    resident: list[int] = []
+    load = store.load
+
+    def counting_load(index, block):
+        load(index, block)
+        resident.append(sum(not b.weight.is_meta for b in _layers(store)))
+
+    store.load = counting_load
+    MethodPruner(skeleton, "wanda", progress=False, store=store).prune(make_windows(4, 16), 0.5)
+    assert resident == [1] * len(store.blocks)
+    assert all(p.is_meta for p in skeleton.parameters())
+
+
+def _layers(store: DiskBlocks) -> list[torch.nn.Module]:
+    """The first linear layer of every block."""
+    return [next(m for m in b.modules() if isinstance(m, torch.nn.Linear)) for b in store.blocks]
