@@ -88,3 +88,34 @@ def test_wandg_prunes_per_row_and_masks_are_bit_identical():
     for (_, a), (_, b) in zip(iter_prunable(models[0]), iter_prunable(models[1]), strict=True):
         assert torch.equal(a.weight == 0, b.weight == 0)
         assert int((a.weight == 0).sum(dim=1).min()) >= a.weight.shape[1] // 2
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_batch_size_changes_only_rounding(batch_size):
+    batch = _batch()
+    single = gradient_magnitudes(make_model("llama"), batch, progress=False, batch_size=1)
+    got = gradient_magnitudes(make_model("llama"), batch, progress=False, batch_size=batch_size)
+    for name in single:
+        torch.testing.assert_close(got[name], single[name], rtol=1e-5, atol=1e-7)
+    again = gradient_magnitudes(make_model("llama"), batch, progress=False, batch_size=batch_size)
+    assert all(torch.equal(got[n], again[n]) for n in got)
+
+
+def test_rows_without_counted_targets_are_skipped():
+    batch = _batch()
+    mask = batch.token_mask.clone()
+    mask[1] = False
+    mask[2] = False
+    mask[2, 0] = True  # a first token is never a target
+    trimmed = PromptBatch(batch.input_ids, mask, batch.lengths)
+    keep = [0, 3]
+    only = PromptBatch(batch.input_ids[keep], mask[keep], batch.lengths[keep])
+    got = gradient_magnitudes(make_model("llama"), trimmed, progress=False, batch_size=4)
+    expected = gradient_magnitudes(make_model("llama"), only, progress=False, batch_size=4)
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7)
+
+
+def test_bad_batch_size():
+    with pytest.raises(ValueError, match="batch_size"):
+        gradient_magnitudes(make_model("llama"), _batch(), progress=False, batch_size=0)

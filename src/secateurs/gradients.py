@@ -1,29 +1,103 @@
 """The gradient scoring pass behind ``wandg``: ``sum over samples of |dL/dW|`` for every layer.
 
 Unlike activation statistics this needs the whole model's loss, so it is a separate pass
-(one forward and one backward per sample, all layers at once) whose result feeds the same
-mask and pruning code as every other method.
-
-Memory: each prunable weight gets a ``post_accumulate_grad`` hook that adds ``|grad|`` into
-a per-layer fp32 accumulator and frees ``.grad`` at once, so at most one layer's gradient is
-alive beside the accumulators (one model's worth of fp32); nothing else requires grad, so no
-other gradient is ever formed and there is no optimizer state. We chose hooks over
-``torch.autograd.grad`` per block because they keep a single ordinary backward pass through
-the model, whatever its architecture, with no block-boundary bookkeeping.
+(one forward and one backward per batch of samples, all layers at once) whose result feeds the
+same mask and pruning code as every other method.
 
 The absolute value is taken per sample before summing, as the reference implementation of
 Wei et al. (2024) does (it runs one sample per backward and adds ``weight.grad.abs()``), so
 gradients of opposite sign on different samples do not cancel.
+
+How, and why this way: no weight requires grad, so autograd forms only activation gradients
+and never a weight's ``.grad`` (no optimizer state, no model-sized gradient). Each prunable
+layer's input is kept from the forward pass, and a hook on its output's gradient forms every
+sample's weight gradient ``G_s^T X_s`` in turn, in one reused buffer of the weight's size that
+stays in cache while its absolute value is added into the layer's fp32 accumulator. Samples
+are batched (similar lengths together) and the loss is the sum of the samples' own mean
+losses, so each sample's gradient is exactly its own; padding sits after a sample's tokens
+and, the models being causal, receives no gradient and changes nothing before it. The output
+head computes logits only at the positions whose next token counts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from secateurs.model import is_conv1d, iter_prunable
+from secateurs.model import iter_prunable, weight_matrix
 from secateurs.prompts import PromptBatch
+
+
+class _PerSampleAbsGrad:
+    """Hooks that add ``|G_s^T X_s|`` of every sample into each layer's accumulator."""
+
+    def __init__(self, layers: dict[str, nn.Module], device: torch.device) -> None:
+        self.sums = {
+            name: torch.zeros(weight_matrix(layer).shape, dtype=torch.float32, device=device)
+            for name, layer in layers.items()
+        }
+        self.buffers: dict[tuple[int, int], torch.Tensor] = {}
+        self.lengths: list[int] = []
+        self.handles = [
+            layer.register_forward_hook(self._forward_hook(name)) for name, layer in layers.items()
+        ]
+
+    def _forward_hook(self, name: str):
+        def hook(_module, args, output):
+            if isinstance(output, torch.Tensor) and output.requires_grad:
+                inputs = args[0].detach()
+                output.register_hook(lambda grad: self._accumulate(name, inputs, grad))
+
+        return hook
+
+    def _accumulate(self, name: str, inputs: torch.Tensor, grad: torch.Tensor) -> None:
+        total = self.sums[name]
+        buffer = self.buffers.get(total.shape)
+        if buffer is None:
+            buffer = self.buffers[total.shape] = torch.empty_like(total)
+        for row, length in enumerate(self.lengths):
+            g = grad[row, :length].float()
+            x = inputs[row, :length].float()
+            torch.mm(g.t(), x, out=buffer)
+            total.add_(buffer.abs_())
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _groups(batch: PromptBatch, batch_size: int) -> Iterator[list[int]]:
+    """Rows with counted targets, longest first, in groups of ``batch_size``."""
+    labels = batch.labels()
+    rows = [
+        row
+        for row in range(batch.input_ids.shape[0])
+        if bool((labels[row, 1 : int(batch.lengths[row])] != -100).any())
+    ]
+    rows.sort(key=lambda row: -int(batch.lengths[row]))
+    for start in range(0, len(rows), batch_size):
+        yield rows[start : start + batch_size]
+
+
+def _summed_sample_losses(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor):
+    """Sum over rows of each row's mean next-token loss over the targets its labels count."""
+    targets = labels[:, 1:]
+    keep = torch.nonzero((targets != -100).any(dim=0)).squeeze(1)
+    logits = model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
+    if logits.shape[1] != keep.numel():  # a model that ignores logits_to_keep
+        logits = logits[:, keep]
+    picked = targets[:, keep]
+    nll = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        picked.reshape(-1),
+        ignore_index=-100,
+        reduction="none",
+    ).view(picked.shape)
+    return (nll.sum(dim=1) / (picked != -100).sum(dim=1)).sum()
 
 
 def gradient_magnitudes(
@@ -31,49 +105,39 @@ def gradient_magnitudes(
     batch: PromptBatch,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    batch_size: int = 8,
 ) -> dict[str, torch.Tensor]:
     """``sum_s |dL_s/dW|`` per prunable layer, keyed by full name, shaped (out, in), fp32.
 
-    ``L_s`` is sample ``s``'s mean next-token loss over the tokens its mask counts.
+    ``L_s`` is sample ``s``'s mean next-token loss over the tokens its mask counts;
+    ``batch_size`` samples share one forward and one backward pass.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     device = torch.device(device)
     layers = dict(iter_prunable(model))
     home = next(model.parameters()).device
     trainable = {param: param.requires_grad for param in model.parameters()}
-    sums: dict[str, torch.Tensor] = {}
-    handles = []
-
-    def accumulate(param: torch.Tensor, name: str) -> None:
-        sums[name].add_(param.grad.abs())
-        param.grad = None
-
+    labels = batch.labels()
     model.requires_grad_(False)
+    model.to(device)
+    recorder = _PerSampleAbsGrad(layers, device)
+    # gradients must flow from the embeddings on, though no weight requires them
+    start = model.get_input_embeddings().register_forward_hook(
+        lambda _module, _args, output: output.requires_grad_(True)
+    )
     try:
-        model.to(device)
-        for name, layer in layers.items():
-            weight = layer.weight
-            sums[name] = torch.zeros(weight.shape, dtype=torch.float32, device=device)
-            weight.requires_grad_(True)
-            handles.append(
-                weight.register_post_accumulate_grad_hook(lambda p, n=name: accumulate(p, n))
-            )
-        labels = batch.labels()
-        rows = tqdm(range(batch.input_ids.shape[0]), desc="gradients", disable=not progress)
-        for row in rows:
-            length = int(batch.lengths[row])
-            ids = batch.input_ids[row : row + 1, :length].to(device)
-            target = labels[row : row + 1, :length].to(device)
-            if not bool((target[:, 1:] != -100).any()):
-                continue
-            model(input_ids=ids, labels=target, use_cache=False).loss.backward()
+        groups = list(_groups(batch, batch_size))
+        for rows in tqdm(groups, desc="gradients", disable=not progress):
+            recorder.lengths = [int(batch.lengths[row]) for row in rows]
+            width = recorder.lengths[0]
+            ids = batch.input_ids[rows, :width].to(device)
+            target = labels[rows, :width].to(device)
+            _summed_sample_losses(model, ids, target).backward()
     finally:
-        for handle in handles:
-            handle.remove()
+        start.remove()
+        recorder.remove()
         for param, flag in trainable.items():
             param.requires_grad_(flag)
-            param.grad = None
         model.to(home)
-    return {
-        name: (sums[name].t() if is_conv1d(layer) else sums[name]).contiguous()
-        for name, layer in layers.items()
-    }
+    return {name: total.contiguous() for name, total in recorder.sums.items()}

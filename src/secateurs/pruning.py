@@ -268,7 +268,9 @@ class MethodPruner(BasePruner):
             batch = prompt_batch or (
                 text_batch(windows) if token_mask is None else _as_batch(windows, token_mask)
             )
-            gradients = gradient_magnitudes(self.model, batch, self.device, self.progress)
+            gradients = gradient_magnitudes(
+                self.model, batch, self.device, self.progress, self.batch_size
+            )
             return {
                 name: self.method.score(weight_matrix(layer), gradients[name])
                 for name, layer in iter_prunable(self.model)
