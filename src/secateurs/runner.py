@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from secateurs import data
+from secateurs import data, distributed
 from secateurs.allocation import allocate, check_allocation
 from secateurs.engine import check_pattern_fits
 from secateurs.errors import SecateursError
@@ -412,8 +412,7 @@ def run_dump(cfg: PruneConfig, model, prepared: Prepared, method: Method, log) -
 def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run a pruning job end to end and return its result (also written where asked)."""
     method, pattern, ratio = check_config(cfg)
-    from secateurs import distributed
-    from secateurs.offload import check_offload, run_streamed
+    from secateurs.offload import check_offload, run_streamed  # it builds on this module
 
     streamed = check_offload(cfg, method, pattern)
     distributed.check_parallel(cfg, method)
