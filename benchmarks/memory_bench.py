@@ -40,7 +40,9 @@ from safetensors.torch import load_file
 from secateurs.report import replace_marked_section
 
 
-def prune_args(args, save: Path, extra: tuple[str, ...] = ()) -> list[str]:
+def prune_args(
+    args, save: Path, extra: tuple[str, ...] = (), batch_size: int | None = None
+) -> list[str]:
     return [
         "prune",
         "--model",
@@ -56,7 +58,7 @@ def prune_args(args, save: Path, extra: tuple[str, ...] = ()) -> list[str]:
         "--seqlen",
         str(args.seqlen),
         "--batch_size",
-        str(args.batch_size),
+        str(batch_size or args.batch_size),
         "--eval_limit",
         "1",
         "--no_eval_dense",
@@ -94,8 +96,10 @@ def run(command: list[str], env: dict[str, str] | None = None, cgroup: Path | No
     }
 
 
-def secateurs(args, save: Path, extra=(), cgroup: Path | None = None) -> dict:
-    command = [sys.executable, "-m", "secateurs", *prune_args(args, save, extra)]
+def secateurs(
+    args, save: Path, extra=(), cgroup: Path | None = None, batch_size: int | None = None
+) -> dict:
+    command = [sys.executable, "-m", "secateurs", *prune_args(args, save, extra, batch_size)]
     row = run(command, cgroup=cgroup)
     result = save / "secateurs.json"
     if row["returncode"] == 0 and result.is_file():
@@ -161,11 +165,22 @@ def cap_part(args, work: Path) -> dict:
     rows = {}
     for mode, offload in (("disk", "disk"), ("memory", "none")):
         with memory_cgroup(args.cap_mib * 2**20) as group:
-            row = secateurs(args, work / f"capped-{mode}", ("--offload", offload), cgroup=group)
+            row = secateurs(
+                args,
+                work / f"capped-{mode}",
+                ("--offload", offload),
+                cgroup=group,
+                batch_size=args.cap_batch_size,
+            )
         row["completed"] = row["returncode"] == 0
         rows[mode] = row
         print("capped", mode, {k: v for k, v in row.items() if k != "tail"})
-    return {"cap_mib": args.cap_mib, "method": "cgroup v1 memory.limit_in_bytes", "runs": rows}
+    return {
+        "cap_mib": args.cap_mib,
+        "batch_size": args.cap_batch_size,
+        "method": "cgroup v1 memory.limit_in_bytes",
+        "runs": rows,
+    }
 
 
 def parallel_part(args, work: Path) -> dict:
@@ -228,7 +243,8 @@ def table(args, result: dict) -> str:
     cap = result.get("cap")
     if cap:
         lines += [
-            f"Under a hard cap of {cap['cap_mib']} MiB ({cap['method']}, a child cgroup):",
+            f"Under a hard cap of {cap['cap_mib']} MiB ({cap['method']}, a child cgroup), "
+            f"calibration batch {cap['batch_size']}:",
             "",
             "| mode | exit status | finished | peak RSS |",
             "|---|---|---|---|",
@@ -263,6 +279,8 @@ def main() -> None:
     parser.add_argument("--parts", default="stream,cap,parallel")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--cap_mib", type=int, default=480)
+    # smaller batches keep a block's temporaries small: the cap is on everything resident
+    parser.add_argument("--cap_batch_size", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     parts = {"stream": stream_part, "cap": cap_part, "parallel": parallel_part}
