@@ -189,7 +189,8 @@ def parallel_part(args, work: Path) -> dict:
     runs = {"one process": ([sys.executable, "-m", "secateurs"], args.threads)}
     if args.all_threads:
         runs["one process, all threads"] = ([sys.executable, "-m", "secateurs"], os.cpu_count())
-    runs["torchrun x2"] = ([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "secateurs"], 1)
+    two = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "secateurs"]
+    runs["torchrun x2"] = (two, 1)
     rows = {}
     for number, (name, (launcher, threads)) in enumerate(runs.items()):
         save = work / f"parallel-{number}"
