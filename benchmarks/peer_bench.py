@@ -74,6 +74,21 @@ def evaluate(args, out: Path, pattern: str, eval_windows: torch.Tensor) -> dict:
     return {"ppl": ppl, "sparsity": check.overall, "pattern_ok": check.ok}
 
 
+def mask_agreement(first: Path, second: Path) -> dict:
+    """Share of zero-mask entries the two tools' pruned weights disagree on, by block."""
+    a = load_file(first / "pruned_linears.safetensors")
+    b = load_file(second / "pruned_linears.safetensors")
+    by_block: dict[int, list[int]] = {}
+    for name, weight in a.items():
+        block = int(name.split(".layers.")[1].split(".")[0])
+        counts = by_block.setdefault(block, [0, 0])
+        counts[0] += int(((weight == 0) != (b[name] == 0)).sum())
+        counts[1] += weight.numel()
+    shares = {block: differ / total for block, (differ, total) in sorted(by_block.items())}
+    total = sum(c[0] for c in by_block.values()) / sum(c[1] for c in by_block.values())
+    return {"mask_disagreement": total, "mask_disagreement_by_block": shares}
+
+
 def summarise(runs: list[dict]) -> list[dict]:
     """Medians over repeats per (method, pattern, tool), with ours/theirs ratios."""
     rows = {}
@@ -139,6 +154,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--peer_python", default=str(ROOT / ".venv-peer" / "bin" / "python"))
     parser.add_argument("--patterns", default=",".join(PATTERNS))
+    parser.add_argument("--methods", default=None, help="only these methods (comma-separated)")
+    parser.add_argument("--keep", default=None, help="keep every run's pruned weights here")
     args = parser.parse_args()
     if not Path(args.peer_python).exists():
         sys.exit(f"no peer venv at {args.peer_python}: run `make peer-venv` first")
@@ -146,12 +163,16 @@ def main() -> None:
     windows, eval_windows = bench_windows(args, args.eval_limit)
     model_dir = Path(resolve_model_path(args.model))
     runs = []
+    selected = [run for run in RUNS if args.methods is None or run[0] in args.methods.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
+        if args.keep:
+            tmp = args.keep
+            Path(tmp).mkdir(parents=True, exist_ok=True)
         ids = Path(tmp) / "calibration.safetensors"
         save_file({"input_ids": windows.contiguous()}, ids)
         for repeat in range(args.repeats):
             for pattern in args.patterns.split(","):
-                for method, tool in RUNS:
+                for method, tool in selected:
                     out = Path(tmp) / f"{tool}-{method}-{pattern.replace(':', '_')}-{repeat}"
                     run = run_worker(args, tool, method, pattern, model_dir, ids, out)
                     # pruning is deterministic: the first repeat's model is the one evaluated
@@ -159,7 +180,17 @@ def main() -> None:
                         run |= evaluate(args, out, pattern, eval_windows)
                     runs.append(run)
                     print(json.dumps(run), flush=True)
-    rows = summarise(runs)
+                for method in {m for m, _ in selected}:
+                    outs = {
+                        tool: Path(tmp) / f"{tool}-{method}-{pattern.replace(':', '_')}-0"
+                        for m, tool in selected
+                        if m == method
+                    }
+                    if repeat == 0 and len(outs) == 2:
+                        agreement = mask_agreement(*outs.values())
+                        print(method, pattern, json.dumps(agreement), flush=True)
+                        runs.append({"method": method, "pattern": pattern} | agreement)
+    rows = summarise([run for run in runs if "tool" in run])
     result = {
         **result_header(args),
         "eval_windows": int(eval_windows.shape[0]),

@@ -3,9 +3,10 @@ import torch
 from conftest import make_model, make_windows
 
 from secateurs import MagnitudePruner, WandaPruner, check_sparsity
-from secateurs.engine import prune_sequential
+from secateurs.engine import _calibrate, prune_sequential
 from secateurs.errors import SecateursError
 from secateurs.model import (
+    capture_block_inputs,
     find_blocks,
     find_linears,
     find_mlp_groups,
@@ -17,7 +18,7 @@ from secateurs.pruning import MethodPruner
 from secateurs.recovery import LeastSquaresStrategy, WeightRedistributor
 from secateurs.scores import wanda_score
 from secateurs.shrink import shrink_mlps
-from secateurs.stats import ActivationStats
+from secateurs.stats import ActivationStats, StatsRequest
 
 
 def zero_masks(model) -> dict[str, torch.Tensor]:
@@ -112,6 +113,36 @@ def test_same_seed_and_inputs_give_identical_masks(arch):
     assert masks[0].keys() == masks[1].keys()
     for name in masks[0]:
         assert torch.equal(masks[0][name], masks[1][name])
+
+
+@pytest.mark.parametrize("method", ["wanda", "ria"])
+def test_masks_do_not_depend_on_the_batch_size(arch, method):
+    """Norms are folded in one window at a time, as the reference does, at any batch size."""
+    masks = []
+    for batch_size in (1, 3, 8):
+        model = make_model(arch, seed=3)
+        MethodPruner(model, method, batch_size=batch_size, progress=False).prune(
+            make_windows(8, 16, seed=5), 0.5
+        )
+        masks.append(zero_masks(model))
+    for other in masks[1:]:
+        for name in masks[0]:
+            assert torch.equal(masks[0][name], other[name]), name
+
+
+def test_calibration_pass_stops_after_the_last_layer_input(arch):
+    model = make_model(arch)
+    _, blocks = find_blocks(model)
+    layers = find_linears(blocks[0])
+    inputs = capture_block_inputs(model, make_windows(4, 16), torch.device("cpu"), 2)
+    calls = []
+    list(layers.values())[-1].register_forward_hook(lambda *_: calls.append(1))
+    early = _calibrate(blocks[0], layers, inputs, 2, StatsRequest(), None)
+    assert calls == []  # the last layer saw its input; its product was never needed
+    full = _calibrate(blocks[0], layers, inputs, 2, StatsRequest(), None, outputs=[])
+    assert len(calls) == 2
+    for name in layers:
+        assert torch.equal(early[name].sq_norm, full[name].sq_norm), name
 
 
 def test_magnitude_needs_no_calibration_and_uses_one_threshold_per_layer():

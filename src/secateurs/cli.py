@@ -7,6 +7,7 @@ from dataclasses import fields
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from secateurs.compare import DEFAULT_METHODS
 from secateurs.errors import SecateursError
@@ -20,8 +21,30 @@ from secateurs.runner import (
     run_prune,
 )
 from secateurs.scores import METHODS
+from secateurs.zeroshot import DEFAULT_TASKS
+
+_ZERO_SHOT_FLAGS = ("--eval_zero_shot", "--eval-zero-shot")
+
+
+def default_zero_shot(args: list[str]) -> list[str]:
+    """A bare --eval_zero_shot (last, or before another option) means the paper's tasks."""
+    out = []
+    for i, arg in enumerate(args):
+        out.append(arg)
+        if arg in _ZERO_SHOT_FLAGS and (i + 1 == len(args) or args[i + 1].startswith("-")):
+            out.append(",".join(DEFAULT_TASKS))
+    return out
+
+
+class _Commands(TyperGroup):
+    """The command group; lets --eval_zero_shot stand without a value."""
+
+    def parse_args(self, ctx, args):
+        return super().parse_args(ctx, default_zero_shot(args))
+
 
 app = typer.Typer(
+    cls=_Commands,
     help=(
         "Prune large language models by weights and activations (Wanda and its family), "
         "measure what they lost, and save the result.\n\n"
@@ -124,6 +147,22 @@ ExactOpt = Annotated[
         "exact_selectivity",
         "Exact quantiles (keeps every activation: small runs only); default streams a histogram.",
     ),
+]
+
+ZeroShotOpt = Annotated[
+    str | None,
+    _flag(
+        "eval_zero_shot",
+        "Zero-shot accuracy through lm-evaluation-harness, comma-separated tasks: wiki-cloze "
+        "(built in, offline) or lm-eval task names (their data come from the hub). Without a "
+        f"value: {','.join(DEFAULT_TASKS)} (the Wanda paper's seven).",
+    ),
+]
+ZeroShotLimitOpt = Annotated[
+    int | None, _flag("zero_shot_limit", "Zero-shot: only the first N examples of each task.")
+]
+ZeroShotBatchOpt = Annotated[
+    int, _flag("zero_shot_batch_size", "Zero-shot: requests per forward pass.")
 ]
 
 RiaAlphaOpt = Annotated[
@@ -347,6 +386,16 @@ def prune(
         str | None,
         _flag("max_memory", "Memory the weights may take, e.g. 8GB; more streams from disk."),
     ] = None,
+    eval_zero_shot: ZeroShotOpt = None,
+    zero_shot_limit: ZeroShotLimitOpt = None,
+    zero_shot_batch_size: ZeroShotBatchOpt = _DEFAULTS["zero_shot_batch_size"],
+    save_plot: Annotated[
+        str | None,
+        _flag(
+            "save_plot",
+            "Write a PNG of per-layer sparsity (and recovery error) by block and sublayer.",
+        ),
+    ] = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -378,6 +427,12 @@ def evaluate(
     cache_dir: CacheOpt = None,
     trust_remote_code: RemoteOpt = False,
     window_bos: WindowBosOpt = _DEFAULTS["window_bos"],
+    eval_zero_shot: ZeroShotOpt = None,
+    zero_shot_limit: ZeroShotLimitOpt = None,
+    zero_shot_batch_size: ZeroShotBatchOpt = _DEFAULTS["zero_shot_batch_size"],
+    save_json: Annotated[
+        str | None, _flag("save_json", "Write perplexity, sparsity and zero-shot as JSON.")
+    ] = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -386,7 +441,12 @@ def evaluate(
     def action() -> None:
         from secateurs.data import check_window_bos, resolve_source, window_bos_token
         from secateurs.evaluate import check_sparsity, perplexity
+        from secateurs.io import ensure_free
         from secateurs.model import choose_seqlen, load_config, load_model, load_tokenizer
+        from secateurs.report import versions, write_json
+        from secateurs.runner import zero_shot_planned
+        from secateurs.zeroshot import evaluate_zero_shot
+        from secateurs.zeroshot import summary_lines as zero_shot_lines
 
         check_eval_args(
             PruneConfig(eval_limit=eval_limit, eval_batch_size=eval_batch_size, dtype=dtype)
@@ -394,6 +454,14 @@ def evaluate(
         target = check_device(device)
         check_window_bos(window_bos)
         resolve_source(dataset)
+        ensure_free(save_json, "--save_json")
+        plan = zero_shot_planned(
+            PruneConfig(
+                eval_zero_shot=eval_zero_shot,
+                zero_shot_limit=zero_shot_limit,
+                zero_shot_batch_size=zero_shot_batch_size,
+            )
+        )
         config = load_config(model, cache_dir, trust_remote_code)
         length = choose_seqlen(config, seqlen)
         tokenizer = load_tokenizer(model, cache_dir, trust_remote_code)
@@ -410,6 +478,26 @@ def evaluate(
         )
         typer.echo(f"perplexity   {value:.3f}  ({time.perf_counter() - start:.1f} s)")
         typer.echo(f"sparsity     {check.overall:.4f} over {len(check.layers)} linear layers")
+        zero_shot = None
+        if plan is not None:
+            zero_shot = {"tasks": plan.tasks, "limit": plan.limit}
+            zero_shot["model"] = evaluate_zero_shot(loaded, tokenizer, plan, not quiet)
+            for line in zero_shot_lines({"pruned": zero_shot["model"]}, "zero-shot    "):
+                typer.echo(line)
+        if save_json:
+            result = {
+                "model": model,
+                "evaluation": {
+                    "dataset": dataset,
+                    "windows": int(windows.shape[0]),
+                    "seqlen": length,
+                },
+                "perplexity": value,
+                "sparsity": check.to_dict(),
+                "zero_shot": zero_shot,
+                "versions": versions(),
+            }
+            write_json(save_json, result)
 
     _guarded(action, quiet, debug)
 

@@ -42,6 +42,11 @@ _NOT_IN_KEY = (
     "progress",
     "eval_dense",
     "device",
+    # compare reports perplexity only; zero-shot and the per-layer plot are prune's outputs
+    "eval_zero_shot",
+    "zero_shot_limit",
+    "zero_shot_batch_size",
+    "save_plot",
 )
 
 

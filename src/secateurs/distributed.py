@@ -82,7 +82,8 @@ class Launch:
         shares = batch_shares(windows, batch_size, self.size)
         batches = [-(-(s.stop - s.start) // batch_size) for s in shares]
         return DataParallel(
-            shares[self.rank], lambda stats: reduce_stats(stats, batches, self.device)
+            shares[self.rank],
+            lambda stats: reduce_stats(stats, batches, batch_size, self.device),
         )
 
     def local(self, cfg, log: Callable[[str], None]):
@@ -157,9 +158,12 @@ def _gather(values: list[torch.Tensor], batches: list[int], device: torch.device
 
 
 def reduce_stats(
-    stats: dict[str, ActivationStats], batches: list[int], device: torch.device
+    stats: dict[str, ActivationStats], batches: list[int], batch_size: int, device: torch.device
 ) -> None:
-    """Refold every layer's statistics from all ranks' batch terms, in global batch order."""
+    """Refold every layer's statistics from all ranks' batch terms, in global batch order.
+
+    Per-window terms (``sq``) are padded to ``batch_size`` rows to travel, then cut back.
+    """
     for name in sorted(stats):
         layer = stats[name]
         terms = layer.terms
@@ -172,18 +176,26 @@ def reduce_stats(
                 columns[field.name] = None
                 continue
             tensors = [torch.as_tensor(v, device=device) for v in values]
+            if field.name == "sq":
+                tensors = [_pad_rows(t, batch_size) for t in tensors]
             columns[field.name] = _gather(tensors, batches, device)
         layer.reset()
         for index in range(sum(batches)):
-            layer.fold(
-                BatchTerms(
-                    **{
-                        key: None if column is None else _scalar(key, column[index])
-                        for key, column in columns.items()
-                    }
-                )
+            terms = BatchTerms(
+                **{
+                    key: None if column is None else _scalar(key, column[index])
+                    for key, column in columns.items()
+                }
             )
+            terms.sq = terms.sq[: terms.windows]
+            layer.fold(terms)
         layer.terms = None
+
+
+def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    padded = tensor.new_zeros((rows, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    return padded
 
 
 def _scalar(key: str, value: torch.Tensor):

@@ -22,6 +22,7 @@ from secateurs.errors import SecateursError
 from secateurs.guard import ChannelAlarm, ChannelCollapseWarning, alarm_message, check_channels
 from secateurs.model import (
     BlockInputs,
+    StopForward,
     block_output,
     capture_block_inputs,
     find_blocks,
@@ -121,9 +122,11 @@ def run_block(
                 before_batch(slice(start, start + batch_size))
             batch = hidden[start : start + batch_size]
             args, kwargs = inputs.call_args(batch.shape[0], index)
-            result = block_output(block(batch, *args, **kwargs))
-            if outputs is not None:
-                outputs[start : start + batch.shape[0]] = result
+            if outputs is None:
+                with contextlib.suppress(StopForward):
+                    block(batch, *args, **kwargs)
+                continue
+            outputs[start : start + batch.shape[0]] = block_output(block(batch, *args, **kwargs))
     return outputs
 
 
@@ -141,9 +144,11 @@ def _calibrate(
 ) -> dict[str, ActivationStats]:
     """One pass through the unpruned block, accumulating every layer's input statistics.
 
-    Given an ``outputs`` list, the block's outputs of the same pass are appended to it.
-    In a ``parallel`` run each batch's terms are kept, and combined across processes after
-    the pass in the order one process would have folded them.
+    Given an ``outputs`` list, the block's outputs of the same pass are appended to it;
+    without one, each batch's forward pass stops as soon as every layer has seen its input
+    (the block's last linear layer, and whatever follows it, never runs). In a ``parallel``
+    run each batch's terms are kept, and combined across processes after the pass in the
+    order one process would have folded them.
     """
     device = inputs.hidden.device
     keep_terms = parallel is not None
@@ -155,22 +160,26 @@ def _calibrate(
     # input is held, so an identity match can never be a freed tensor's reused memory.
     last: dict[str, object] = {"input": None, "owner": None, "labels": None, "keep": None}
     shares: dict[str, str] = {}
+    seen: set[str] = set()
 
     def next_batch(rows: slice) -> None:
         last["labels"] = None if labels is None else labels[rows].to(device)
         last["keep"] = None if token_mask is None else token_mask[rows].to(device)
+        seen.clear()
 
     def observe(name: str, x: torch.Tensor) -> None:
-        if name in shares:
-            return
-        if x is last["input"]:
-            shares[name] = last["owner"]
-            return
-        last["input"], last["owner"] = x, name
-        stats[name].add_batch(x, last["labels"], last["keep"])
+        seen.add(name)
+        if name not in shares:
+            if x is last["input"]:
+                shares[name] = last["owner"]
+            else:
+                last["input"], last["owner"] = x, name
+                stats[name].add_batch(x, last["labels"], last["keep"])
+        if outputs is None and len(seen) == len(layers):
+            raise StopForward
 
     handles = [
-        layer.register_forward_hook(lambda _m, args, _out, n=name: observe(n, args[0]))
+        layer.register_forward_pre_hook(lambda _m, args, n=name: observe(n, args[0]))
         for name, layer in layers.items()
     ]
     try:

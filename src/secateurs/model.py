@@ -226,7 +226,7 @@ def iter_prunable(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield f"{stack_name}.{index}.{name}", layer
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Raised by the capture hook: the rest of the model is not needed."""
 
 
@@ -303,7 +303,7 @@ def capture_block_inputs(
 
     def hook(_module, args, kwargs):
         recorded["args"], recorded["kwargs"] = args, kwargs
-        raise _StopForward
+        raise StopForward
 
     hidden_batches = []
     extra: dict[int, tuple[tuple, dict[str, Any]]] = {}
@@ -313,7 +313,7 @@ def capture_block_inputs(
         with torch.no_grad():
             for start in range(0, windows.shape[0], batch_size):
                 batch = windows[start : start + batch_size].to(device)
-                with contextlib.suppress(_StopForward):
+                with contextlib.suppress(StopForward):
                     model(input_ids=batch, use_cache=False)
                 args, kwargs = recorded["args"], recorded["kwargs"]
                 hidden = args[0] if args else kwargs.pop("hidden_states")
@@ -349,14 +349,14 @@ def _capture_call_args(
         if not args:
             kwargs.pop("hidden_states")
         recorded[len(recorded)] = (tuple(args[1:]), kwargs)
-        raise _StopForward
+        raise StopForward
 
     handle = blocks[index].register_forward_pre_hook(hook, with_kwargs=True)
     _move(moved, device)
     try:
         with torch.no_grad():
             for size in sizes:
-                with contextlib.suppress(_StopForward):
+                with contextlib.suppress(StopForward):
                     model(input_ids=windows[:size].to(device), use_cache=False)
     finally:
         handle.remove()

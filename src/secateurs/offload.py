@@ -43,6 +43,8 @@ def _needs_whole_model(cfg: Any, method: Method, pattern: SparsityPattern) -> st
         return "score files are read and written for the whole model at once"
     if cfg.eval_attack:
         return "--eval_attack generates text with the whole model"
+    if getattr(cfg, "eval_zero_shot", None) is not None:
+        return "--eval_zero_shot scores answers with the whole model"
     if cfg.sparsity_allocation == "owl":
         return "OWL's outlier pass runs over the whole dense model first"
     if pattern.structured and not cfg.keep_shape:

@@ -10,7 +10,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from secateurs.io import atomic_file, atomic_write_text
+from secateurs.errors import SecateursError
+from secateurs.io import atomic_file, atomic_write_text, ensure_free
+from secateurs.zeroshot import summary_lines as zero_shot_lines
 
 _PACKAGES = ("secateurs", "torch", "transformers", "datasets", "safetensors", "accelerate")
 
@@ -81,6 +83,8 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     if attack:
         asr = ", ".join(f"{k} {v:.3f}" for k, v in attack["asr"].items())
         lines.append(f"attack (ASR)     {asr} over {attack['prompts']} held-out prompts")
+    if result.get("zero_shot"):
+        lines += zero_shot_lines(result["zero_shot"])
     lines += [f"  violation: {v}" for v in sp["violations"]]
     return lines
 
@@ -210,6 +214,72 @@ def plot_comparison(
     axes.set_ylabel("perplexity (log scale)")
     axes.set_title(title)
     axes.legend(fontsize=8)
+    figure.tight_layout()
+    with atomic_file(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120)
+    plt.close(figure)
+
+
+def check_plot_path(path: str | None) -> None:
+    """--save_plot names a new .png file in a writable place."""
+    if path is None:
+        return
+    if Path(path).suffix.lower() != ".png":
+        raise SecateursError(
+            f"--save_plot writes a PNG image: give a path ending in .png, not '{path}'"
+        )
+    ensure_free(path, "--save_plot")
+
+
+def _block_index(name: str, order: dict[str, int]) -> int:
+    """The number at the end of a block's name (model.layers.7 -> 7), else its position."""
+    tail = name.rsplit(".", 1)[-1]
+    return int(tail) if tail.isdigit() else order.setdefault(name, len(order))
+
+
+def plot_layers(result: dict[str, Any], path: str | Path) -> None:
+    """Per-layer sparsity (and recovery error, when recovery ran) by block and sublayer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    layers = result["prune"]["layers"]
+    recovered = [layer for layer in layers if layer.get("recovery")]
+    figure, axes = plt.subplots(
+        2 if recovered else 1, 1, figsize=(8, 7 if recovered else 4), sharex=True, squeeze=False
+    )
+    order: dict[str, int] = {}
+    sublayers = list(dict.fromkeys(layer["sublayer"] for layer in layers))
+    colors = plt.get_cmap("tab10")
+    for i, sublayer in enumerate(sublayers):
+        own = [layer for layer in layers if layer["sublayer"] == sublayer]
+        blocks = [_block_index(layer["block"], order) for layer in own]
+        style = {"color": colors(i % 10), "marker": "o", "markersize": 3}
+        axes[0][0].plot(blocks, [layer["sparsity"] for layer in own], label=sublayer, **style)
+        done = [layer for layer in own if layer.get("recovery")]
+        if done:
+            xs = [_block_index(layer["block"], order) for layer in done]
+            errors = [layer["recovery"] for layer in done]
+            axes[1][0].plot(xs, [e["relative_error_after"] for e in errors], **style)
+            axes[1][0].plot(
+                xs, [e["relative_error_before"] for e in errors], linestyle=":", **style
+            )
+    cfg = result["config"]
+    allocation = cfg.get("sparsity_allocation", "uniform")
+    axes[0][0].set_title(
+        f"{cfg['model']}: {cfg['prune_method']}, {result['pattern']}"
+        + ("" if allocation == "uniform" else f", {allocation} allocation")
+        + f" (overall {result['sparsity']['overall']:.4f})"
+    )
+    axes[0][0].set_ylabel("sparsity")
+    axes[0][0].legend(fontsize=7, ncol=2)
+    if recovered:
+        axes[1][0].set_ylabel("relative output error")
+        axes[1][0].set_title(
+            f"recovery ({cfg['recovery']}): solid after, dotted without recovery", fontsize=9
+        )
+    axes[-1][0].set_xlabel("block")
     figure.tight_layout()
     with atomic_file(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120)

@@ -40,7 +40,7 @@ from secateurs.recovery import (
     LeastSquaresStrategy,
     WeightRedistributor,
 )
-from secateurs.report import versions, write_json, write_log
+from secateurs.report import check_plot_path, plot_layers, versions, write_json, write_log
 from secateurs.scores import Method, check_classes, check_ria_alpha, get_method
 from secateurs.scoring import (
     attack_run,
@@ -54,6 +54,7 @@ from secateurs.scoring import (
 )
 from secateurs.shrink import shrink_mlps, width_field
 from secateurs.stats import SelectivityOptions
+from secateurs.zeroshot import METRICS, ZeroShotPlan, evaluate_zero_shot, prepare_zero_shot
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -122,6 +123,10 @@ class PruneConfig:
     attack_limit: int | None = None
     offload: str = "auto"
     max_memory: str | None = None
+    eval_zero_shot: str | None = None
+    zero_shot_limit: int | None = None
+    zero_shot_batch_size: int = 8
+    save_plot: str | None = None
 
     def selectivity(self) -> SelectivityOptions:
         return SelectivityOptions(
@@ -208,6 +213,7 @@ def check_config(cfg: PruneConfig) -> tuple[Method, SparsityPattern, float]:
     ensure_free(cfg.save_model, "--save_model")
     ensure_free(cfg.save_json, "--save_json")
     ensure_free(cfg.save_log, "--save_log")
+    check_plot_path(cfg.save_plot)
     if is_set_difference(method):
         pattern, ratio = SetDifference(cfg.p, cfg.q), 0.0
     _positive(cfg.attack_max_new_tokens, "--attack_max_new_tokens")
@@ -409,9 +415,42 @@ def run_dump(cfg: PruneConfig, model, prepared: Prepared, method: Method, log) -
     }
 
 
+def zero_shot_planned(cfg: PruneConfig) -> ZeroShotPlan | None:
+    """The checked zero-shot tasks (their data reachable), or None without --eval_zero_shot."""
+    if cfg.dump_wanda_score and (cfg.eval_zero_shot is not None or cfg.save_plot):
+        raise SecateursError(
+            "--dump_wanda_score stops before pruning, so there is nothing to score or plot; "
+            "drop --eval_zero_shot/--save_plot, or prune in a second run with --load_wanda_score"
+        )
+    if cfg.eval_zero_shot is None:
+        _positive(cfg.zero_shot_limit, "--zero_shot_limit")
+        return None
+    return prepare_zero_shot(cfg.eval_zero_shot, cfg.zero_shot_limit, cfg.zero_shot_batch_size)
+
+
+def run_zero_shot(
+    model,
+    prepared: Prepared,
+    plan: ZeroShotPlan,
+    label: str,
+    timings: dict[str, float],
+    log,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Zero-shot accuracy of the model as it is now, timed under ``zero_shot_<label>``."""
+    start = time.perf_counter()
+    metrics = evaluate_zero_shot(model, prepared.tokenizer, plan, progress)
+    timings[f"zero_shot_{label}"] = time.perf_counter() - start
+    for task, entry in metrics.items():
+        scores = ", ".join(f"{m} {entry[m]:.4f}" for m in METRICS if entry.get(m) is not None)
+        log(f"{label} {task}: {scores}")
+    return metrics
+
+
 def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run a pruning job end to end and return its result (also written where asked)."""
     method, pattern, ratio = check_config(cfg)
+    zero_shot_plan = zero_shot_planned(cfg)
     from secateurs.offload import check_offload, run_streamed  # it builds on this module
 
     streamed = check_offload(cfg, method, pattern)
@@ -451,6 +490,14 @@ def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str,
 
     leader = launch is None or launch.leader
     dense_ppl = evaluate("dense") if cfg.eval_dense and leader else None
+    zero_shot: dict[str, Any] | None = None
+    if zero_shot_plan is not None:
+        zero_shot = {"tasks": zero_shot_plan.tasks, "limit": zero_shot_plan.limit}
+        zero_shot["dense"] = (
+            run_zero_shot(model, prepared, zero_shot_plan, "dense", timings, log, cfg.progress)
+            if cfg.eval_dense and leader
+            else None
+        )
     log(f"pruning with {method.name}, {pattern.describe()}, sparsity {ratio}")
     report, memory = prune_loaded(model, cfg, prepared, method, ratio, log, parallel=parallel)
     timings["prune"] = memory.seconds
@@ -461,6 +508,10 @@ def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str,
 
     check = check_sparsity(model, pattern, ratio, report.block_ratios)
     pruned_ppl = evaluate("pruned")
+    if zero_shot is not None:
+        zero_shot["pruned"] = run_zero_shot(
+            model, prepared, zero_shot_plan, "pruned", timings, log, cfg.progress
+        )
     attack_result = None
     if cfg.eval_attack:
         start = time.perf_counter()
@@ -486,6 +537,7 @@ def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str,
         },
         "sparsity": check.to_dict(),
         "attack": attack_result,
+        "zero_shot": zero_shot,
         "prune": report.to_dict(),
         "timings": timings,
         "memory": memory.to_dict(),
@@ -507,4 +559,6 @@ def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str,
         write_json(cfg.save_json, result)
     if cfg.save_log:
         write_log(cfg.save_log, result)
+    if cfg.save_plot:
+        plot_layers(result, cfg.save_plot)
     return result

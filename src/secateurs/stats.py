@@ -367,7 +367,8 @@ class BatchTerms:
 
     Folding terms in batch order gives the same bits whichever process computed them, so a
     data-parallel run can gather every batch's terms and fold them as one process would.
-    Unset fields are statistics that were not asked for.
+    ``sq`` holds each window's sum of squares per channel, (windows, channels). Unset fields
+    are statistics that were not asked for.
     """
 
     windows: int
@@ -437,13 +438,12 @@ class ActivationStats:
         """
         if inputs.dim() == 2:
             inputs = inputs.unsqueeze(0)
-        batch = inputs.shape[0]
         flat = inputs.reshape(-1, inputs.shape[-1]).float()
         if keep is not None:
             selected = keep.reshape(-1).to(flat.device)
             flat = flat[selected]
             labels = None if labels is None else labels.reshape(-1)[selected]
-        terms = BatchTerms(batch, flat.shape[0], flat.square().sum(dim=0))
+        terms = BatchTerms(inputs.shape[0], flat.shape[0], self._window_norms(inputs, keep))
         if self._sum is not None:
             terms.sum = flat.sum(dim=0)  # fp32 within a batch, fp64 across
         if self._gram is not None:
@@ -464,10 +464,13 @@ class ActivationStats:
 
     def fold(self, terms: BatchTerms) -> None:
         """Add one batch's terms (the selectivity statistics are not among them)."""
-        self.sq_norm.mul_(self.windows / (self.windows + terms.windows))
-        self.windows += terms.windows
+        # the reference folds in one window per step; doing the same makes the norms (and so
+        # the masks) the same at every batch size, and in every process, bit for bit
+        for window in terms.sq:
+            self.sq_norm.mul_(self.windows / (self.windows + 1))
+            self.windows += 1
+            self.sq_norm.add_(window / self.windows)
         self.tokens += terms.tokens
-        self.sq_norm.add_(terms.sq / self.windows)
         if self._sum is not None:
             self._sum.add_(terms.sum.double())
         if self._gram is not None:
@@ -485,6 +488,16 @@ class ActivationStats:
                 total.zero_()
         if self._classes is not None:
             self._classes.reset()
+
+    def _window_norms(self, inputs: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """Each window's sum of squares per channel (of its kept tokens), (windows, channels)."""
+        rows = []
+        for row in range(inputs.shape[0]):
+            part = inputs[row].float()
+            if keep is not None:
+                part = part[keep[row].to(part.device)]
+            rows.append(part.square().sum(dim=0))
+        return torch.stack(rows)
 
     def _sample(self, count: int, fraction: float) -> torch.Tensor:
         """Indices of a seeded random ``fraction`` of ``count`` tokens."""
