@@ -372,6 +372,20 @@ def prune(
     attack_limit: Annotated[
         int | None, _flag("attack_limit", "Attack only the first N held-out prompts.")
     ] = None,
+    offload: Annotated[
+        str,
+        _flag(
+            "offload",
+            "Where the weights wait: none (all in memory); disk (a skeleton in memory, each "
+            "block read from the safetensors shards when reached, written to --save_model when "
+            "pruned, then freed; needs --save_model); auto (disk when the weights exceed "
+            "--max_memory).",
+        ),
+    ] = _DEFAULTS["offload"],
+    max_memory: Annotated[
+        str | None,
+        _flag("max_memory", "Memory the weights may take, e.g. 8GB; more streams from disk."),
+    ] = None,
     eval_zero_shot: ZeroShotOpt = None,
     zero_shot_limit: ZeroShotLimitOpt = None,
     zero_shot_batch_size: ZeroShotBatchOpt = _DEFAULTS["zero_shot_batch_size"],
@@ -393,7 +407,8 @@ def prune(
 
         log = (lambda _m: None) if quiet else (lambda m: typer.echo(m, err=True))
         result = run_prune(cfg, log=log)
-        typer.echo("\n".join(summary_lines(result)))
+        if "rank" not in result:  # the other ranks of a torchrun launch report nothing
+            typer.echo("\n".join(summary_lines(result)))
 
     _guarded(action, quiet, debug)
 

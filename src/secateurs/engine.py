@@ -2,7 +2,7 @@
 
 This is the only module that knows about hooks, devices and the order of blocks. The model
 stays where it was loaded; one block at a time moves to the compute device, so the memory
-needed beyond the model is one block plus two buffers of calibration activations.
+needed beyond the model is one block plus one buffer of calibration activations.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -108,9 +109,13 @@ def run_block(
     before_batch: Callable[[slice], None] | None = None,
     index: int = 0,
 ) -> torch.Tensor | None:
-    """Send every calibration window through ``block`` (number ``index``) in batches."""
+    """Send every calibration window through ``block`` (number ``index``) in batches.
+
+    With ``keep_outputs`` each batch's output overwrites its own input in ``inputs.hidden``
+    (batches never see each other), which is returned: one buffer of activations, not two.
+    """
     hidden = inputs.hidden
-    outputs = torch.empty_like(hidden) if keep_outputs else None
+    outputs = hidden if keep_outputs else None
     with torch.no_grad():
         for start in range(0, hidden.shape[0], batch_size):
             if before_batch is not None:
@@ -135,16 +140,20 @@ def _calibrate(
     outputs: list[torch.Tensor] | None = None,
     index: int = 0,
     token_mask: torch.Tensor | None = None,
+    parallel: DataParallel | None = None,
 ) -> dict[str, ActivationStats]:
     """One pass through the unpruned block, accumulating every layer's input statistics.
 
     Given an ``outputs`` list, the block's outputs of the same pass are appended to it;
     without one, each batch's forward pass stops as soon as every layer has seen its input
-    (the block's last linear layer, and whatever follows it, never runs).
+    (the block's last linear layer, and whatever follows it, never runs). In a ``parallel``
+    run each batch's terms are kept, and combined across processes after the pass in the
+    order one process would have folded them.
     """
     device = inputs.hidden.device
+    keep_terms = parallel is not None
     stats = {
-        name: ActivationStats(weight_matrix(layer).shape[1], device, request)
+        name: ActivationStats(weight_matrix(layer).shape[1], device, request, keep_terms)
         for name, layer in layers.items()
     }
     # Layers fed the very same tensor (q/k/v, gate/up) share one set of statistics: the last
@@ -185,6 +194,8 @@ def _calibrate(
     finally:
         for handle in handles:
             handle.remove()
+    if parallel is not None:
+        parallel.reduce({name: s for name, s in stats.items() if name not in shares})
     for name, owner in shares.items():
         stats[name] = stats[owner]
     if outputs is not None:
@@ -260,6 +271,112 @@ def _solved_layers(
         yield name, mask
 
 
+class BlockStore(Protocol):
+    """Where the blocks' weights live when the model is not held in memory (see
+    :mod:`secateurs.streaming`): the engine asks for a block before it prunes it and hands
+    it back after."""
+
+    def capturing(self) -> contextlib.AbstractContextManager[None]:
+        """Make the modules that capturing block inputs runs hold real weights."""
+
+    def load(self, index: int, block: nn.Module) -> None:
+        """Give block ``index`` its weights."""
+
+    def release(self, index: int, block: nn.Module) -> None:
+        """Keep the pruned block ``index`` (write it out) and free its weights."""
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """This process's share of the calibration windows (whole batches) and how the
+    statistics of every process are combined (see :mod:`secateurs.distributed`)."""
+
+    rows: slice
+    reduce: Callable[[dict[str, ActivationStats]], None]
+
+
+@dataclass
+class BlockStep:
+    """What pruning any one block needs, fixed for the whole run."""
+
+    metric_fn: MetricFn
+    pattern: SparsityPattern
+    ratios: list[float]
+    stack_name: str
+    device: torch.device
+    batch_size: int
+    request: StatsRequest
+    redistributor: WeightRedistributor | None = None
+    solver: Solver | None = None
+    labels: torch.Tensor | None = None
+    token_mask: torch.Tensor | None = None
+    parallel: DataParallel | None = None
+
+
+def prune_block(
+    step: BlockStep,
+    block: nn.Module,
+    index: int,
+    inputs: BlockInputs | None,
+    report: PruneReport,
+) -> None:
+    """Calibrate, prune (and recover) block ``index``, then propagate ``inputs`` through it.
+
+    The block moves to the compute device for the step and back where it was after.
+    """
+    home = next(block.parameters()).device
+    block.to(step.device)
+    layers = find_linears(block)
+    stats: dict[str, ActivationStats] = {}
+    if inputs is not None:
+        start = time.perf_counter()
+        stats = _calibrate(
+            block,
+            layers,
+            inputs,
+            step.batch_size,
+            step.request,
+            step.labels,
+            index=index,
+            token_mask=step.token_mask,
+            parallel=step.parallel,
+        )
+        report.seconds["calibrate"] += time.perf_counter() - start
+    prefix = f"{step.stack_name}.{index}"
+    ratio = step.ratios[index]
+    masks = _layer_masks(layers, stats, step.metric_fn, step.pattern, ratio)
+    if step.solver is not None:
+        masks = ()
+        start = time.perf_counter()
+        for name, mask in _solved_layers(layers, stats, step.solver, step.pattern, ratio, prefix):
+            shape = tuple(weight_matrix(layers[name]).shape)
+            report.layers.append(LayerRecord(prefix, name, shape, int(mask.sum())))
+        report.seconds["solve"] += time.perf_counter() - start
+    start = time.perf_counter()
+    for name, score, mask in masks:
+        weight = weight_matrix(layers[name])
+        mask = mask.to(weight.device)
+        record = LayerRecord(prefix, name, tuple(weight.shape), int(mask.sum()))
+        if name in stats:
+            record.alarm = check_channels(score, stats[name].sq_norm)
+        if step.redistributor is None:
+            weight.masked_fill_(mask, 0)
+            report.seconds["score"] += time.perf_counter() - start
+        else:
+            report.seconds["score"] += time.perf_counter() - start
+            start = time.perf_counter()
+            record.recovery = step.redistributor.apply(weight, mask, score, stats[name])
+            report.seconds["recover"] += time.perf_counter() - start
+        report.layers.append(record)
+        start = time.perf_counter()
+    del stats
+    if inputs is not None:
+        start = time.perf_counter()
+        inputs.hidden = run_block(block, inputs, step.batch_size, True, index=index)
+        report.seconds["propagate"] += time.perf_counter() - start
+    block.to(home)
+
+
 def prune_sequential(
     model: nn.Module,
     windows: torch.Tensor | None,
@@ -274,6 +391,8 @@ def prune_sequential(
     request: StatsRequest | None = None,
     solver: Solver | None = None,
     token_mask: torch.Tensor | None = None,
+    store: BlockStore | None = None,
+    parallel: DataParallel | None = None,
 ) -> PruneReport:
     """Prune every linear layer of every decoder block, in block order.
 
@@ -286,7 +405,10 @@ def prune_sequential(
     masking and recovery: it prunes and updates each layer itself (SparseGPT). Every
     scored layer goes through the channel guard; one warning per run names the layers it
     flags (:class:`secateurs.guard.ChannelCollapseWarning`). ``token_mask`` (same shape as
-    ``windows``) limits the statistics to the tokens it marks.
+    ``windows``) limits the statistics to the tokens it marks. With a ``store`` the blocks'
+    weights are read before and written after each block (the model is a skeleton); with
+    ``parallel`` this process calibrates on its share of ``windows`` only and the
+    statistics are combined with the other processes'.
     """
     device = torch.device(device)
     check_pattern_fits(model, pattern)
@@ -301,67 +423,42 @@ def prune_sequential(
     request = request or StatsRequest()
     if redistributor is not None:
         request = request.merge(redistributor.request)
+    # labels come from every window, so that every process of a parallel run ranks alike
     labels = token_classes(windows, request.classes) if request.classes else None
+    if parallel is not None and calibrated:
+        windows = windows[parallel.rows]
+        labels = None if labels is None else labels[parallel.rows]
+        token_mask = None if token_mask is None else token_mask[parallel.rows]
     report = PruneReport()
     stack_name, blocks = find_blocks(model)
-    ratios = block_ratios(sparsity_ratio, len(blocks))
+    step = BlockStep(
+        metric_fn,
+        pattern,
+        block_ratios(sparsity_ratio, len(blocks)),
+        stack_name,
+        device,
+        batch_size,
+        request,
+        redistributor,
+        solver,
+        labels,
+        token_mask,
+        parallel,
+    )
     if not isinstance(sparsity_ratio, (int, float)):
-        report.block_ratios = ratios
+        report.block_ratios = step.ratios
     inputs = None
     if calibrated:
         start = time.perf_counter()
-        inputs = capture_block_inputs(model, windows, device, batch_size)
+        with store.capturing() if store is not None else contextlib.nullcontext():
+            inputs = capture_block_inputs(model, windows, device, batch_size)
         report.seconds["capture"] += time.perf_counter() - start
     for index, block in enumerate(tqdm(blocks, desc="pruning blocks", disable=not progress)):
-        home = next(block.parameters()).device
-        block.to(device)
-        layers = find_linears(block)
-        stats: dict[str, ActivationStats] = {}
-        if inputs is not None:
-            start = time.perf_counter()
-            stats = _calibrate(
-                block,
-                layers,
-                inputs,
-                batch_size,
-                request,
-                labels,
-                index=index,
-                token_mask=token_mask,
-            )
-            report.seconds["calibrate"] += time.perf_counter() - start
-        prefix = f"{stack_name}.{index}"
-        masks = _layer_masks(layers, stats, metric_fn, pattern, ratios[index])
-        if solver is not None:
-            masks = ()
-            start = time.perf_counter()
-            for name, mask in _solved_layers(layers, stats, solver, pattern, ratios[index], prefix):
-                shape = tuple(weight_matrix(layers[name]).shape)
-                report.layers.append(LayerRecord(prefix, name, shape, int(mask.sum())))
-            report.seconds["solve"] += time.perf_counter() - start
-        start = time.perf_counter()
-        for name, score, mask in masks:
-            weight = weight_matrix(layers[name])
-            mask = mask.to(weight.device)
-            record = LayerRecord(prefix, name, tuple(weight.shape), int(mask.sum()))
-            if name in stats:
-                record.alarm = check_channels(score, stats[name].sq_norm)
-            if redistributor is None:
-                weight.masked_fill_(mask, 0)
-                report.seconds["score"] += time.perf_counter() - start
-            else:
-                report.seconds["score"] += time.perf_counter() - start
-                start = time.perf_counter()
-                record.recovery = redistributor.apply(weight, mask, score, stats[name])
-                report.seconds["recover"] += time.perf_counter() - start
-            report.layers.append(record)
-            start = time.perf_counter()
-        del stats
-        if inputs is not None:
-            start = time.perf_counter()
-            inputs.hidden = run_block(block, inputs, batch_size, True, index=index)
-            report.seconds["propagate"] += time.perf_counter() - start
-        block.to(home)
+        if store is not None:
+            store.load(index, block)
+        prune_block(step, block, index, inputs, report)
+        if store is not None:
+            store.release(index, block)
     if report.alarms():
         warnings.warn(alarm_message(report.alarms()), ChannelCollapseWarning, stacklevel=2)
     return report

@@ -13,7 +13,7 @@ from torch import nn
 
 from secateurs import data
 from secateurs.allocation import allocate, check_allocation
-from secateurs.engine import MetricFn, PruneReport, prune_sequential
+from secateurs.engine import BlockStore, DataParallel, MetricFn, PruneReport, prune_sequential
 from secateurs.errors import SecateursError
 from secateurs.gradients import gradient_magnitudes
 from secateurs.model import choose_seqlen, iter_prunable, load_model, weight_matrix
@@ -67,6 +67,9 @@ class BasePruner(ABC):
     ``default_scope`` is how unstructured pruning compares scores (``row`` or ``layer``),
     ``calibrated`` whether the method needs calibration activations. A ``redistributor``
     (see :mod:`secateurs.recovery`) updates each layer's survivors right after it is pruned.
+    A ``store`` streams the blocks of a skeleton model from disk (:mod:`secateurs.streaming`);
+    ``parallel`` calibrates on this process's share of the windows
+    (:mod:`secateurs.distributed`).
     """
 
     default_scope = "row"
@@ -81,9 +84,13 @@ class BasePruner(ABC):
         batch_size: int = 8,
         progress: bool = True,
         redistributor: WeightRedistributor | None = None,
+        store: BlockStore | None = None,
+        parallel: DataParallel | None = None,
     ) -> None:
         self.model = model
         self.redistributor = redistributor
+        self.store = store
+        self.parallel = parallel
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.batch_size = batch_size
@@ -144,6 +151,8 @@ class BasePruner(ABC):
             request=self.stats_request(),
             solver=self.solver,
             token_mask=token_mask if needs_data else None,
+            store=self.store,
+            parallel=self.parallel,
         )
 
 

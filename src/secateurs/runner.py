@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from secateurs import data
+from secateurs import data, distributed
 from secateurs.allocation import allocate, check_allocation
 from secateurs.engine import check_pattern_fits
 from secateurs.errors import SecateursError
@@ -121,6 +121,8 @@ class PruneConfig:
     attack_max_new_tokens: int = 64
     attack_batch_size: int = 8
     attack_limit: int | None = None
+    offload: str = "auto"
+    max_memory: str | None = None
     eval_zero_shot: str | None = None
     zero_shot_limit: int | None = None
     zero_shot_batch_size: int = 8
@@ -328,8 +330,14 @@ def prune_loaded(
     method: Method,
     ratio: float,
     log: Callable[[str], None] = lambda _m: None,
+    store=None,
+    parallel=None,
 ):
-    """Prune a loaded model as the checked ``cfg`` says; the report, time and memory used."""
+    """Prune a loaded model as the checked ``cfg`` says; the report, time and memory used.
+
+    A ``store`` streams the blocks of a skeleton model (:mod:`secateurs.offload`);
+    ``parallel`` is this process's part of a data-parallel run (:mod:`secateurs.distributed`).
+    """
     device = check_device(cfg.device)
     if uses_table(cfg, method):
         with measure(device) as memory:
@@ -353,6 +361,8 @@ def prune_loaded(
         device=check_device(cfg.device),
         progress=cfg.progress,
         redistributor=make_redistributor(cfg),
+        store=store,
+        parallel=parallel,
     )
     with measure(check_device(cfg.device)) as memory:
         plan = allocate(
@@ -441,9 +451,19 @@ def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str,
     """Run a pruning job end to end and return its result (also written where asked)."""
     method, pattern, ratio = check_config(cfg)
     zero_shot_plan = zero_shot_planned(cfg)
+    from secateurs.offload import check_offload, run_streamed  # it builds on this module
+
+    streamed = check_offload(cfg, method, pattern)
+    distributed.check_parallel(cfg, method)
+    launch = distributed.start(check_device(cfg.device))
+    if launch is not None:
+        cfg, log = launch.local(cfg, log)
     timings: dict[str, float] = {}
     prepared = prepare(cfg, needs_calibration(cfg))
     timings["data"] = prepared.seconds
+    parallel = None if launch is None else launch.calibration(prepared, cfg.batch_size)
+    if streamed:
+        return run_streamed(cfg, method, pattern, ratio, prepared, timings, log)
     if cfg.eval_attack:
         check_chat_template(prepared.tokenizer)
 
@@ -468,18 +488,23 @@ def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str,
         log(f"{label} perplexity: {value:.3f}")
         return value
 
-    dense_ppl = evaluate("dense") if cfg.eval_dense else None
+    leader = launch is None or launch.leader
+    dense_ppl = evaluate("dense") if cfg.eval_dense and leader else None
     zero_shot: dict[str, Any] | None = None
     if zero_shot_plan is not None:
         zero_shot = {"tasks": zero_shot_plan.tasks, "limit": zero_shot_plan.limit}
         zero_shot["dense"] = (
             run_zero_shot(model, prepared, zero_shot_plan, "dense", timings, log, cfg.progress)
-            if cfg.eval_dense
+            if cfg.eval_dense and leader
             else None
         )
     log(f"pruning with {method.name}, {pattern.describe()}, sparsity {ratio}")
-    report, memory = prune_loaded(model, cfg, prepared, method, ratio, log)
+    report, memory = prune_loaded(model, cfg, prepared, method, ratio, log, parallel=parallel)
     timings["prune"] = memory.seconds
+    if launch is not None:
+        launch.check_masks(model)
+        if not leader:  # rank 0 evaluates and writes
+            return {"rank": launch.rank, "timings": timings, "memory": memory.to_dict()}
 
     check = check_sparsity(model, pattern, ratio, report.block_ratios)
     pruned_ppl = evaluate("pruned")
@@ -517,6 +542,8 @@ def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str,
         "timings": timings,
         "memory": memory.to_dict(),
     }
+    if launch is not None:
+        result["parallel"] = launch.describe()
     if shrink:
         shrinkage = shrink_mlps(model)
         result["saved_model"] = shrinkage.to_dict()

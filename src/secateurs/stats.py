@@ -308,13 +308,29 @@ class ClassStats:
         self.squares = torch.zeros(classes, channels, dtype=torch.float64, device=device)
 
     def add(self, flat: torch.Tensor, labels: torch.Tensor) -> None:
+        self.fold(*self.terms(flat, labels))
+
+    def terms(
+        self, flat: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One batch's class counts (fp64), per-class sums and sums of squares (fp32)."""
         keep = labels >= 0
         values, labels = flat[keep], labels[keep].to(flat.device)
-        self.counts += torch.bincount(labels, minlength=self.classes).double()
+        counts = torch.bincount(labels, minlength=self.classes).double()
         # fp32 within a batch, fp64 across batches: exact enough and several times faster
-        sums = torch.zeros(self.classes, flat.shape[1], device=flat.device)
-        self.sums += sums.index_add_(0, labels, values).double()
-        self.squares += sums.zero_().index_add_(0, labels, values.square()).double()
+        shape = (self.classes, flat.shape[1])
+        sums = torch.zeros(shape, device=flat.device).index_add_(0, labels, values)
+        squares = torch.zeros(shape, device=flat.device).index_add_(0, labels, values.square())
+        return counts, sums, squares
+
+    def fold(self, counts: torch.Tensor, sums: torch.Tensor, squares: torch.Tensor) -> None:
+        self.counts += counts
+        self.sums += sums.double()
+        self.squares += squares.double()
+
+    def reset(self) -> None:
+        for total in (self.counts, self.sums, self.squares):
+            total.zero_()
 
     def fisher(self, eps: float = 1e-10) -> torch.Tensor:
         """Between-class over within-class variance of every channel, (channels,) float32."""
@@ -345,13 +361,34 @@ def token_classes(windows: torch.Tensor, classes: int) -> torch.Tensor:
     return lookup[ids].view(windows.shape)
 
 
+@dataclass
+class BatchTerms:
+    """What one batch adds to a layer's statistics, before it is folded in.
+
+    Folding terms in batch order gives the same bits whichever process computed them, so a
+    data-parallel run can gather every batch's terms and fold them as one process would.
+    ``sq`` holds each window's sum of squares per channel, (windows, channels). Unset fields
+    are statistics that were not asked for.
+    """
+
+    windows: int
+    tokens: int
+    sq: torch.Tensor
+    sum: torch.Tensor | None = None
+    gram: torch.Tensor | None = None
+    gram_tokens: int = 0
+    class_counts: torch.Tensor | None = None
+    class_sums: torch.Tensor | None = None
+    class_squares: torch.Tensor | None = None
+
+
 class ActivationStats:
     """Running statistics of one linear layer's input, accumulated in fp32 (sums in fp64).
 
     ``sq_norm[j]`` follows the reference Wanda update exactly: for a batch of ``b`` windows,
     ``s <- s * n / (n + b); n <- n + b; s <- s + ||X_j||^2 / n``, so it is the mean over
     windows of each window's sum of ``x_j^2``. Further statistics are gathered as ``request``
-    asks.
+    asks. With ``keep_terms`` every batch's :class:`BatchTerms` are also kept in ``terms``.
     """
 
     def __init__(
@@ -359,6 +396,7 @@ class ActivationStats:
         in_features: int,
         device: torch.device | str = "cpu",
         request: StatsRequest | None = None,
+        keep_terms: bool = False,
     ) -> None:
         request = request or StatsRequest()
         self.in_features = in_features
@@ -366,6 +404,7 @@ class ActivationStats:
         self.windows = 0
         self.tokens = 0
         self.gram_tokens = 0
+        self.terms: list[BatchTerms] | None = [] if keep_terms else None
         self.sq_norm = torch.zeros(in_features, dtype=torch.float32, device=device)
         self._sum = (
             torch.zeros(in_features, dtype=torch.float64, device=device) if request.mean else None
@@ -404,35 +443,61 @@ class ActivationStats:
             selected = keep.reshape(-1).to(flat.device)
             flat = flat[selected]
             labels = None if labels is None else labels.reshape(-1)[selected]
-        self._add_norms(inputs, keep)
-        self.tokens += flat.shape[0]
+        terms = BatchTerms(inputs.shape[0], flat.shape[0], self._window_norms(inputs, keep))
         if self._sum is not None:
-            self._sum.add_(flat.sum(dim=0).double())  # fp32 within a batch, fp64 across
+            terms.sum = flat.sum(dim=0)  # fp32 within a batch, fp64 across
         if self._gram is not None:
             fraction = self.request.gram_fraction
             rows = flat if fraction >= 1.0 else flat[self._sample(flat.shape[0], fraction)]
-            self.gram_tokens += rows.shape[0]
-            self._gram.addmm_(rows.t(), rows)
+            terms.gram_tokens = rows.shape[0]
+            terms.gram = rows.t() @ rows
         if self._selectivity is not None:
             self._selectivity.add(flat)
         if self._classes is not None:
             if labels is None:
                 raise ValueError("class statistics need the token labels of every batch")
-            self._classes.add(flat, labels.reshape(-1))
+            counts, sums, squares = self._classes.terms(flat, labels.reshape(-1))
+            terms.class_counts, terms.class_sums, terms.class_squares = counts, sums, squares
+        if self.terms is not None:
+            self.terms.append(terms)
+        self.fold(terms)
 
-    def _add_norms(self, inputs: torch.Tensor, keep: torch.Tensor | None) -> None:
-        """Wanda's running average of squared norms, one window at a time.
+    def fold(self, terms: BatchTerms) -> None:
+        """Add one batch's terms (the selectivity statistics are not among them)."""
+        # the reference folds in one window per step; doing the same makes the norms (and so
+        # the masks) the same at every batch size, and in every process, bit for bit
+        for window in terms.sq:
+            self.sq_norm.mul_(self.windows / (self.windows + 1))
+            self.windows += 1
+            self.sq_norm.add_(window / self.windows)
+        self.tokens += terms.tokens
+        if self._sum is not None:
+            self._sum.add_(terms.sum.double())
+        if self._gram is not None:
+            self.gram_tokens += terms.gram_tokens
+            self._gram.add_(terms.gram)
+        if self._classes is not None:
+            self._classes.fold(terms.class_counts, terms.class_sums, terms.class_squares)
 
-        The reference folds in one sample per step; doing the same here makes the norms (and
-        so the masks) the same at every batch size, bit for bit.
-        """
+    def reset(self) -> None:
+        """Forget every batch folded in so far (the kept terms stay)."""
+        self.windows = self.tokens = self.gram_tokens = 0
+        self.sq_norm.zero_()
+        for total in (self._sum, self._gram):
+            if total is not None:
+                total.zero_()
+        if self._classes is not None:
+            self._classes.reset()
+
+    def _window_norms(self, inputs: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """Each window's sum of squares per channel (of its kept tokens), (windows, channels)."""
+        rows = []
         for row in range(inputs.shape[0]):
             part = inputs[row].float()
             if keep is not None:
                 part = part[keep[row].to(part.device)]
-            self.sq_norm.mul_(self.windows / (self.windows + 1))
-            self.windows += 1
-            self.sq_norm.add_(part.square().sum(dim=0) / self.windows)
+            rows.append(part.square().sum(dim=0))
+        return torch.stack(rows)
 
     def _sample(self, count: int, fraction: float) -> torch.Tensor:
         """Indices of a seeded random ``fraction`` of ``count`` tokens."""

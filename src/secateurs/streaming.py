@@ -1,0 +1,504 @@
+"""Pruning a model that is never whole in memory: its blocks stream from disk and back.
+
+The model is built as a skeleton whose parameters live on the meta device (no memory). The
+modules before the first block (embeddings) are read from the checkpoint's safetensors
+shards only to capture the calibration inputs; each decoder block is read when the engine
+reaches it, pruned by the same block step as in memory, written to its own shard of the
+output folder and freed. Evaluation runs the same way, block by block over the evaluation
+windows, whose hidden states are all held. Every read opens the shard, copies the block's
+tensors out and closes it, so no mapping of the file outlives the block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from secateurs.engine import run_block
+from secateurs.errors import SecateursError
+from secateurs.evaluate import SparsityCheck, _neuron_violation, _pattern_violation, window_nll
+from secateurs.model import (
+    block_kinds,
+    capture_block_inputs,
+    find_blocks,
+    find_linears,
+    find_mlp_groups,
+    resolve_model_path,
+    weight_matrix,
+)
+from secateurs.patterns import SparsityPattern
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1}
+_DTYPE_NAMES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_COPY_CHUNK = 16 * 2**20
+
+
+def parse_memory(text: str) -> int:
+    """Bytes from ``8GB``, ``512MiB``, ``1.5G`` or a plain number of bytes (binary units)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgtb]?)(i?b)?\s*", text.lower())
+    if match is None or float(match.group(1)) <= 0:
+        raise SecateursError(
+            f"--max_memory '{text}' is not an amount of memory; write it as 8GB, 512MiB or a "
+            "number of bytes"
+        )
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def model_folder(name: str, cache_dir: str | None = None) -> Path:
+    """The local folder of a model's config and safetensors shards (downloaded if a hub id)."""
+    path = Path(resolve_model_path(name))
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+        return Path(snapshot_download(name, cache_dir=cache_dir, allow_patterns=patterns))
+    except Exception as exc:
+        raise SecateursError(
+            f"could not find model '{name}' for --offload disk ({type(exc).__name__}); give a "
+            "local model folder, a built-in model or a hub id that can be downloaded"
+        ) from exc
+
+
+def checkpoint_files(folder: Path) -> dict[str, Path]:
+    """Every tensor name of the checkpoint and the shard that holds it."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: folder / shard for name, shard in weight_map.items()}
+    single = folder / SINGLE_FILE
+    if single.is_file():
+        with safe_open(single, "pt") as handle:
+            return dict.fromkeys(handle.keys(), single)
+    raise SecateursError(
+        f"--offload disk reads safetensors checkpoints, and '{folder}' has neither {INDEX_FILE} "
+        f"nor {SINGLE_FILE}; convert the model with save_pretrained or use --offload none"
+    )
+
+
+def shard_header(shard: Path) -> tuple[int, dict[str, dict]]:
+    """Where a safetensors file's data starts, and each tensor's dtype, shape and offsets."""
+    with open(shard, "rb") as file:
+        size = int.from_bytes(file.read(8), "little")
+        header = json.loads(file.read(size))
+    header.pop("__metadata__", None)
+    return 8 + size, header
+
+
+def checkpoint_bytes(folder: Path, dtype: torch.dtype) -> int:
+    """Bytes the checkpoint's floating-point tensors take in ``dtype`` (others as stored)."""
+    total = 0
+    for shard in dict.fromkeys(checkpoint_files(folder).values()):
+        for entry in shard_header(shard)[1].values():
+            count = 1
+            for dim in entry["shape"]:
+                count *= dim
+            stored = _DTYPE_BYTES.get(entry["dtype"], 4)
+            is_float = entry["dtype"] in ("F64", "F32", "F16", "BF16")
+            total += count * (dtype.itemsize if is_float else stored)
+    return total
+
+
+def build_skeleton(folder: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
+    """The model with every parameter on the meta device (buffers such as rotary are real)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    return model.eval()
+
+
+def _named_outer(model: nn.Module, blocks: nn.ModuleList) -> list[tuple[str, nn.Module]]:
+    """The modules outside the decoder stack, by name: embeddings, final norm, head."""
+    block_ids = {id(b) for b in blocks}
+    found: list[tuple[str, nn.Module]] = []
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            full = f"{prefix}{name}"
+            if child is blocks:
+                continue
+            if any(id(m) in block_ids for m in child.modules()):
+                visit(f"{full}.", child)
+            else:
+                found.append((full, child))
+
+    visit("", model)
+    return found
+
+
+def _free(module: nn.Module) -> None:
+    """Put every parameter and saved buffer of ``module`` back on the meta device."""
+    for sub in module.modules():
+        for name, param in sub._parameters.items():
+            if param is not None and param.device.type != "meta":
+                sub._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
+        for name, buffer in sub._buffers.items():
+            if buffer is not None and name not in sub._non_persistent_buffers_set:
+                sub._buffers[name] = buffer.to("meta")
+
+
+def _give_back_memory() -> None:
+    """Return freed heap pages to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    A freed block leaves holes in the heap that glibc keeps for reuse, and its adaptive mmap
+    threshold sends later blocks' tensors there too: measured on SmolLM2, resident memory
+    grew by about 6 MB a block without this, and stays flat with it.
+    """
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(name).malloc_trim(0)
+
+
+def _tie_head(model: nn.Module) -> None:
+    """Share the input embedding with the head if the config ties them (as loading does)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
+    if not getattr(config or model.config, "tie_word_embeddings", False):
+        return
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and embedding is not None:
+        head.weight = embedding.weight
+
+
+class DiskBlocks:
+    """Reads blocks from a checkpoint folder and writes the pruned ones to ``out`` (a
+    :class:`secateurs.engine.BlockStore`); each block becomes its own output shard."""
+
+    def __init__(
+        self, model: nn.Module, source: Path, dtype: torch.dtype, out: Path | None = None
+    ) -> None:
+        self.model = model
+        self.files = checkpoint_files(source)
+        self.dtype = dtype
+        self.out = out
+        self.stack_name, self.blocks = find_blocks(model)
+        self.outer = _named_outer(model, self.blocks)
+        self.shards = len(self.blocks) + 1
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+        self.zeros: dict[str, tuple[int, int]] = {}
+
+    def _read(self, prefix: str, names: list[str], mapped: bool = False) -> dict[str, torch.Tensor]:
+        """The tensors ``prefix + name`` in ``self.dtype``, each shard opened once and closed.
+
+        ``mapped`` tensors stored in ``self.dtype`` are views of a private mapping of the
+        shard instead of copies: only the pages a computation touches (the embedding rows of
+        the windows' tokens) become resident, and the mapping goes with the last view.
+        """
+        by_shard: dict[Path, list[str]] = {}
+        for name in names:
+            by_shard.setdefault(self.files[prefix + name], []).append(name)
+        tensors = {}
+        for shard, members in by_shard.items():
+            views = self._views(shard, [prefix + n for n in members]) if mapped else {}
+            with safe_open(shard, "pt") as handle:
+                for name in members:
+                    tensor = views.get(prefix + name)
+                    if tensor is None:
+                        tensor = handle.get_tensor(prefix + name)
+                    if tensor.is_floating_point():
+                        tensor = tensor.to(self.dtype)
+                    tensors[name] = tensor
+        return tensors
+
+    def _views(self, shard: Path, names: list[str]) -> dict[str, torch.Tensor]:
+        """Views of a shard's mapping for the ``names`` stored in ``self.dtype`` and aligned."""
+        start, header = shard_header(shard)
+        wanted = _DTYPE_NAMES.get(self.dtype)
+        fits = [
+            n
+            for n in names
+            if header[n]["dtype"] == wanted
+            and (start + header[n]["data_offsets"][0]) % self.dtype.itemsize == 0
+        ]
+        if not fits:
+            return {}
+        whole = torch.from_file(
+            str(shard), shared=False, size=shard.stat().st_size, dtype=torch.uint8
+        )
+        views = {}
+        for name in fits:
+            begin, end = header[name]["data_offsets"]
+            raw = whole[start + begin : start + end]
+            views[name] = raw.view(self.dtype).view(header[name]["shape"])
+        return views
+
+    def _materialize(
+        self, module: nn.Module, prefix: str, optional: bool = False, mapped: bool = False
+    ) -> None:
+        """Give ``module`` (named ``prefix`` in the model) its weights from the checkpoint."""
+        wanted = list(module.state_dict(keep_vars=True))
+        missing = [n for n in wanted if prefix + n not in self.files]
+        if missing and not optional:
+            raise SecateursError(
+                f"the checkpoint has no tensor '{prefix + missing[0]}' that the model expects; "
+                "--offload disk reads checkpoints saved by transformers' save_pretrained: "
+                "re-save the model that way or use --offload none"
+            )
+        present = [n for n in wanted if n not in missing]
+        module.load_state_dict(self._read(prefix, present, mapped), assign=True, strict=False)
+
+    def load_outer(self) -> None:
+        """Embeddings, final norm and head (shared with the embeddings when tied), mapped
+        from the shards rather than copied where the dtype allows."""
+        for name, module in self.outer:
+            self._materialize(module, f"{name}.", optional=True, mapped=True)
+        _tie_head(self.model)
+        empty = [n for n, p in self.model.named_parameters() if p.is_meta]
+        empty = [n for n in empty if not n.startswith(f"{self.stack_name}.")]
+        if empty:
+            raise SecateursError(
+                f"the checkpoint has no tensor '{empty[0]}' that the model expects; re-save "
+                "the model with save_pretrained or use --offload none"
+            )
+
+    def free_outer(self) -> None:
+        for _, module in self.outer:
+            _free(module)
+        _give_back_memory()
+
+    @contextlib.contextmanager
+    def capturing(self) -> Iterator[None]:
+        """The outer modules, and the blocks run to capture the arguments of later kinds."""
+        kinds = block_kinds(self.model, len(self.blocks))
+        before = max(kinds.index(kind) for kind in dict.fromkeys(kinds))
+        self.load_outer()
+        for index in range(before):
+            self.load(index, self.blocks[index])
+        try:
+            yield
+        finally:
+            self.free_outer()
+            for index in range(before):
+                _free(self.blocks[index])
+
+    def load(self, index: int, block: nn.Module) -> None:
+        self._materialize(block, f"{self.stack_name}.{index}.")
+
+    def release(self, index: int, block: nn.Module) -> None:
+        """Write the pruned block to its own shard, count its zeros, free it."""
+        prefix = f"{self.stack_name}.{index}."
+        for name, layer in find_linears(block).items():
+            weight = weight_matrix(layer)
+            self.zeros[prefix + name] = (int((weight == 0).sum()), weight.numel())
+        if self.out is not None:
+            tensors = {prefix + n: t for n, t in block.state_dict().items()}
+            self._write(index + 2, tensors)
+        _free(block)
+        _give_back_memory()
+
+    def _write(self, number: int, tensors: dict[str, torch.Tensor]) -> None:
+        shard = self._shard_name(number)
+        tensors = {n: t.detach().contiguous() for n, t in tensors.items()}
+        save_file(tensors, self.out / shard, metadata={"format": "pt"})
+        for name, tensor in tensors.items():
+            self.weight_map[name] = shard
+            self.total_size += tensor.numel() * tensor.element_size()
+
+    def write_outer(self) -> None:
+        """The unchanged outer modules as the first shard; a tied head is saved once.
+
+        A tensor stored in the run's dtype is copied byte for byte from its shard, in
+        chunks, so the embedding never needs to be resident to be written.
+        """
+        self.load_outer()
+        tensors: dict[str, torch.Tensor] = {}
+        stored: set[int] = set()
+        for name, tensor in self.model.state_dict().items():
+            if name.startswith(f"{self.stack_name}.") or tensor.data_ptr() in stored:
+                continue
+            stored.add(tensor.data_ptr())
+            tensors[name] = tensor
+        shard = self._shard_name(1)
+        entries, offset = {}, 0
+        for name, tensor in tensors.items():
+            size = tensor.numel() * tensor.element_size()
+            entries[name] = {
+                "dtype": _DTYPE_NAMES[tensor.dtype],
+                "shape": list(tensor.shape),
+                "data_offsets": [offset, offset + size],
+            }
+            offset += size
+            self.weight_map[name] = shard
+        self.total_size += offset
+        header = json.dumps({"__metadata__": {"format": "pt"}} | entries).encode()
+        header += b" " * (-len(header) % 8)
+        with open(self.out / shard, "wb") as file:
+            file.write(len(header).to_bytes(8, "little") + header)
+            for name, tensor in tensors.items():
+                self._copy_tensor(file, name, tensor)
+        self.free_outer()
+
+    def _copy_tensor(self, file, name: str, tensor: torch.Tensor) -> None:
+        """Append a tensor's bytes: straight from its source shard if stored as it is now."""
+        source = self.files.get(name)
+        if source is not None:
+            start, header = shard_header(source)
+            entry = header[name]
+            if entry["dtype"] == _DTYPE_NAMES[tensor.dtype]:
+                begin, end = entry["data_offsets"]
+                with open(source, "rb") as reader:
+                    reader.seek(start + begin)
+                    left = end - begin
+                    while left:
+                        chunk = reader.read(min(_COPY_CHUNK, left))
+                        file.write(chunk)
+                        left -= len(chunk)
+                return
+        file.write(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+
+    def _shard_name(self, number: int) -> str:
+        return f"model-{number:05d}-of-{self.shards:05d}.safetensors"
+
+    def finish(self) -> None:
+        """The index file, config and generation config of the output folder."""
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
+        (self.out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        self.model.config.save_pretrained(self.out)
+        generation = getattr(self.model, "generation_config", None)
+        if generation is not None and self.model.can_generate():
+            generation.save_pretrained(self.out)
+
+    def sparsity(self, pattern: SparsityPattern, ratios: list[float]) -> SparsityCheck:
+        """The check of :func:`secateurs.evaluate.check_sparsity`, from the released blocks'
+        counts; the pattern itself is checked on the output shards."""
+        layers = {name: zeros / total for name, (zeros, total) in self.zeros.items()}
+        zeros = sum(z for z, _ in self.zeros.values())
+        total = sum(t for _, t in self.zeros.values())
+        violations = []
+        for index, block in enumerate(self.blocks):
+            prefix = f"{self.stack_name}.{index}."
+            roles = {}
+            for group in find_mlp_groups(find_linears(block)):
+                roles |= dict.fromkeys(group.producers, "producer") | {group.consumer: "consumer"}
+            names = list(find_linears(block))
+            tensors = self._saved(prefix, names, block)
+            for name, weight in tensors.items():
+                if pattern.structured:
+                    problem = _neuron_violation(weight, roles.get(name), ratios[index])
+                else:
+                    problem = _pattern_violation(weight, pattern, ratios[index])
+                if problem:
+                    violations.append(f"{prefix}{name}: {problem}")
+        return SparsityCheck(layers, zeros / total if total else 0.0, violations)
+
+    def _saved(self, prefix: str, names: list[str], block: nn.Module) -> dict[str, torch.Tensor]:
+        """The pruned weight matrices of one block, read back from the output shards."""
+        layers = find_linears(block)
+        shard = self.out / self.weight_map[f"{prefix}{names[0]}.weight"]
+        with safe_open(shard, "pt") as handle:
+            return {
+                name: _as_matrix(handle.get_tensor(f"{prefix}{name}.weight"), layers[name])
+                for name in names
+            }
+
+
+def _as_matrix(weight: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """A stored weight as (out, in), like :func:`secateurs.model.weight_matrix`."""
+    return weight.t() if type(layer).__name__ == "Conv1D" else weight
+
+
+class _Replay(nn.Module):
+    """Stands in for the first block in the tail pass: returns the final hidden states."""
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.hidden: torch.Tensor | None = None
+        # models that read per-layer attributes in their loop (Gemma-3's attention kind)
+        for key in ("attention_type", "layer_idx", "is_sliding"):
+            if hasattr(original, key):
+                setattr(self, key, getattr(original, key))
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.hidden
+
+
+class _Pass(_Replay):
+    """Stands in for every later block in the tail pass: hands its input on."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+
+def streamed_perplexity(
+    model: nn.Module,
+    folder: Path,
+    windows: torch.Tensor,
+    dtype: torch.dtype,
+    device: torch.device,
+    batch_size: int = 1,
+    progress: bool = True,
+    desc: str = "perplexity",
+) -> float:
+    """Perplexity of the model in ``folder``, one block at a time over all ``windows``.
+
+    The hidden states of every window are held (two buffers of windows x seqlen x width);
+    then the model's own forward runs once more per batch with the blocks replaced by
+    stand-ins that return those states, so the final norm and head are the model's own and
+    the formula is :func:`secateurs.evaluate.perplexity`'s.
+    """
+    store = DiskBlocks(model, folder, dtype)
+    blocks = store.blocks
+    with store.capturing():
+        inputs = capture_block_inputs(model, windows, device, batch_size)
+    for index, block in enumerate(tqdm(blocks, desc=desc, disable=not progress)):
+        store.load(index, block)
+        block.to(device)
+        inputs.hidden = run_block(block, inputs, batch_size, True, index=index)
+        _free(block)
+        _give_back_memory()
+    originals = list(blocks)
+    replay = _Replay(originals[0])
+    for index, original in enumerate(originals):
+        blocks[index] = replay if index == 0 else _Pass(original)
+    seqlen = windows.shape[1]
+    total = 0.0
+    store.load_outer()
+    try:
+        _move_outer(store, device)
+        with torch.no_grad():
+            for start in range(0, windows.shape[0], batch_size):
+                batch = windows[start : start + batch_size].to(device)
+                replay.hidden = inputs.hidden[start : start + batch.shape[0]]
+                total += float((window_nll(model, batch) * seqlen).double().sum())
+    finally:
+        for index, original in enumerate(originals):
+            blocks[index] = original
+        store.free_outer()
+    return float(torch.exp(torch.tensor(total / (windows.shape[0] * seqlen))))
+
+
+def _move_outer(store: DiskBlocks, device: torch.device) -> None:
+    for _, module in store.outer:
+        module.to(device)

@@ -1,0 +1,133 @@
+"""Data-parallel calibration over two gloo processes: the masks of one process, bit for bit."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import invoke_prune, make_model, make_windows
+
+from secateurs import distributed
+from secateurs.errors import SecateursError
+from secateurs.model import iter_prunable, weight_matrix
+from secateurs.pruning import MethodPruner
+from secateurs.recovery import LeastSquaresStrategy, WeightRedistributor
+
+# one method per kind of statistic that is reduced: norms, Gram (solver and recovery), classes
+CASES = {
+    "wanda": ("wanda", None),
+    "ria": ("ria", None),
+    "sparsegpt": ("sparsegpt", None),
+    "neuronrank_fisher": ("neuronrank_fisher", None),
+    "wanda+least_squares": ("wanda", "least_squares"),
+}
+WINDOWS, BATCH = 10, 2  # 5 batches: shares of 3 and 2
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _masks(case: str, parallel=None) -> dict[str, torch.Tensor]:
+    method, recovery = CASES[case]
+    model = make_model("llama")
+    redistributor = (
+        WeightRedistributor(LeastSquaresStrategy(), 1.0) if recovery is not None else None
+    )
+    pruner = MethodPruner(
+        model,
+        method,
+        batch_size=BATCH,
+        progress=False,
+        redistributor=redistributor,
+        parallel=parallel,
+        classes=8,
+    )
+    pruner.prune(make_windows(WINDOWS, 16), 0.5)
+    return {name: weight_matrix(layer).clone() for name, layer in iter_prunable(model)}
+
+
+def _rank(rank: int, port: int, folder: str) -> None:
+    """One rank: every case on agreeing windows, then windows that differ by rank."""
+    os.environ |= {
+        "RANK": str(rank),
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+    torch.set_num_threads(1)
+    launch = distributed.start(torch.device("cpu"))
+    try:
+        windows = make_windows(WINDOWS, 16)
+        launch.check_agreement("the calibration windows", windows.numpy().tobytes())
+        for case in CASES:
+            weights = _masks(case, launch.parallel(WINDOWS, BATCH))
+            if rank == 0:
+                torch.save(weights, os.path.join(folder, f"{case}.pt"))
+        own = make_windows(WINDOWS, 16, seed=rank)
+        try:
+            launch.check_agreement("the calibration windows", own.numpy().tobytes())
+        except SecateursError as exc:
+            with open(os.path.join(folder, f"error-{rank}.txt"), "w") as file:
+                file.write(str(exc))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """The outputs of one two-process gloo run (spawned once for the module)."""
+    folder = tmp_path_factory.mktemp("ranks")
+    mp.start_processes(_rank, args=(_free_port(), str(folder)), nprocs=2, start_method="spawn")
+    return folder
+
+
+def test_two_processes_give_the_masks_and_weights_of_one(two_ranks):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank: a block's sums must run in the same order
+    try:
+        for case in CASES:
+            one = _masks(case)
+            two = torch.load(two_ranks / f"{case}.pt", weights_only=True)
+            for name, weight in one.items():
+                assert torch.equal(weight == 0, two[name] == 0), (case, name)
+                assert torch.equal(weight, two[name]), (case, name)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_ranks_with_different_windows_fail_clearly(two_ranks):
+    for rank in (0, 1):
+        message = (two_ranks / f"error-{rank}.txt").read_text()
+        assert "disagree on the calibration windows" in message
+        assert "rank(s) 1" in message
+
+
+def test_batch_shares_are_whole_contiguous_batches():
+    assert distributed.batch_shares(10, 2, 2) == [slice(0, 4), slice(4, 10)]
+    assert distributed.batch_shares(9, 4, 3) == [slice(0, 4), slice(4, 8), slice(8, 9)]
+    with pytest.raises(SecateursError, match="--nsamples"):
+        distributed.batch_shares(4, 4, 2)
+
+
+@pytest.mark.parametrize(
+    ("args", "reason"),
+    [
+        (("--prune_method", "wanda_idf"), "selectivity"),
+        (("--prune_method", "magnitude"), "does not calibrate"),
+        (("--sparsity_allocation", "owl"), "OWL"),
+        (("--use_recovery",), "--recovery_report_fraction 1"),
+    ],
+)
+def test_launched_runs_refuse_what_they_cannot_reproduce(
+    tiny_model_dir, text_dir, monkeypatch, args, reason
+):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = invoke_prune(tiny_model_dir, text_dir, *args)
+    assert result.exit_code == 2, result.output
+    assert reason in result.output

@@ -1,0 +1,178 @@
+"""Streaming a model from disk: the same pruned tensors and perplexity as in memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_model, make_windows
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from secateurs.errors import SecateursError
+from secateurs.evaluate import perplexity
+from secateurs.model import model_size_bytes
+from secateurs.pruning import MethodPruner
+from secateurs.streaming import (
+    DiskBlocks,
+    build_skeleton,
+    checkpoint_bytes,
+    checkpoint_files,
+    parse_memory,
+    streamed_perplexity,
+)
+
+CPU = torch.device("cpu")
+
+
+def _tensors(folder) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for shard in folder.glob("*.safetensors"):
+        out |= load_file(shard)
+    return out
+
+
+def _sharded(tmp_path, arch: str):
+    """A tiny model saved in several small shards."""
+    source = tmp_path / "source"
+    make_model(arch).save_pretrained(source, max_shard_size="100KB")
+    assert len(set(checkpoint_files(source).values())) > 2
+    return source
+
+
+def _streamed(source, out, method: str, windows, **prune_args) -> DiskBlocks:
+    skeleton = build_skeleton(source, torch.float32)
+    out.mkdir()
+    store = DiskBlocks(skeleton, source, torch.float32, out)
+    store.write_outer()
+    MethodPruner(skeleton, method, progress=False, store=store).prune(windows, **prune_args)
+    store.finish()
+    return store
+
+
+# tied embeddings and two attention kinds (gemma3), Conv1D (gpt2), fused projections (phi3)
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2", "phi3"])
+def test_streamed_tensors_equal_in_memory_save(tmp_path, arch):
+    source = _sharded(tmp_path, arch)
+    windows = make_windows(8, 16)
+    model = make_model(arch)
+    MethodPruner(model, "wanda", progress=False).prune(windows, 0.5)
+    model.save_pretrained(tmp_path / "memory")
+    store = _streamed(source, tmp_path / "streamed", "wanda", windows, sparsity_ratio=0.5)
+    memory, streamed = _tensors(tmp_path / "memory"), _tensors(tmp_path / "streamed")
+    assert memory.keys() == streamed.keys()
+    for name, tensor in memory.items():
+        assert torch.equal(tensor, streamed[name]), name
+    # every block went back to the meta device once written
+    assert all(p.is_meta for block in store.blocks for p in block.parameters())
+
+
+@pytest.mark.parametrize(
+    ("method", "args"),
+    [("sparsegpt", {"sparsity_ratio": 0.5}), ("wanda", {"sparsity_type": "2:4"})],
+)
+def test_streamed_solver_and_nm_equal_in_memory(tmp_path, method, args):
+    source = _sharded(tmp_path, "llama")
+    windows = make_windows(8, 16)
+    model = make_model("llama")
+    MethodPruner(model, method, progress=False).prune(windows, **args)
+    _streamed(source, tmp_path / "streamed", method, windows, **args)
+    streamed = _tensors(tmp_path / "streamed")
+    for name, tensor in model.state_dict().items():
+        if name != "lm_head.weight":
+            assert torch.equal(tensor, streamed[name]), name
+
+
+def test_streamed_folder_loads_as_a_model_with_the_same_logits(tmp_path):
+    source = _sharded(tmp_path, "llama")
+    windows = make_windows(4, 16)
+    _streamed(source, tmp_path / "streamed", "wanda", windows, sparsity_ratio=0.5)
+    model = make_model("llama")
+    MethodPruner(model, "wanda", progress=False).prune(windows, 0.5)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(windows).logits, model(windows).logits)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "opt"])
+def test_streamed_perplexity_equals_in_memory(tmp_path, arch):
+    source = _sharded(tmp_path, arch)
+    windows = make_windows(5, 16, seed=3)
+    skeleton = build_skeleton(source, torch.float32)
+    streamed = streamed_perplexity(skeleton, source, windows, torch.float32, CPU, 2, False)
+    assert streamed == perplexity(make_model(arch), windows, CPU, 2, False)
+    assert all(p.is_meta for p in skeleton.parameters())
+
+
+def test_checkpoint_bytes_counts_the_weights_in_the_run_dtype(tmp_path):
+    source = _sharded(tmp_path, "llama")
+    model = make_model("llama")
+    assert checkpoint_bytes(source, torch.float32) == model_size_bytes(model)
+    assert checkpoint_bytes(source, torch.bfloat16) == model_size_bytes(model) // 2
+
+
+def test_a_checkpoint_without_a_block_tensor_fails_clearly(tmp_path):
+    source = tmp_path / "source"
+    make_model("llama").save_pretrained(source)
+    tensors = load_file(source / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    skeleton = build_skeleton(source, torch.float32)
+    store = DiskBlocks(skeleton, source, torch.float32)
+    with pytest.raises(SecateursError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        store.load(1, store.blocks[1])
+
+
+def test_a_folder_without_safetensors_fails_clearly(tmp_path):
+    with pytest.raises(SecateursError, match="safetensors"):
+        checkpoint_files(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("8GB", 8 * 2**30), ("512MiB", 512 * 2**20), ("1.5g", 3 * 2**29), ("1000", 1000)],
+)
+def test_parse_memory(text, expected):
+    assert parse_memory(text) == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "0GB", "-1G", "8 XB"])
+def test_parse_memory_refuses_what_is_not_an_amount(text):
+    with pytest.raises(SecateursError, match="--max_memory"):
+        parse_memory(text)
+
+
+def test_a_bf16_checkpoint_streams_as_fp32_like_loading_it_as_fp32(tmp_path):
+    source = tmp_path / "source"
+    make_model("llama").to(torch.bfloat16).save_pretrained(source, max_shard_size="60KB")
+    windows = make_windows(6, 16)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    MethodPruner(model, "wanda", progress=False).prune(windows, 0.5)
+    model.save_pretrained(tmp_path / "memory")
+    _streamed(source, tmp_path / "streamed", "wanda", windows, sparsity_ratio=0.5)
+    memory, streamed = _tensors(tmp_path / "memory"), _tensors(tmp_path / "streamed")
+    assert memory.keys() == streamed.keys()
+    assert all(streamed[k].dtype == torch.float32 for k in streamed)
+    assert all(torch.equal(memory[k], streamed[k]) for k in memory)
+
+
+def test_one_block_holds_weights_at_a_time(tmp_path):
+    source = _sharded(tmp_path, "llama")
+    skeleton = build_skeleton(source, torch.float32)
+    (tmp_path / "out").mkdir()
+    store = DiskBlocks(skeleton, source, torch.float32, tmp_path / "out")
+    resident: list[int] = []
+    load = store.load
+
+    def counting_load(index, block):
+        load(index, block)
+        resident.append(sum(not b.weight.is_meta for b in _layers(store)))
+
+    store.load = counting_load
+    MethodPruner(skeleton, "wanda", progress=False, store=store).prune(make_windows(4, 16), 0.5)
+    assert resident == [1] * len(store.blocks)
+    assert all(p.is_meta for p in skeleton.parameters())
+
+
+def _layers(store: DiskBlocks) -> list[torch.nn.Module]:
+    """The first linear layer of every block."""
+    return [next(m for m in b.modules() if isinstance(m, torch.nn.Linear)) for b in store.blocks]
