@@ -47,6 +47,9 @@ _NOT_IN_KEY = (
     "zero_shot_limit",
     "zero_shot_batch_size",
     "save_plot",
+    # streamed pruning saves the same tensors as in memory (tested)
+    "offload",
+    "max_memory",
 )
 
 
