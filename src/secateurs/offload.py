@@ -12,7 +12,6 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,8 @@ from secateurs.engine import check_pattern_fits
 from secateurs.errors import SecateursError
 from secateurs.io import atomic_dir
 from secateurs.patterns import SparsityPattern
-from secateurs.report import fmt_bytes, versions, write_json, write_log
-from secateurs.runner import DTYPES, check_device, prune_loaded
+from secateurs.report import fmt_bytes, write_json, write_log
+from secateurs.runner import DTYPES, check_device, prune_loaded, result_record
 from secateurs.scores import Method
 from secateurs.streaming import (
     DiskBlocks,
@@ -138,26 +137,12 @@ def run_streamed(
         ratios = report.block_ratios or [ratio] * len(store.blocks)
         check = store.sparsity(pattern, ratios)
         pruned_ppl = evaluate(tmp, "pruned")
-        result = {
-            "config": asdict(cfg) | {"seqlen": prepared.seqlen, "sparsity_ratio": ratio},
-            "pattern": pattern.describe(),
-            "window_bos": prepared.window_bos(cfg.window_bos),
-            "idf_form": cfg.idf_form if "idf" in method.needs else None,
-            "versions": versions(),
-            "model": {
-                "class": type(model).__name__,
-                "parameters": sum(p.numel() for p in model.parameters()),
-            },
+        result = result_record(cfg, prepared, method, pattern, ratio, model, report)
+        result |= {
             "offload": {"mode": "disk", "source": str(folder), "shards": store.shards},
-            "perplexity": {
-                "eval_dataset": prepared.eval_name,
-                "windows": int(prepared.eval_windows.shape[0]),
-                "dense": dense_ppl,
-                "pruned": pruned_ppl,
-            },
+            "perplexity": result["perplexity"] | {"dense": dense_ppl, "pruned": pruned_ppl},
             "sparsity": check.to_dict(),
             "attack": None,
-            "prune": report.to_dict(),
             "timings": timings,
             "memory": memory.to_dict(),
         }

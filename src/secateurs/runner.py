@@ -447,6 +447,28 @@ def run_zero_shot(
     return metrics
 
 
+def result_record(
+    cfg: PruneConfig, prepared: Prepared, method: Method, pattern, ratio: float, model, report
+) -> dict[str, Any]:
+    """What every prune's result records of its configuration, model and pruning report."""
+    return {
+        "config": asdict(cfg) | {"seqlen": prepared.seqlen, "sparsity_ratio": ratio},
+        "pattern": pattern.describe(),
+        "window_bos": prepared.window_bos(cfg.window_bos),
+        "idf_form": cfg.idf_form if "idf" in method.needs else None,
+        "versions": versions(),
+        "model": {
+            "class": type(model).__name__,
+            "parameters": sum(p.numel() for p in model.parameters()),
+        },
+        "perplexity": {
+            "eval_dataset": prepared.eval_name,
+            "windows": int(prepared.eval_windows.shape[0]),
+        },
+        "prune": report.to_dict(),
+    }
+
+
 def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run a pruning job end to end and return its result (also written where asked)."""
     method, pattern, ratio = check_config(cfg)
@@ -519,26 +541,12 @@ def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str,
         timings["attack"] = time.perf_counter() - start
         log(", ".join(f"ASR {k}: {v:.3f}" for k, v in attack_result["asr"].items()))
 
-    result = {
-        "config": asdict(cfg) | {"seqlen": prepared.seqlen, "sparsity_ratio": ratio},
-        "pattern": pattern.describe(),
-        "window_bos": prepared.window_bos(cfg.window_bos),
-        "idf_form": cfg.idf_form if "idf" in method.needs else None,
-        "versions": versions(),
-        "model": {
-            "class": type(model).__name__,
-            "parameters": sum(p.numel() for p in model.parameters()),
-        },
-        "perplexity": {
-            "eval_dataset": prepared.eval_name,
-            "windows": int(prepared.eval_windows.shape[0]),
-            "dense": dense_ppl,
-            "pruned": pruned_ppl,
-        },
+    result = result_record(cfg, prepared, method, pattern, ratio, model, report)
+    result |= {
+        "perplexity": result["perplexity"] | {"dense": dense_ppl, "pruned": pruned_ppl},
         "sparsity": check.to_dict(),
         "attack": attack_result,
         "zero_shot": zero_shot,
-        "prune": report.to_dict(),
         "timings": timings,
         "memory": memory.to_dict(),
     }
