@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -53,3 +54,15 @@ def result_header(args: argparse.Namespace) -> dict[str, Any]:
 
 def save_result(args: argparse.Namespace, result: dict[str, Any]) -> None:
     atomic_write_text(Path(args.out), json.dumps(result, indent=2) + "\n")
+
+
+def run_isolated(command: list[str], src: Path, what: str) -> str:
+    """Run ``command`` in a fresh process with only ``src`` on the import path; its stdout.
+
+    Raises with the tail of its stderr, naming ``what``, when it fails.
+    """
+    env = {"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{done.stderr[-4000:]}")
+    return done.stdout

@@ -19,13 +19,19 @@ from __future__ import annotations
 import gc
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from _common import ROOT, bench_parser, bench_windows, result_header, save_result
+from _common import (
+    ROOT,
+    bench_parser,
+    bench_windows,
+    result_header,
+    run_isolated,
+    save_result,
+)
 from safetensors.torch import load_file, save_file
 
 from secateurs.evaluate import check_sparsity, perplexity
@@ -54,10 +60,7 @@ def run_worker(args, tool: str, method: str, pattern: str, model_dir: Path, ids:
         *("--model_dir", str(model_dir), "--calibration", str(ids), "--out", str(out)),
         *("--threads", str(args.threads), "--batch_size", str(args.batch_size)),
     ]
-    env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{tool} {method} {pattern} failed:\n{done.stderr[-4000:]}")
+    run_isolated(command, ROOT / "src", f"{tool} {method} {pattern}")
     return json.loads((out / "peer_run.json").read_text())
 
 

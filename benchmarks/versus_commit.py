@@ -20,7 +20,14 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _common import ROOT, bench_parser, bench_windows, result_header, save_result
+from _common import (
+    ROOT,
+    bench_parser,
+    bench_windows,
+    result_header,
+    run_isolated,
+    save_result,
+)
 from safetensors.torch import load_file, save_file
 
 from secateurs.report import replace_marked_section
@@ -44,11 +51,8 @@ print(json.dumps({"seconds": seconds}))
 
 def run(src: Path, args, windows: Path, batch_size: int, masks: Path) -> float:
     command = [sys.executable, "-c", WORKER, str(windows), args.model, str(batch_size), str(masks)]
-    env = {"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr[-3000:])
-    return json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+    stdout = run_isolated(command, src, f"the prune of {src}")
+    return json.loads(stdout.strip().splitlines()[-1])["seconds"]
 
 
 def differing(a: Path, b: Path) -> int:
