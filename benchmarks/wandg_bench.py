@@ -19,7 +19,7 @@ import time
 import torch
 from _common import bench_parser, result_header, save_result
 
-from secateurs.gradients import _groups, gradient_magnitudes
+from secateurs.gradients import gradient_magnitudes, length_groups
 from secateurs.model import load_model
 from secateurs.prompts import encode_pairs, load_pairs, sample_pairs
 from secateurs.report import replace_marked_section
@@ -33,7 +33,7 @@ def forward_per_sample(model, batch) -> None:
 
 def forward_batched(model, batch, batch_size: int) -> None:
     with torch.inference_mode():
-        for rows in _groups(batch, batch_size):
+        for rows in length_groups(batch, batch_size):
             model(input_ids=batch.input_ids[rows, : int(batch.lengths[rows[0]])])
 
 

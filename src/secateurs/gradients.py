@@ -70,7 +70,7 @@ class _PerSampleAbsGrad:
             handle.remove()
 
 
-def _groups(batch: PromptBatch, batch_size: int) -> Iterator[list[int]]:
+def length_groups(batch: PromptBatch, batch_size: int) -> Iterator[list[int]]:
     """Rows with counted targets, longest first, in groups of ``batch_size``."""
     labels = batch.labels()
     rows = [
@@ -127,7 +127,7 @@ def gradient_magnitudes(
         lambda _module, _args, output: output.requires_grad_(True)
     )
     try:
-        groups = list(_groups(batch, batch_size))
+        groups = list(length_groups(batch, batch_size))
         for rows in tqdm(groups, desc="gradients", disable=not progress):
             recorder.lengths = [int(batch.lengths[row]) for row in rows]
             width = recorder.lengths[0]
