@@ -1,5 +1,6 @@
 """secateurs: prune large language models by weights and activations."""
 
+from secateurs.checkpoint import convert_folder, is_compressed, rewrite_folder
 from secateurs.engine import PruneReport, prune_sequential
 from secateurs.errors import SecateursError
 from secateurs.evaluate import check_sparsity, perplexity
@@ -31,9 +32,12 @@ __all__ = [
     "Unstructured",
     "WandaPruner",
     "check_sparsity",
+    "convert_folder",
+    "is_compressed",
     "parse_pattern",
     "perplexity",
     "prune",
     "prune_sequential",
+    "rewrite_folder",
     "shrink_mlps",
 ]

@@ -165,6 +165,16 @@ ZeroShotBatchOpt = Annotated[
     int, _flag("zero_shot_batch_size", "Zero-shot: requests per forward pass.")
 ]
 
+SaveFormatOpt = Annotated[
+    str,
+    _flag(
+        "save_format",
+        "How --save_model stores weights: dense (plain safetensors, loads anywhere) or "
+        "compressed (each sparse weight as a bitmask plus its nonzero values, about 0.53x the "
+        "bytes at 50%; loads with transformers' from_pretrained after `import secateurs`).",
+    ),
+]
+
 RiaAlphaOpt = Annotated[
     float, _flag("ria_alpha", "ria: exponent of the activation norm (0.5 as in the paper).")
 ]
@@ -254,6 +264,7 @@ def prune(
     save_model: Annotated[
         str | None, _flag("save_model", "Write the pruned model here (Hugging Face folder).")
     ] = None,
+    save_format: SaveFormatOpt = _DEFAULTS["save_format"],
     save_json: Annotated[str | None, _flag("save_json", "Write the run's result as JSON.")] = None,
     save_log: Annotated[str | None, _flag("save_log", "Write a readable summary here.")] = None,
     keep_shape: Annotated[
@@ -649,6 +660,7 @@ def attack_command(
 def finetune(
     model: ModelOpt = _DEFAULTS["model"],
     save_model: Annotated[str, _flag("save_model", "Write the merged model here.")] = ...,
+    save_format: SaveFormatOpt = _DEFAULTS["save_format"],
     data: Annotated[
         str | None,
         _flag(
@@ -679,6 +691,7 @@ def finetune(
     """LoRA fine-tuning merged into the weights; weights that were exactly zero stay zero."""
 
     def action() -> None:
+        from secateurs.checkpoint import check_save_format
         from secateurs.data import resolve_source
         from secateurs.evaluate import check_sparsity, perplexity
         from secateurs.finetune import LoraOptions, finetune, training_batch
@@ -693,6 +706,7 @@ def finetune(
             check_prompt_data(name)
         resolve_source(dataset)
         ensure_free(save_model, "--save_model")
+        check_save_format(save_format)
         if eval_limit is not None and eval_limit <= 0:
             raise SecateursError(f"--eval_limit must be at least 1, got {eval_limit}")
         target = check_device(device)
@@ -703,7 +717,7 @@ def finetune(
         merged, report = finetune(loaded, batch, options, target, not quiet)
         after = perplexity(merged, windows, target, 1, not quiet) if eval_limit else None
         result = {"finetune": report.to_dict(), "perplexity": {"before": before, "after": after}}
-        save_pruned_model(merged, tokenizer, save_model, result)
+        save_pruned_model(merged, tokenizer, save_model, result, save_format)
         typer.echo(
             f"trained      {names or dataset}: {batch.input_ids.shape[0]} samples, "
             f"{steps} steps, {report.seconds:.1f} s"
@@ -716,5 +730,42 @@ def finetune(
             f"({report.kept_zeros:,} zero weights kept)"
         )
         typer.echo(f"saved        {save_model}")
+
+    _guarded(action, quiet)
+
+
+@app.command()
+def convert(
+    model: ModelOpt = ...,
+    save_model: Annotated[str, _flag("save_model", "Write the converted folder here.")] = ...,
+    save_format: SaveFormatOpt = "compressed",
+    dtype: Annotated[
+        str | None,
+        _flag("dtype", f"Cast floating-point weights first: {', '.join(DTYPES)} (default: keep)."),
+    ] = None,
+    cache_dir: CacheOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Rewrite a saved model folder as a compressed or dense checkpoint, one shard at a time."""
+
+    def action() -> None:
+        from secateurs.checkpoint import convert_folder
+        from secateurs.report import fmt_bytes
+        from secateurs.streaming import model_folder
+
+        if dtype is not None and dtype not in DTYPES:
+            raise SecateursError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+        source = model_folder(model, cache_dir)
+        summary = convert_folder(source, save_model, save_format, dtype and DTYPES[dtype])
+        typer.echo(
+            f"converted    {source} -> {save_model} ({save_format}"
+            + (f", {dtype}" if dtype else "")
+            + ")"
+        )
+        typer.echo(
+            f"tensors      {summary.compressed} compressed, {summary.dense} dense; "
+            f"{fmt_bytes(summary.bytes_before)} -> {fmt_bytes(summary.bytes_after)} "
+            f"({summary.bytes_after / max(summary.bytes_before, 1):.3f}x)"
+        )
 
     _guarded(action, quiet)

@@ -8,19 +8,19 @@ is the engine's, the same as in memory.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from secateurs.checkpoint import is_compressed
 from secateurs.engine import check_pattern_fits
 from secateurs.errors import SecateursError
 from secateurs.io import atomic_dir
 from secateurs.patterns import SparsityPattern
 from secateurs.report import fmt_bytes, write_json, write_log
-from secateurs.runner import DTYPES, check_device, prune_loaded, result_record
+from secateurs.runner import DTYPES, check_device, finish_folder, prune_loaded, result_record
 from secateurs.scores import Method
 from secateurs.streaming import (
     DiskBlocks,
@@ -66,8 +66,15 @@ def check_offload(cfg: Any, method: Method, pattern: SparsityPattern) -> bool:
     limit = parse_memory(cfg.max_memory) if cfg.max_memory is not None else None
     if cfg.offload == "none" or (cfg.offload == "auto" and limit is None):
         return False
+    folder = model_folder(cfg.model, cfg.cache_dir)
+    if is_compressed(folder):
+        raise SecateursError(
+            f"'{cfg.model}' is a compressed checkpoint, and streaming reads dense shards; run "
+            "with --offload none, or write a dense copy first: secateurs convert --model "
+            f"{cfg.model} --save_model DIR --save_format dense"
+        )
     if cfg.offload == "auto":
-        size = checkpoint_bytes(model_folder(cfg.model, cfg.cache_dir), DTYPES[cfg.dtype])
+        size = checkpoint_bytes(folder, DTYPES[cfg.dtype])
         if size <= limit:
             return False
         why = (
@@ -146,8 +153,8 @@ def run_streamed(
             "timings": timings,
             "memory": memory.to_dict(),
         }
-        (tmp / "secateurs.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    log(f"saved the pruned model to {cfg.save_model}")
+        finish_folder(tmp, result, cfg.save_format)
+    log(f"saved the pruned model to {cfg.save_model} ({cfg.save_format})")
     if cfg.save_json:
         write_json(cfg.save_json, result)
     if cfg.save_log:

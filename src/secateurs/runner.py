@@ -17,6 +17,7 @@ import torch
 
 from secateurs import data, distributed
 from secateurs.allocation import allocate, check_allocation
+from secateurs.checkpoint import check_save_format, rewrite_folder
 from secateurs.engine import check_pattern_fits
 from secateurs.errors import SecateursError
 from secateurs.evaluate import check_sparsity, perplexity
@@ -82,6 +83,7 @@ class PruneConfig:
     cache_dir: str | None = None
     trust_remote_code: bool = False
     save_model: str | None = None
+    save_format: str = "dense"
     save_json: str | None = None
     save_log: str | None = None
     keep_shape: bool = False
@@ -211,6 +213,7 @@ def check_config(cfg: PruneConfig) -> tuple[Method, SparsityPattern, float]:
     data.resolve_source(cfg.dataset)
     data.resolve_source(cfg.eval_dataset or cfg.dataset)
     ensure_free(cfg.save_model, "--save_model")
+    check_save_format(cfg.save_format)
     ensure_free(cfg.save_json, "--save_json")
     ensure_free(cfg.save_log, "--save_log")
     check_plot_path(cfg.save_plot)
@@ -249,12 +252,25 @@ def load_eval_windows(
     return data.evaluation_windows(tokens, seqlen, limit, source, bos)
 
 
-def save_pruned_model(model, tokenizer, path: str, result: dict[str, Any]) -> None:
-    """A Hugging Face folder (safetensors) plus the run's result, written atomically."""
+def save_pruned_model(
+    model, tokenizer, path: str, result: dict[str, Any], save_format: str = "dense"
+) -> None:
+    """A Hugging Face folder (safetensors) plus the run's result, written atomically.
+
+    ``save_format="compressed"`` stores sparse weights as bitmask and values
+    (:mod:`secateurs.checkpoint`); ``result["checkpoint"]`` then says what that saved.
+    """
     with atomic_dir(Path(path)) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "secateurs.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        finish_folder(tmp, result, save_format)
+
+
+def finish_folder(folder: Path, result: dict[str, Any], save_format: str) -> None:
+    """Compress a written model folder if asked, then add the run's result to it."""
+    if save_format == "compressed":
+        result["checkpoint"] = rewrite_folder(folder, save_format).as_dict()
+    (folder / "secateurs.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
 
 
 @dataclass
@@ -561,8 +577,8 @@ def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str,
             f"{shrinkage.parameters_after:,}"
         )
     if cfg.save_model:
-        save_pruned_model(model, prepared.tokenizer, cfg.save_model, result)
-        log(f"saved the pruned model to {cfg.save_model}")
+        save_pruned_model(model, prepared.tokenizer, cfg.save_model, result, cfg.save_format)
+        log(f"saved the pruned model to {cfg.save_model} ({cfg.save_format})")
     if cfg.save_json:
         write_json(cfg.save_json, result)
     if cfg.save_log:
