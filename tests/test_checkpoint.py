@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -79,9 +81,15 @@ def test_encode_decode_round_trip(dtype):
     weight = torch.randn(12, 20, generator=generator).to(dtype)
     weight[torch.rand(12, 20, generator=generator) < 0.6] = 0
     parts = encode("layer.weight", weight)
-    assert set(parts) == {"layer.weight_bitmask", "layer.weight_values", "layer.weight_shape"}
+    assert set(parts) == {
+        "layer.weight",
+        "layer.weight_bitmask",
+        "layer.weight_values",
+        "layer.weight_shape",
+    }
+    assert parts["layer.weight"].numel() == 0  # the placeholder
     assert parts["layer.weight_values"].numel() == int(weight.ne(0).sum())
-    rebuilt = decode(*parts.values())
+    rebuilt = decode(*list(parts.values())[1:])
     assert rebuilt.dtype == dtype and torch.equal(rebuilt, weight)
 
 
@@ -179,6 +187,19 @@ def test_convert_refuses_bad_input_before_writing(tmp_path):
         convert_folder(tmp_path / "m", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_transformers_without_secateurs_stops_instead_of_loading_noise(tmp_path):
+    model = _pruned("llama")
+    model.save_pretrained(tmp_path / "m")
+    rewrite_folder(tmp_path / "m")
+    script = (
+        "from transformers import AutoModelForCausalLM\n"
+        f"AutoModelForCausalLM.from_pretrained({str(tmp_path / 'm')!r})\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "secateurs-sparse" in done.stderr and "mismatch" in done.stderr
 
 
 def test_a_newer_format_version_is_refused(tmp_path):

@@ -2,10 +2,12 @@
 
 A saved Hugging Face folder is rewritten in place, shard by shard: every 2-D floating-point
 tensor that the bitmask form makes smaller (more than 1 in ``8 * bytes per value`` entries
-zero) becomes three tensors, ``<name>_bitmask`` (uint8, one bit per entry, rows padded to a
-whole byte, least significant bit first), ``<name>_values`` (the nonzeros in row-major order,
-in the tensor's dtype) and ``<name>_shape`` (int64). Everything else is stored as it was. The
-config gains a ``quantization_config`` with ``quant_method`` ``secateurs-sparse``.
+zero) becomes ``<name>_bitmask`` (uint8, one bit per entry, rows padded to a whole byte,
+least significant bit first), ``<name>_values`` (the nonzeros in row-major order, in the
+tensor's dtype) and ``<name>_shape`` (int64), with an empty ``<name>`` left in its place: a
+transformers that does not know the format then stops with a size-mismatch error instead of
+initialising the weight at random. Everything else is stored as it was. The config gains a
+``quantization_config`` with ``quant_method`` ``secateurs-sparse``.
 
 compressed-tensors had such formats (``sparse-bitmask``, ``sparse-24-bitmask``), but its
 releases from 0.15 on, which transformers 5 requires, no longer carry them, and vLLM removed
@@ -70,6 +72,7 @@ def encode(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
     tensor = tensor.contiguous()
     mask = tensor.ne(0)
     return {
+        name: torch.empty(0, dtype=tensor.dtype),
         f"{name}_bitmask": pack_bits(mask),
         f"{name}_values": tensor[mask],
         f"{name}_shape": torch.tensor(list(tensor.shape), dtype=torch.int64),
@@ -144,7 +147,7 @@ def is_compressed(folder: str | Path) -> bool:
 def decode_all(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A shard's tensors with every compressed weight rebuilt dense, in the stored order."""
     bases = {n.removesuffix("_bitmask") for n in tensors if n.endswith("_bitmask")}
-    parts = {base + suffix for base in bases for suffix in SUFFIXES}
+    parts = {base + suffix for base in bases for suffix in ("", *SUFFIXES)}
     out: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
         if name.endswith("_bitmask") and name.removesuffix("_bitmask") in bases:
@@ -307,7 +310,7 @@ def _register_with_transformers() -> None:
             **kwargs: Any,
         ) -> dict[str, torch.Tensor]:
             parts = {k: v[0] if isinstance(v, list) else v for k, v in input_dict.items()}
-            if "weight" in parts:
+            if "weight_bitmask" not in parts:
                 return {full_layer_name: parts["weight"]}
             dense = decode(parts["weight_bitmask"], parts["weight_values"], parts["weight_shape"])
             return {full_layer_name: dense}
