@@ -237,7 +237,15 @@ def test_prune_saves_compressed_and_eval_reads_it(tiny_model_dir, text_dir, tmp_
     assert record["checkpoint"]["save_format"] == "compressed"
     assert record["checkpoint"]["ratio"] < 0.7
     evaluated = invoke(
-        "eval", "--model", out, "--dataset", text_dir, "--seqlen", "32", "--eval_limit", "2",
+        "eval",
+        "--model",
+        out,
+        "--dataset",
+        text_dir,
+        "--seqlen",
+        "32",
+        "--eval_limit",
+        "2",
         "--quiet",
     )
     assert evaluated.exit_code == 0, evaluated.output
@@ -257,8 +265,14 @@ def test_prune_refuses_an_unknown_save_format(tiny_model_dir, text_dir, tmp_path
 def test_convert_command(tmp_path):
     _pruned("llama").save_pretrained(tmp_path / "m")
     result = invoke(
-        "convert", "--model", tmp_path / "m", "--save_model", tmp_path / "c", "--dtype",
-        "float16", "--quiet",
+        "convert",
+        "--model",
+        tmp_path / "m",
+        "--save_model",
+        tmp_path / "c",
+        "--dtype",
+        "float16",
+        "--quiet",
     )
     assert result.exit_code == 0, result.output
     assert "compressed" in result.output and is_compressed(tmp_path / "c")

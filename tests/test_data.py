@@ -1,6 +1,7 @@
 import pytest
 import torch
 from conftest import make_tokenizer, random_text
+from safetensors.torch import load_file
 
 from secateurs import data
 from secateurs.errors import SecateursError
@@ -174,3 +175,31 @@ def test_unreadable_file_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "read_text", denied)
     with pytest.raises(SecateursError, match=r"cannot read .*Permission denied"):
         data.resolve_source(str(path)).load("train")
+
+
+def test_token_ids_are_cached_per_tokenizer_and_text(tmp_path, monkeypatch):
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path))
+    tokenizer = make_tokenizer()
+    text = random_text(300, seed=5)
+    fresh = tokenizer(text, return_tensors="pt").input_ids[0]
+    first = data.tokenize(tokenizer, text)
+    files = list((tmp_path / "tokens").glob("*.safetensors"))
+    assert len(files) == 1 and torch.equal(first, fresh)
+    # the second call reads the file: damage it and the ids are tokenized and written again
+    assert torch.equal(data.tokenize(tokenizer, text), fresh)
+    files[0].write_bytes(b"not a safetensors file")
+    assert torch.equal(data.tokenize(tokenizer, text), fresh)
+    assert torch.equal(load_file(files[0])["ids"].long(), fresh)
+    # another text, or a tokenizer that splits differently, gets its own entry
+    data.tokenize(tokenizer, text + " w1")
+    other = make_tokenizer()
+    other.backend_tokenizer.pre_tokenizer = None
+    data.tokenize(other, text)
+    assert len(list((tmp_path / "tokens").glob("*.safetensors"))) == 3
+
+
+def test_token_cache_can_be_turned_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path))
+    monkeypatch.setenv("SECATEURS_TOKEN_CACHE", "0")
+    data.tokenize(make_tokenizer(), random_text(50))
+    assert not (tmp_path / "tokens").exists()

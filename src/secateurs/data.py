@@ -10,15 +10,20 @@ is then BOS followed by ``seqlen - 1`` tokens of text, so its length stays ``seq
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from secateurs import assets
 from secateurs.errors import SecateursError
+from secateurs.io import atomic_file
 
 WINDOW_BOS_RULES = ("auto", "always", "never")
 # Families trained to see BOS first: without it their first positions, which every later token
@@ -202,9 +207,41 @@ def _check_split(split: str) -> str:
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
-    """Token ids of one long text as a 1-D tensor (no length warning: we window it ourselves)."""
-    ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids
-    return ids[0]
+    """Token ids of one long text as a 1-D tensor (no length warning: we window it ourselves).
+
+    Fast tokenizers' results are cached on disk under the tokenizer's fingerprint and the
+    text's hash: tokenizing a long split holds several hundred bytes per token at its peak
+    (600k tokens of wiki-sample: 350 MB), more than a streamed prune of SmolLM2 needs.
+    """
+    path = _token_cache_path(tokenizer, text)
+    if path is not None and path.is_file():
+        with contextlib.suppress(Exception):  # a damaged entry is tokenized and written again
+            return load_file(path)["ids"].long()
+    ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
+    if path is not None:
+        # a read-only cache is no failure: the ids are simply not kept
+        with contextlib.suppress(OSError, SecateursError), atomic_file(path) as tmp:
+            save_file({"ids": ids.to(torch.int32).contiguous()}, tmp)
+    return ids
+
+
+def _token_cache_path(tokenizer, text: str) -> Path | None:
+    """Where the ids of ``text`` under ``tokenizer`` are cached; None to not cache."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or os.environ.get("SECATEURS_TOKEN_CACHE", "1") == "0":
+        return None
+    digest = hashlib.sha256()
+    for part in (type(tokenizer).__name__, backend.to_str(), repr(_special_settings(tokenizer))):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    digest.update(text.encode("utf-8", errors="surrogatepass"))
+    return assets.cache_root() / "tokens" / f"{digest.hexdigest()}.safetensors"
+
+
+def _special_settings(tokenizer) -> dict:
+    """What decides special tokens around a text besides the backend's own post-processor."""
+    names = ("add_bos_token", "add_eos_token", "bos_token_id", "eos_token_id")
+    return {name: getattr(tokenizer, name, None) for name in names}
 
 
 def evaluation_tokens(tokenizer, source: TextSource, split: str = "test") -> torch.Tensor:

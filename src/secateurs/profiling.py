@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import re
 import resource
 import time
@@ -75,3 +77,17 @@ def measure(device: torch.device | str = "cpu") -> Iterator[Measurement]:
         else:
             result.peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             result.peak_is_lifetime = True
+
+
+def give_back_memory() -> None:
+    """Return freed heap pages to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    A freed block leaves holes in the heap that glibc keeps for reuse, and its adaptive mmap
+    threshold sends later blocks' tensors there too: measured on SmolLM2, resident memory
+    grew by about 6 MB a block without this, and stays flat with it.
+    """
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(name).malloc_trim(0)

@@ -33,7 +33,7 @@ from secateurs.patterns import (
     effective_ratio,
     parse_pattern,
 )
-from secateurs.profiling import measure
+from secateurs.profiling import give_back_memory, measure
 from secateurs.prompts import PromptBatch, check_chat_template
 from secateurs.recovery import (
     STRATEGIES,
@@ -308,6 +308,7 @@ def prepare(cfg: PruneConfig, calibrate: bool) -> Prepared:
         windows = data.calibration_windows(tokenizer, source, cfg.nsamples, seqlen, cfg.seed, bos)
     eval_name = cfg.eval_dataset or cfg.dataset
     eval_windows = load_eval_windows(tokenizer, eval_name, seqlen, cfg.eval_limit, bos)
+    give_back_memory()  # tokenizing left freed heap behind: the weights should not sit on it
     return Prepared(
         tokenizer,
         seqlen,

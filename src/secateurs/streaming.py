@@ -12,8 +12,6 @@ tensors out and closes it, so no mapping of the file outlives the block.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import json
 import re
 from collections.abc import Iterator
@@ -38,6 +36,7 @@ from secateurs.model import (
     weight_matrix,
 )
 from secateurs.patterns import SparsityPattern
+from secateurs.profiling import give_back_memory
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -167,20 +166,6 @@ def _free(module: nn.Module) -> None:
                 sub._buffers[name] = buffer.to("meta")
 
 
-def _give_back_memory() -> None:
-    """Return freed heap pages to the system (glibc's ``malloc_trim``; elsewhere nothing).
-
-    A freed block leaves holes in the heap that glibc keeps for reuse, and its adaptive mmap
-    threshold sends later blocks' tensors there too: measured on SmolLM2, resident memory
-    grew by about 6 MB a block without this, and stays flat with it.
-    """
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(name).malloc_trim(0)
-
-
 def _tie_head(model: nn.Module) -> None:
     """Share the input embedding with the head if the config ties them (as loading does)."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
@@ -286,7 +271,7 @@ class DiskBlocks:
     def free_outer(self) -> None:
         for _, module in self.outer:
             _free(module)
-        _give_back_memory()
+        give_back_memory()
 
     @contextlib.contextmanager
     def capturing(self) -> Iterator[None]:
@@ -316,7 +301,7 @@ class DiskBlocks:
             tensors = {prefix + n: t for n, t in block.state_dict().items()}
             self._write(index + 2, tensors)
         _free(block)
-        _give_back_memory()
+        give_back_memory()
 
     def _write(self, number: int, tensors: dict[str, torch.Tensor]) -> None:
         shard = self._shard_name(number)
@@ -477,7 +462,7 @@ def streamed_perplexity(
         block.to(device)
         inputs.hidden = run_block(block, inputs, batch_size, True, index=index)
         _free(block)
-        _give_back_memory()
+        give_back_memory()
     originals = list(blocks)
     replay = _Replay(originals[0])
     for index, original in enumerate(originals):
