@@ -135,13 +135,22 @@ def _shards(folder: Path) -> list[str]:
     )
 
 
+def _quant_method(config: Path) -> str | None:
+    """The ``quant_method`` a model's config.json names, if any."""
+    quant = json.loads(config.read_text()).get("quantization_config") or {}
+    return quant.get("quant_method")
+
+
 def is_compressed(folder: str | Path) -> bool:
     """Whether a model folder holds a secateurs compressed checkpoint."""
     config = Path(folder) / "config.json"
-    if not config.is_file():
-        return False
-    quant = json.loads(config.read_text()).get("quantization_config") or {}
-    return quant.get("quant_method") == QUANT_METHOD
+    return config.is_file() and _quant_method(config) == QUANT_METHOD
+
+
+def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """The ``model.safetensors.index.json`` of a sharded folder."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def decode_all(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -163,8 +172,7 @@ def check_convertible(folder: Path) -> None:
     config = folder / "config.json"
     if not config.is_file():
         raise SecateursError(f"'{folder}' has no config.json; give a Hugging Face model folder")
-    quant = json.loads(config.read_text()).get("quantization_config") or {}
-    method = quant.get("quant_method")
+    method = _quant_method(config)
     if method not in (None, QUANT_METHOD):
         raise SecateursError(
             f"'{folder}' is quantized with {method}; secateurs converts dense or "
@@ -213,8 +221,7 @@ def rewrite_folder(
         save_file(tensors, path, metadata=metadata | {"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, shard))
     if (folder / INDEX_FILE).exists():
-        index = {"metadata": {"total_size": summary.bytes_after}, "weight_map": weight_map}
-        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        write_index(folder, weight_map, summary.bytes_after)
     _mark_config(folder / "config.json", save_format, dtype)
     return summary
 

@@ -16,6 +16,7 @@ from secateurs.runner import (
     DTYPES,
     PruneConfig,
     check_device,
+    check_dtype,
     check_eval_args,
     load_eval_windows,
     run_prune,
@@ -630,12 +631,11 @@ def attack_command(
                 raise SecateursError(f"{flag} must be at least 1, got {value}")
         if batch_size <= 0:
             raise SecateursError(f"--batch_size must be at least 1, got {batch_size}")
-        if dtype not in DTYPES:
-            raise SecateursError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+        torch_dtype = check_dtype(dtype)
         ensure_free(out, "--out")
         target = check_device(device)
         chosen = attack_prompts(prompts)[:limit]
-        loaded, tokenizer = load_model(model, cache_dir, DTYPES[dtype], trust_remote_code)
+        loaded, tokenizer = load_model(model, cache_dir, torch_dtype, trust_remote_code)
         start = time.perf_counter()
         result = attack(
             loaded,
@@ -754,10 +754,9 @@ def convert(
         from secateurs.report import fmt_bytes
         from secateurs.streaming import model_folder
 
-        if dtype is not None and dtype not in DTYPES:
-            raise SecateursError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+        cast = check_dtype(dtype) if dtype is not None else None
         source = model_folder(model, cache_dir)
-        summary = convert_folder(source, save_model, save_format, dtype and DTYPES[dtype])
+        summary = convert_folder(source, save_model, save_format, cast)
         typer.echo(
             f"converted    {source} -> {save_model} ({save_format}"
             + (f", {dtype}" if dtype else "")

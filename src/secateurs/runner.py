@@ -60,6 +60,13 @@ from secateurs.zeroshot import METRICS, ZeroShotPlan, evaluate_zero_shot, prepar
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def check_dtype(name: str) -> torch.dtype:
+    """The torch dtype that ``--dtype name`` asks for, or a clear error."""
+    if name not in DTYPES:
+        raise SecateursError(f"--dtype must be one of {', '.join(DTYPES)}, got '{name}'")
+    return DTYPES[name]
+
+
 @dataclass
 class PruneConfig:
     """Every setting of a pruning run; names follow the reference command line."""
@@ -169,8 +176,7 @@ def _positive(value: int | None, flag: str) -> None:
 def check_eval_args(cfg: PruneConfig) -> None:
     _positive(cfg.eval_limit, "--eval_limit")
     _positive(cfg.eval_batch_size, "--eval_batch_size")
-    if cfg.dtype not in DTYPES:
-        raise SecateursError(f"--dtype must be one of {', '.join(DTYPES)}, got '{cfg.dtype}'")
+    check_dtype(cfg.dtype)
     check_device(cfg.device)
 
 

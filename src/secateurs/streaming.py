@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from secateurs.checkpoint import INDEX_FILE, SINGLE_FILE, write_index
 from secateurs.engine import run_block
 from secateurs.errors import SecateursError
 from secateurs.evaluate import SparsityCheck, _neuron_violation, _pattern_violation, window_nll
@@ -38,8 +39,6 @@ from secateurs.model import (
 from secateurs.patterns import SparsityPattern
 from secateurs.profiling import give_back_memory
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1}
 _DTYPE_NAMES = {
@@ -368,8 +367,7 @@ class DiskBlocks:
 
     def finish(self) -> None:
         """The index file, config and generation config of the output folder."""
-        index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
-        (self.out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        write_index(self.out, self.weight_map, self.total_size)
         self.model.config.save_pretrained(self.out)
         generation = getattr(self.model, "generation_config", None)
         if generation is not None and self.model.can_generate():
