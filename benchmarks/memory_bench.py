@@ -3,10 +3,10 @@
 Every run is its own ``secateurs prune`` process (Wanda, 50%, calibration windows as given,
 one evaluation window, no dense evaluation). Parts:
 
-- ``stream``: ``--offload none`` and ``--offload disk`` taking turns, ``--repeats`` times
-  each: the process's peak resident memory (the kernel's, read with ``wait4``), the peak
-  during pruning (the run's own JSON), prune time and wall time, medians; the saved tensors
-  of the two are compared bit for bit.
+- ``stream``: ``--offload none`` and ``--offload disk``, each at its default calibration
+  batch and at the other's, taking turns, ``--repeats`` times each: the process's peak
+  resident memory (the kernel's, read with ``wait4``), the peak during pruning (the run's
+  own JSON), prune time and wall time, medians; the saved tensors compared bit for bit.
 - ``cap``: both again inside a memory cgroup (a child of this process's own, so the cap
   nests under any the machine has) limited to ``--cap_mib``: streamed should finish, in
   memory should be killed.
@@ -57,8 +57,7 @@ def prune_args(
         str(args.nsamples),
         "--seqlen",
         str(args.seqlen),
-        "--batch_size",
-        str(batch_size or args.batch_size),
+        *(() if batch_size is None else ("--batch_size", str(batch_size))),
         "--eval_limit",
         "1",
         "--no_eval_dense",
@@ -106,6 +105,7 @@ def secateurs(
         saved = json.loads(result.read_text())
         row["prune_s"] = saved["timings"]["prune"]
         row["prune_peak_rss"] = saved["memory"]["peak_rss"]
+        row["batch_size"] = saved["config"]["batch_size"]
     return row
 
 
@@ -121,20 +121,29 @@ def identical(a: Path, b: Path) -> bool:
     return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
+# (offload, --batch_size): each mode at its default batch, and at the other's default
+STREAM_MODES = {
+    "memory": ("none", None),
+    "memory_batch_1": ("none", 1),
+    "disk": ("disk", None),
+    "disk_batch_8": ("disk", 8),
+}
+STREAM_LABELS = {
+    "memory": "in memory (default)",
+    "memory_batch_1": "in memory",
+    "disk": "streamed, --offload disk (default)",
+    "disk_batch_8": "streamed, --offload disk",
+}
+
+
 def stream_part(args, work: Path) -> dict:
-    # (offload, batch size): the low-memory setting streams one window at a time
-    modes = {
-        "memory": ("none", None),
-        "disk": ("disk", None),
-        "disk_small_batch": ("disk", args.stream_batch_size),
-    }
-    rows: dict[str, list[dict]] = {mode: [] for mode in modes}
+    rows: dict[str, list[dict]] = {mode: [] for mode in STREAM_MODES}
     for repeat in range(args.repeats):
-        for mode, (offload, batch) in modes.items():
+        for mode, (offload, batch) in STREAM_MODES.items():
             save = work / f"{mode}-{repeat}"
             rows[mode].append(secateurs(args, save, ("--offload", offload), batch_size=batch))
             print(mode, repeat, {k: v for k, v in rows[mode][-1].items() if k != "tail"})
-    same = all(identical(work / "memory-0", work / f"{mode}-0") for mode in modes)
+    same = all(identical(work / "memory-0", work / f"{mode}-0") for mode in STREAM_MODES)
 
     def median(mode: str, key: str) -> float:
         return statistics.median(r[key] for r in rows[mode])
@@ -143,8 +152,10 @@ def stream_part(args, work: Path) -> dict:
         mode: {
             key: median(mode, key) for key in ("peak_rss", "prune_peak_rss", "prune_s", "wall_s")
         }
-        for mode in modes
+        for mode in STREAM_MODES
     }
+    for mode in STREAM_MODES:
+        summary[mode]["batch_size"] = rows[mode][0].get("batch_size")
     return {"runs": rows, "median": summary, "identical_tensors": same}
 
 
@@ -200,7 +211,7 @@ def parallel_part(args, work: Path) -> dict:
     for number, (name, (launcher, threads)) in enumerate(runs.items()):
         save = work / f"parallel-{number}"
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-        row = run([*launcher, *prune_args(args, save)], env=env)
+        row = run([*launcher, *prune_args(args, save, batch_size=args.batch_size)], env=env)
         row["threads_per_process"] = threads
         if (save / "secateurs.json").is_file():
             row["prune_s"] = json.loads((save / "secateurs.json").read_text())["timings"]["prune"]
@@ -218,14 +229,13 @@ def table(args, result: dict) -> str:
     mib = 2**20
     lines = [
         f"`{args.model}` fp32 (513 MiB of weights), Wanda 50% unstructured, {args.nsamples} x "
-        f"{args.seqlen} calibration windows, batch {args.batch_size}, one evaluation window; "
-        f"each run its own process; {result['machine']}, {result['date']}.",
+        f"{args.seqlen} calibration windows, one evaluation window; each run its own "
+        f"process; {result['machine']}, {result['date']}.",
         "",
     ]
     stream = result.get("stream")
     if stream:
         memory = stream["median"]["memory"]
-        small = args.stream_batch_size
         lines += [
             f"Streamed against in memory, taking turns, medians of {args.repeats}:",
             "",
@@ -233,24 +243,19 @@ def table(args, result: dict) -> str:
             "| vs in memory | wall s |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        labels = {
-            "memory": ("in memory", args.batch_size),
-            "disk": ("streamed (--offload disk)", args.batch_size),
-            "disk_small_batch": ("streamed (--offload disk)", small),
-        }
-        for mode, (label, batch) in labels.items():
+        for mode, label in STREAM_LABELS.items():
             row = stream["median"].get(mode)
             if row is None:
                 continue
             lines.append(
-                f"| {label} | {batch} | {row['peak_rss'] / mib:.0f} MiB | "
+                f"| {label} | {row.get('batch_size')} | {row['peak_rss'] / mib:.0f} MiB | "
                 f"{row['peak_rss'] / memory['peak_rss']:.2f}x | "
                 f"{row['prune_peak_rss'] / mib:.0f} MiB | {row['prune_s']:.1f} | "
                 f"{row['prune_s'] / memory['prune_s']:.2f}x | {row['wall_s']:.1f} |"
             )
         lines += [
             "",
-            f"Saved tensors bit-identical across the three: {stream['identical_tensors']}.",
+            f"Saved tensors bit-identical across all four: {stream['identical_tensors']}.",
             "",
         ]
     cap = result.get("cap")
@@ -294,7 +299,6 @@ def main() -> None:
     parser.add_argument("--cap_mib", type=int, default=480)
     # smaller batches keep a block's temporaries small: the cap is on everything resident
     parser.add_argument("--cap_batch_size", type=int, default=1)
-    parser.add_argument("--stream_batch_size", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--all_threads", action="store_true", help="also time one process with every core"

@@ -37,6 +37,8 @@ def test_disk_run_saves_what_the_memory_run_saves(tiny_model_dir, text_dir, tmp_
     assert (tmp_path / "d" / "tokenizer.json").is_file()
     in_memory, streamed = _result(tmp_path / "m"), _result(tmp_path / "d")
     assert streamed["offload"]["mode"] == "disk"
+    # the default calibration batch: 8 in memory, 1 streamed; the masks do not depend on it
+    assert (in_memory["config"]["batch_size"], streamed["config"]["batch_size"]) == (8, 1)
     assert streamed["perplexity"] == in_memory["perplexity"]
     assert streamed["sparsity"] == in_memory["sparsity"]
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import make_model, make_windows
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from secateurs import streaming
 from secateurs.errors import SecateursError
 from secateurs.evaluate import perplexity
 from secateurs.model import model_size_bytes
@@ -101,6 +104,50 @@ def test_streamed_perplexity_equals_in_memory(tmp_path, arch):
     streamed = streamed_perplexity(skeleton, source, windows, torch.float32, CPU, 2, False)
     assert streamed == perplexity(make_model(arch), windows, CPU, 2, False)
     assert all(p.is_meta for p in skeleton.parameters())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "opt"])
+def test_streamed_evaluation_reads_the_head_a_slice_at_a_time(tmp_path, arch, monkeypatch):
+    """The head is read from its shard in vocabulary slices (tied or not), never whole, and
+    the perplexity still matches the in-memory one (summation order aside)."""
+    source = _sharded(tmp_path, arch)
+    windows = make_windows(3, 16, seed=4)
+    # 15 targets' logits (4 bytes) and a 64-wide fp32 row: 9 vocabulary entries per slice;
+    # the probe of the model's own last-token logits is sized for 16 tokens: 8 entries
+    monkeypatch.setattr(streaming, "STREAMED_HEAD_BYTES", 9 * (4 * 15 + 64 * 4))
+    reads: list[int] = []
+    head_rows = DiskBlocks.head_rows
+
+    def recording(self, device):
+        rows = head_rows(self, device)
+        read = rows.read
+        return dataclasses.replace(rows, read=lambda a, b: reads.append(b - a) or read(a, b))
+
+    monkeypatch.setattr(DiskBlocks, "head_rows", recording)
+    skeleton = build_skeleton(source, torch.float32)
+    streamed = streamed_perplexity(skeleton, source, windows, torch.float32, CPU, 1, False)
+    vocab = skeleton.config.vocab_size
+    assert max(reads) == 9 and sum(reads) == 3 * (8 + vocab)  # a probe and a pass per window
+    in_memory = perplexity(make_model(arch), windows, CPU, 1, False)
+    assert streamed == pytest.approx(in_memory, rel=1e-6)
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
+def test_streamed_embedding_holds_the_rows_of_the_windows_tokens(tmp_path, stored):
+    """Capture and evaluation read only their tokens' embedding rows (as the run's dtype);
+    the tied head keeps the whole weight, so a whole-logits fallback stays right."""
+    model = make_model("gemma3").to(stored)
+    model.save_pretrained(tmp_path / "source", max_shard_size="100KB")
+    windows = make_windows(2, 8, seed=5)
+    store = DiskBlocks(
+        build_skeleton(tmp_path / "source", torch.float32), tmp_path / "source", torch.float32
+    )
+    store.load_outer(windows)
+    tokens = windows.unique()
+    expected = model.get_input_embeddings().weight.float()
+    assert torch.equal(store.model.get_input_embeddings().weight[tokens], expected[tokens])
+    assert torch.equal(store.model.get_output_embeddings().weight, expected)
+    store.free_outer()
 
 
 def test_checkpoint_bytes_counts_the_weights_in_the_run_dtype(tmp_path):

@@ -92,7 +92,12 @@ DatasetOpt = Annotated[
 NsamplesOpt = Annotated[int, _flag("nsamples", "Calibration windows.")]
 SeedOpt = Annotated[int, _flag("seed", "Seed for drawing calibration windows.")]
 BatchOpt = Annotated[
-    int, _flag("batch_size", "Calibration windows per forward pass through a block.")
+    int | None,
+    _flag(
+        "batch_size",
+        "Calibration windows per forward pass through a block (default 8; 1 when streaming "
+        "from disk, where it holds less at the same speed).",
+    ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
 DebugOpt = Annotated[

@@ -29,6 +29,7 @@ from secateurs.runner import (
     needs_calibration,
     prepare,
     prune_loaded,
+    with_batch_size,
 )
 from secateurs.scores import METHODS
 
@@ -87,6 +88,7 @@ def plan_runs(
             "give at least one method, one sparsity type, one ratio and one IDF form"
         )
     forms = [check_idf_form(form) for form in idf_forms or [base.idf_form]]
+    base = with_batch_size(base)
     runs = []
     for sparsity_type in patterns:
         pattern = parse_pattern(sparsity_type, use_variant=base.use_variant)
@@ -170,6 +172,7 @@ def run_compare(
     idf_forms: list[str] | None = None,
 ) -> Comparison:
     """Run (or reuse) every configuration and write the table, CSV, JSON and plot."""
+    base = with_batch_size(base)
     runs = plan_runs(base, methods, patterns, ratios, idf_forms)
     forms = sorted({cfg.idf_form for cfg in runs if _reads_idf(cfg)})
     out = Path(out_dir)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
@@ -31,6 +31,7 @@ from secateurs.model import (
     weight_matrix,
 )
 from secateurs.patterns import SparsityPattern
+from secateurs.profiling import give_back_memory
 from secateurs.recovery import LayerRecovery, WeightRedistributor
 from secateurs.scores import Solver, wanda_score
 from secateurs.stats import ActivationStats, StatsRequest, token_classes
@@ -276,8 +277,9 @@ class BlockStore(Protocol):
     :mod:`secateurs.streaming`): the engine asks for a block before it prunes it and hands
     it back after."""
 
-    def capturing(self) -> contextlib.AbstractContextManager[None]:
-        """Make the modules that capturing block inputs runs hold real weights."""
+    def capturing(self, windows: torch.Tensor) -> contextlib.AbstractContextManager[None]:
+        """Make the modules that capturing the block inputs of ``windows`` runs hold real
+        weights."""
 
     def load(self, index: int, block: nn.Module) -> None:
         """Give block ``index`` its weights."""
@@ -313,6 +315,36 @@ class BlockStep:
     parallel: DataParallel | None = None
 
 
+def _apply_masks(
+    step: BlockStep,
+    layers: dict[str, nn.Module],
+    stats: dict[str, ActivationStats],
+    masks: Iterable[tuple[str, torch.Tensor, torch.Tensor]],
+    prefix: str,
+    report: PruneReport,
+) -> None:
+    """Zero (or redistribute) each layer's masked weights and record the layer."""
+    start = time.perf_counter()
+    for name, score, mask in masks:
+        weight = weight_matrix(layers[name])
+        mask = mask.to(weight.device)
+        record = LayerRecord(prefix, name, tuple(weight.shape), int(mask.sum()))
+        if name in stats:
+            record.alarm = check_channels(score, stats[name].sq_norm)
+        if step.redistributor is None:
+            weight.masked_fill_(mask, 0)
+            report.seconds["score"] += time.perf_counter() - start
+        else:
+            report.seconds["score"] += time.perf_counter() - start
+            start = time.perf_counter()
+            record.recovery = step.redistributor.apply(weight, mask, score, stats[name])
+            report.seconds["recover"] += time.perf_counter() - start
+        report.layers.append(record)
+        del score, mask
+        give_back_memory()  # each layer's scores, sorts and checks leave heap behind
+        start = time.perf_counter()
+
+
 def prune_block(
     step: BlockStep,
     block: nn.Module,
@@ -342,6 +374,7 @@ def prune_block(
             parallel=step.parallel,
         )
         report.seconds["calibrate"] += time.perf_counter() - start
+        give_back_memory()  # the forward's activations
     prefix = f"{step.stack_name}.{index}"
     ratio = step.ratios[index]
     masks = _layer_masks(layers, stats, step.metric_fn, step.pattern, ratio)
@@ -352,24 +385,8 @@ def prune_block(
             shape = tuple(weight_matrix(layers[name]).shape)
             report.layers.append(LayerRecord(prefix, name, shape, int(mask.sum())))
         report.seconds["solve"] += time.perf_counter() - start
-    start = time.perf_counter()
-    for name, score, mask in masks:
-        weight = weight_matrix(layers[name])
-        mask = mask.to(weight.device)
-        record = LayerRecord(prefix, name, tuple(weight.shape), int(mask.sum()))
-        if name in stats:
-            record.alarm = check_channels(score, stats[name].sq_norm)
-        if step.redistributor is None:
-            weight.masked_fill_(mask, 0)
-            report.seconds["score"] += time.perf_counter() - start
-        else:
-            report.seconds["score"] += time.perf_counter() - start
-            start = time.perf_counter()
-            record.recovery = step.redistributor.apply(weight, mask, score, stats[name])
-            report.seconds["recover"] += time.perf_counter() - start
-        report.layers.append(record)
-        start = time.perf_counter()
-    del stats
+    _apply_masks(step, layers, stats, masks, prefix, report)
+    del stats, masks
     if inputs is not None:
         start = time.perf_counter()
         inputs.hidden = run_block(block, inputs, step.batch_size, True, index=index)
@@ -450,7 +467,7 @@ def prune_sequential(
     inputs = None
     if calibrated:
         start = time.perf_counter()
-        with store.capturing() if store is not None else contextlib.nullcontext():
+        with store.capturing(windows) if store is not None else contextlib.nullcontext():
             inputs = capture_block_inputs(model, windows, device, batch_size)
         report.seconds["capture"] += time.perf_counter() - start
     for index, block in enumerate(tqdm(blocks, desc="pruning blocks", disable=not progress)):

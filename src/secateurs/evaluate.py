@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -38,9 +40,27 @@ def _finish_logits(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def _vocab_step(tokens: int) -> int:
-    """Vocabulary entries per slice, so a slice's fp32 logits of ``tokens`` stay in budget."""
-    return max(1, LOGIT_CHUNK_BYTES // (4 * tokens))
+@dataclass(frozen=True)
+class HeadRows:
+    """Where the sliced head computation reads rows ``[start, stop)`` of the head's weight.
+
+    ``budget`` (``LOGIT_CHUNK_BYTES`` if None) bounds the bytes of one slice's fp32 logits
+    plus, when ``copies`` (the rows are read from elsewhere, such as the checkpoint of a
+    streamed model), its weight rows.
+    """
+
+    read: Callable[[int, int], torch.Tensor]
+    budget: int | None = None
+    copies: bool = False
+
+    def step(self, head: nn.Linear, tokens: int) -> int:
+        """Vocabulary entries per slice, so one slice stays in budget."""
+        row = head.in_features * head.weight.element_size() if self.copies else 0
+        return max(1, (self.budget or LOGIT_CHUNK_BYTES) // (4 * tokens + row))
+
+
+def _own_rows(head: nn.Linear) -> HeadRows:
+    return HeadRows(lambda start, stop: head.weight[start:stop])
 
 
 class _HeadInput:
@@ -62,21 +82,25 @@ class _HeadInput:
         return (args[0][:, -1:, :],)
 
 
-def _sliced_nll(model: nn.Module, head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor):
+def _sliced_nll(
+    model: nn.Module, head: nn.Linear, rows: HeadRows, hidden: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
     """NLL of every target from the head applied one slice of the vocabulary at a time.
 
     Slicing the vocabulary, not the tokens, reads each row of the head's weight once (it is
     the largest matrix of a small model with a large vocabulary); log-sum-exp is combined
     across slices, and each target's logit is taken from the slice that holds it.
     """
-    vocab = head.weight.shape[0]
-    step = _vocab_step(hidden.shape[0] * hidden.shape[1])
+    vocab = head.out_features
+    step = rows.step(head, hidden.shape[0] * hidden.shape[1])
     lse = torch.full(targets.shape, float("-inf"), device=hidden.device)
     picked = torch.zeros(targets.shape, device=hidden.device)
     for start in range(0, vocab, step):
         stop = min(start + step, vocab)
         bias = None if head.bias is None else head.bias[start:stop]
-        logits = _finish_logits(model, F.linear(hidden, head.weight[start:stop], bias)).float()
+        weight = rows.read(start, stop)
+        logits = _finish_logits(model, F.linear(hidden, weight, bias)).float()
+        del weight
         lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
         inside = (targets >= start) & (targets < stop)
         index = (targets - start).clamp(0, stop - start - 1).unsqueeze(-1)
@@ -84,36 +108,62 @@ def _sliced_nll(model: nn.Module, head: nn.Linear, hidden: torch.Tensor, targets
     return lse - picked
 
 
-def chunked_nll(model: nn.Module, batch: torch.Tensor) -> torch.Tensor | None:
+@contextlib.contextmanager
+def _probe_head(head: nn.Linear, weight: torch.Tensor | None) -> Iterator[None]:
+    """The head computes with ``weight`` (its first rows) instead of its own, if given."""
+    if weight is None:
+        yield
+        return
+    own_weight, own_bias = head.weight, head.bias
+    head.weight = nn.Parameter(weight, requires_grad=False)
+    if own_bias is not None:
+        head.bias = nn.Parameter(own_bias[: weight.shape[0]], requires_grad=False)
+    try:
+        yield
+    finally:
+        head.weight, head.bias = own_weight, own_bias
+
+
+def chunked_nll(
+    model: nn.Module, batch: torch.Tensor, rows: HeadRows | None = None
+) -> torch.Tensor | None:
     """Mean next-token NLL of each window, the head applied to a slice of the vocabulary at a
     time, so no more than ``LOGIT_CHUNK_BYTES`` of logits exist at once.
 
     None when the model's own last-token logits disagree with the sliced ones (or its head is
-    not a linear layer it calls), so the caller can use the whole logits.
+    not a linear layer it calls), so the caller can use the whole logits. With ``rows`` the
+    head's weight is read from there; the model's own check then runs on the first slice of
+    the vocabulary only, so the whole head is never needed at once.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, nn.Linear):
         return None
+    probe = None
+    if rows is not None:
+        probe = rows.read(0, min(head.out_features, rows.step(head, batch.shape[1])))
+    else:
+        rows = _own_rows(head)
     capture = _HeadInput(head)
     try:
-        last = model(input_ids=batch, use_cache=False).logits
+        with _probe_head(head, probe):
+            last = model(input_ids=batch, use_cache=False).logits
+            hidden = capture.hidden
+            if hidden is None or last.shape[1] != 1 or hidden.shape[1] != batch.shape[1]:
+                return None
+            own = _finish_logits(model, head(hidden[:, -1:, :])).float()
     finally:
         capture.handle.remove()
-    hidden = capture.hidden
-    if hidden is None or last.shape[1] != 1 or hidden.shape[1] != batch.shape[1]:
+    if own.shape != last.shape or not torch.allclose(own, last.float(), rtol=1e-4, atol=1e-4):
         return None
-    own = _finish_logits(model, head(hidden[:, -1:, :])).float()
-    if not torch.allclose(own, last.float(), rtol=1e-4, atol=1e-4):
-        return None
-    return _sliced_nll(model, head, hidden[:, :-1, :], batch[:, 1:]).mean(dim=1)
+    return _sliced_nll(model, head, rows, hidden[:, :-1, :], batch[:, 1:]).mean(dim=1)
 
 
-def window_nll(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+def window_nll(model: nn.Module, batch: torch.Tensor, rows: HeadRows | None = None) -> torch.Tensor:
     """Mean next-token negative log-likelihood of each window in ``batch``, shape (batch,).
 
     The vocabulary-wide logits are never all held at once (see :func:`chunked_nll`).
     """
-    nll = chunked_nll(model, batch)
+    nll = chunked_nll(model, batch, rows)
     if nll is None:
         warnings.warn(
             f"{type(model).__name__}'s output head is not a plain linear layer, or the model "

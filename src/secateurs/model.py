@@ -305,7 +305,7 @@ def capture_block_inputs(
         recorded["args"], recorded["kwargs"] = args, kwargs
         raise StopForward
 
-    hidden_batches = []
+    hidden: torch.Tensor | None = None
     extra: dict[int, tuple[tuple, dict[str, Any]]] = {}
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
     _move(outer, device)
@@ -316,13 +316,16 @@ def capture_block_inputs(
                 with contextlib.suppress(StopForward):
                     model(input_ids=batch, use_cache=False)
                 args, kwargs = recorded["args"], recorded["kwargs"]
-                hidden = args[0] if args else kwargs.pop("hidden_states")
-                hidden_batches.append(hidden)
+                states = args[0] if args else kwargs.pop("hidden_states")
+                if hidden is None:
+                    # one buffer filled batch by batch: concatenating would hold it twice
+                    hidden = states.new_empty((windows.shape[0], *states.shape[1:]))
+                hidden[start : start + batch.shape[0]] = states
                 extra.setdefault(batch.shape[0], (tuple(args[1:]), dict(kwargs)))
     finally:
         handle.remove()
         _move(outer, original)
-    inputs = BlockInputs(torch.cat(hidden_batches), extra, block_kinds(model, len(blocks)))
+    inputs = BlockInputs(hidden, extra, block_kinds(model, len(blocks)))
     sizes = sorted(extra)
     for kind in dict.fromkeys(inputs.kinds):
         if kind != inputs.kinds[0]:

@@ -41,6 +41,8 @@ def _lowest(score: torch.Tensor, k: int, dim: int) -> torch.Tensor:
     below = score < kth
     tied = score == kth
     still_needed = k - below.sum(dim=dim, keepdim=True)
+    if bool((tied.sum(dim=dim, keepdim=True) == still_needed).all()):
+        return below | tied  # every tie is taken: no int64 running count over the matrix
     return below | (tied & (tied.cumsum(dim=dim) <= still_needed))
 
 

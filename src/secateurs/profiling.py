@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import re
 import resource
 import time
@@ -79,6 +80,17 @@ def measure(device: torch.device | str = "cpu") -> Iterator[Measurement]:
             result.peak_is_lifetime = True
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")  # runs ldconfig: once per process
+    if name is None:
+        return None
+    try:
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
+
+
 def give_back_memory() -> None:
     """Return freed heap pages to the system (glibc's ``malloc_trim``; elsewhere nothing).
 
@@ -86,8 +98,7 @@ def give_back_memory() -> None:
     threshold sends later blocks' tensors there too: measured on SmolLM2, resident memory
     grew by about 6 MB a block without this, and stays flat with it.
     """
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(name).malloc_trim(0)
+    libc = _libc()
+    if libc is not None:
+        with contextlib.suppress(AttributeError):
+            libc.malloc_trim(0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +81,7 @@ class PruneConfig:
     nsamples: int = 128
     seqlen: int | None = None
     seed: int = 0
-    batch_size: int = 8
+    batch_size: int | None = None  # see with_batch_size
     eval_batch_size: int = 1
     eval_limit: int | None = None
     eval_dense: bool = True
@@ -171,6 +171,17 @@ def check_device(name: str) -> torch.device:
 def _positive(value: int | None, flag: str) -> None:
     if value is not None and value <= 0:
         raise SecateursError(f"{flag} must be at least 1, got {value}")
+
+
+def with_batch_size(cfg: PruneConfig, streamed: bool = False) -> PruneConfig:
+    """``cfg`` with its calibration batch size: the user's, else 8 in memory and 1 streamed.
+
+    On a CPU, batches of 1, 2 and 8 windows run a block at the same rate (BENCHMARKS.md);
+    a streamed run is there to save memory, and batch 1 holds an eighth of the activations.
+    """
+    if cfg.batch_size is not None:
+        return cfg
+    return replace(cfg, batch_size=1 if streamed else 8)
 
 
 def check_eval_args(cfg: PruneConfig) -> None:
@@ -499,6 +510,7 @@ def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str,
     from secateurs.offload import check_offload, run_streamed  # it builds on this module
 
     streamed = check_offload(cfg, method, pattern)
+    cfg = with_batch_size(cfg, streamed)
     distributed.check_parallel(cfg, method)
     launch = distributed.start(check_device(cfg.device))
     if launch is not None:

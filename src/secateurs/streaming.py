@@ -26,7 +26,13 @@ from tqdm.auto import tqdm
 from secateurs.checkpoint import INDEX_FILE, SINGLE_FILE, write_index
 from secateurs.engine import run_block
 from secateurs.errors import SecateursError
-from secateurs.evaluate import SparsityCheck, _neuron_violation, _pattern_violation, window_nll
+from secateurs.evaluate import (
+    HeadRows,
+    SparsityCheck,
+    _neuron_violation,
+    _pattern_violation,
+    window_nll,
+)
 from secateurs.model import (
     block_kinds,
     capture_block_inputs,
@@ -52,7 +58,11 @@ _DTYPE_NAMES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+_STORED_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 _COPY_CHUNK = 16 * 2**20
+# Logits plus head rows of one vocabulary slice when a streamed model is evaluated: the head
+# is read from its shard a slice at a time (for a small model it is a fifth of the weights).
+STREAMED_HEAD_BYTES = 16 * 2**20
 
 
 def parse_memory(text: str) -> int:
@@ -192,6 +202,7 @@ class DiskBlocks:
         self.weight_map: dict[str, str] = {}
         self.total_size = 0
         self.zeros: dict[str, tuple[int, int]] = {}
+        self.head_name: str | None = None  # the head weight's checkpoint name, once loaded
 
     def _read(self, prefix: str, names: list[str], mapped: bool = False) -> dict[str, torch.Tensor]:
         """The tensors ``prefix + name`` in ``self.dtype``, each shard opened once and closed.
@@ -253,12 +264,20 @@ class DiskBlocks:
         present = [n for n in wanted if n not in missing]
         module.load_state_dict(self._read(prefix, present, mapped), assign=True, strict=False)
 
-    def load_outer(self) -> None:
+    def load_outer(self, windows: torch.Tensor | None = None) -> None:
         """Embeddings, final norm and head (shared with the embeddings when tied), mapped
-        from the shards rather than copied where the dtype allows."""
+        from the shards rather than copied where the dtype allows.
+
+        With ``windows``, the input embedding holds only the rows of their tokens (see
+        :meth:`_embed_tokens_of`); the head keeps the mapped weight.
+        """
         for name, module in self.outer:
             self._materialize(module, f"{name}.", optional=True, mapped=True)
         _tie_head(self.model)
+        head = self.model.get_output_embeddings()
+        self.head_name = self._stored_name(getattr(head, "weight", None))
+        if windows is not None:
+            self._embed_tokens_of(windows)
         empty = [n for n, p in self.model.named_parameters() if p.is_meta]
         empty = [n for n in empty if not n.startswith(f"{self.stack_name}.")]
         if empty:
@@ -267,17 +286,59 @@ class DiskBlocks:
                 "the model with save_pretrained or use --offload none"
             )
 
+    def _stored_name(self, param: torch.Tensor | None) -> str | None:
+        """The checkpoint's name for a parameter of the model (any of its tied names)."""
+        for name, other in self.model.named_parameters(remove_duplicate=False):
+            if other is param and name in self.files:
+                return name
+        return None
+
+    def _embed_tokens_of(self, windows: torch.Tensor) -> None:
+        """Give the input embedding a weight that holds the rows of ``windows``' tokens only.
+
+        A lookup in a mapped embedding makes nearly all of it resident: the kernel maps
+        whole cached folios of the file around each row touched (measured: 512 tokens made
+        103 of SmolLM2's 113 MiB resident). So the tokens' rows are read from the shard
+        into an otherwise untouched allocation, whose other pages never become memory.
+        """
+        embedding = self.model.get_input_embeddings()
+        name = self._stored_name(getattr(embedding, "weight", None))
+        if not isinstance(embedding, nn.Embedding) or name is None:
+            return
+        tokens = torch.unique(windows.flatten())
+        weight = torch.empty(embedding.weight.shape, dtype=self.dtype)
+        weight[tokens] = _read_rows(self.files[name], name, tokens).to(self.dtype)
+        embedding.weight = nn.Parameter(weight, requires_grad=False)
+
+    def head_rows(self, device: torch.device) -> HeadRows | None:
+        """Reads rows of the output head's weight from its shard, a slice at a time.
+
+        The shard is opened per slice, so no mapping of the file keeps the rows resident.
+        None if the head's weight is not in the checkpoint under any of its names.
+        """
+        name = self.head_name
+        if name is None:
+            return None
+        shard = self.files[name]
+
+        def read(start: int, stop: int) -> torch.Tensor:
+            with safe_open(shard, "pt") as handle:
+                rows = handle.get_slice(name)[start:stop]
+            return rows.to(device=device, dtype=self.dtype)
+
+        return HeadRows(read, STREAMED_HEAD_BYTES, copies=True)
+
     def free_outer(self) -> None:
         for _, module in self.outer:
             _free(module)
         give_back_memory()
 
     @contextlib.contextmanager
-    def capturing(self) -> Iterator[None]:
+    def capturing(self, windows: torch.Tensor) -> Iterator[None]:
         """The outer modules, and the blocks run to capture the arguments of later kinds."""
         kinds = block_kinds(self.model, len(self.blocks))
         before = max(kinds.index(kind) for kind in dict.fromkeys(kinds))
-        self.load_outer()
+        self.load_outer(windows)
         for index in range(before):
             self.load(index, self.blocks[index])
         try:
@@ -407,6 +468,24 @@ class DiskBlocks:
             }
 
 
+def _read_rows(shard: Path, name: str, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` of the 2-D tensor ``name``, in its stored dtype, read with plain file
+    reads (a mapping of the shard would make far more of it resident)."""
+    start, header = shard_header(shard)
+    entry = header[name]
+    dtype = _STORED_DTYPES[entry["dtype"]]
+    width = entry["shape"][1]
+    row_bytes = width * dtype.itemsize
+    out = torch.empty((len(rows), row_bytes), dtype=torch.uint8)
+    buffer = out.numpy()
+    offset = start + entry["data_offsets"][0]
+    with open(shard, "rb", buffering=0) as file:
+        for slot, row in enumerate(rows.tolist()):
+            file.seek(offset + row * row_bytes)
+            file.readinto(buffer[slot])
+    return out.view(dtype)
+
+
 def _as_matrix(weight: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """A stored weight as (out, in), like :func:`secateurs.model.weight_matrix`."""
     return weight.t() if type(layer).__name__ == "Conv1D" else weight
@@ -453,7 +532,7 @@ def streamed_perplexity(
     """
     store = DiskBlocks(model, folder, dtype)
     blocks = store.blocks
-    with store.capturing():
+    with store.capturing(windows):
         inputs = capture_block_inputs(model, windows, device, batch_size)
     for index, block in enumerate(tqdm(blocks, desc=desc, disable=not progress)):
         store.load(index, block)
@@ -467,14 +546,15 @@ def streamed_perplexity(
         blocks[index] = replay if index == 0 else _Pass(original)
     seqlen = windows.shape[1]
     total = 0.0
-    store.load_outer()
+    store.load_outer(windows)
     try:
         _move_outer(store, device)
+        rows = store.head_rows(device)
         with torch.no_grad():
             for start in range(0, windows.shape[0], batch_size):
                 batch = windows[start : start + batch_size].to(device)
                 replay.hidden = inputs.hidden[start : start + batch.shape[0]]
-                total += float((window_nll(model, batch) * seqlen).double().sum())
+                total += float((window_nll(model, batch, rows) * seqlen).double().sum())
     finally:
         for index, original in enumerate(originals):
             blocks[index] = original
