@@ -38,6 +38,7 @@ from _common import ROOT, bench_parser, result_header, save_result
 from safetensors.torch import load_file
 
 from secateurs.report import replace_marked_section
+from secateurs.streaming import checkpoint_bytes, model_folder
 
 
 def prune_args(
@@ -137,13 +138,14 @@ STREAM_LABELS = {
 
 
 def stream_part(args, work: Path) -> dict:
-    rows: dict[str, list[dict]] = {mode: [] for mode in STREAM_MODES}
+    modes = {mode: STREAM_MODES[mode] for mode in args.modes.split(",")}
+    rows: dict[str, list[dict]] = {mode: [] for mode in modes}
     for repeat in range(args.repeats):
-        for mode, (offload, batch) in STREAM_MODES.items():
+        for mode, (offload, batch) in modes.items():
             save = work / f"{mode}-{repeat}"
             rows[mode].append(secateurs(args, save, ("--offload", offload), batch_size=batch))
             print(mode, repeat, {k: v for k, v in rows[mode][-1].items() if k != "tail"})
-    same = all(identical(work / "memory-0", work / f"{mode}-0") for mode in STREAM_MODES)
+    same = all(identical(work / "memory-0", work / f"{mode}-0") for mode in modes)
 
     def median(mode: str, key: str) -> float:
         return statistics.median(r[key] for r in rows[mode])
@@ -152,9 +154,9 @@ def stream_part(args, work: Path) -> dict:
         mode: {
             key: median(mode, key) for key in ("peak_rss", "prune_peak_rss", "prune_s", "wall_s")
         }
-        for mode in STREAM_MODES
+        for mode in modes
     }
-    for mode in STREAM_MODES:
+    for mode in modes:
         summary[mode]["batch_size"] = rows[mode][0].get("batch_size")
     return {"runs": rows, "median": summary, "identical_tensors": same}
 
@@ -225,10 +227,15 @@ def parallel_part(args, work: Path) -> dict:
     return {"threads_per_process": args.threads, "runs": rows}
 
 
+def weights_mib(model: str) -> float:
+    return checkpoint_bytes(model_folder(model), torch.float32) / 2**20
+
+
 def table(args, result: dict) -> str:
     mib = 2**20
     lines = [
-        f"`{args.model}` fp32 (513 MiB of weights), Wanda 50% unstructured, {args.nsamples} x "
+        f"`{args.model}` fp32 ({weights_mib(args.model):.0f} MiB of weights), Wanda 50% "
+        f"unstructured, {args.nsamples} x "
         f"{args.seqlen} calibration windows, one evaluation window; each run its own "
         f"process; {result['machine']}, {result['date']}.",
         "",
@@ -255,7 +262,7 @@ def table(args, result: dict) -> str:
             )
         lines += [
             "",
-            f"Saved tensors bit-identical across all four: {stream['identical_tensors']}.",
+            f"Saved tensors bit-identical across these runs: {stream['identical_tensors']}.",
             "",
         ]
     cap = result.get("cap")
@@ -299,6 +306,8 @@ def main() -> None:
     parser.add_argument("--cap_mib", type=int, default=480)
     # smaller batches keep a block's temporaries small: the cap is on everything resident
     parser.add_argument("--cap_batch_size", type=int, default=1)
+    parser.add_argument("--modes", default=",".join(STREAM_MODES), help="stream part's runs")
+    parser.add_argument("--section", default="memory_bench", help="BENCHMARKS.md marker")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--all_threads", action="store_true", help="also time one process with every core"
@@ -318,7 +327,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     save_result(args, result)
     text = table(args, result)
-    replace_marked_section(args.markdown, "memory_bench", text)
+    replace_marked_section(args.markdown, args.section, text)
     print(text)
 
 
