@@ -123,16 +123,25 @@ def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _shards(folder: Path) -> list[str]:
+def checkpoint_files(
+    folder: Path, fix: str = "give a folder written by save_pretrained or secateurs"
+) -> dict[str, Path]:
+    """Every tensor name of a safetensors checkpoint folder and the shard that holds it."""
     index = folder / INDEX_FILE
-    if index.exists():
-        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    if (folder / SINGLE_FILE).exists():
-        return [SINGLE_FILE]
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: folder / shard for name, shard in weight_map.items()}
+    single = folder / SINGLE_FILE
+    if single.is_file():
+        with safe_open(single, "pt") as handle:
+            return dict.fromkeys(handle.keys(), single)
     raise SecateursError(
-        f"'{folder}' holds no safetensors checkpoint ({INDEX_FILE} or {SINGLE_FILE}); give a "
-        "folder written by save_pretrained or secateurs"
+        f"'{folder}' holds no safetensors checkpoint ({INDEX_FILE} or {SINGLE_FILE}); {fix}"
     )
+
+
+def _shards(folder: Path) -> list[str]:
+    return sorted({path.name for path in checkpoint_files(folder).values()})
 
 
 def _quant_method(config: Path) -> str | None:

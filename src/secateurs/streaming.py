@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from secateurs.checkpoint import INDEX_FILE, SINGLE_FILE, write_index
+from secateurs.checkpoint import checkpoint_files, write_index
 from secateurs.engine import run_block
 from secateurs.errors import SecateursError
 from secateurs.evaluate import (
@@ -58,6 +58,9 @@ _DTYPE_NAMES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+_STREAM_FIX = (
+    "--offload disk reads safetensors: re-save the model with save_pretrained or use --offload none"
+)
 _STORED_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 _COPY_CHUNK = 16 * 2**20
 # Logits plus head rows of one vocabulary slice when a streamed model is evaluated: the head
@@ -93,22 +96,6 @@ def model_folder(name: str, cache_dir: str | None = None) -> Path:
         ) from exc
 
 
-def checkpoint_files(folder: Path) -> dict[str, Path]:
-    """Every tensor name of the checkpoint and the shard that holds it."""
-    index = folder / INDEX_FILE
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: folder / shard for name, shard in weight_map.items()}
-    single = folder / SINGLE_FILE
-    if single.is_file():
-        with safe_open(single, "pt") as handle:
-            return dict.fromkeys(handle.keys(), single)
-    raise SecateursError(
-        f"--offload disk reads safetensors checkpoints, and '{folder}' has neither {INDEX_FILE} "
-        f"nor {SINGLE_FILE}; convert the model with save_pretrained or use --offload none"
-    )
-
-
 def shard_header(shard: Path) -> tuple[int, dict[str, dict]]:
     """Where a safetensors file's data starts, and each tensor's dtype, shape and offsets."""
     with open(shard, "rb") as file:
@@ -121,7 +108,7 @@ def shard_header(shard: Path) -> tuple[int, dict[str, dict]]:
 def checkpoint_bytes(folder: Path, dtype: torch.dtype) -> int:
     """Bytes the checkpoint's floating-point tensors take in ``dtype`` (others as stored)."""
     total = 0
-    for shard in dict.fromkeys(checkpoint_files(folder).values()):
+    for shard in dict.fromkeys(checkpoint_files(folder, _STREAM_FIX).values()):
         for entry in shard_header(shard)[1].values():
             count = 1
             for dim in entry["shape"]:
@@ -193,7 +180,7 @@ class DiskBlocks:
         self, model: nn.Module, source: Path, dtype: torch.dtype, out: Path | None = None
     ) -> None:
         self.model = model
-        self.files = checkpoint_files(source)
+        self.files = checkpoint_files(source, _STREAM_FIX)
         self.dtype = dtype
         self.out = out
         self.stack_name, self.blocks = find_blocks(model)
