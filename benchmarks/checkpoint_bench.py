@@ -34,6 +34,7 @@ from secateurs.report import fmt_bytes, replace_marked_section
 from secateurs.streaming import model_folder
 
 PATTERNS = {"dense (unpruned)": None, "wanda 50%": "unstructured", "wanda 2:4": "2:4"}
+_HEADERS = ("_shape", "_layout")
 
 
 def folder_bytes(folder: Path) -> int:
@@ -46,7 +47,7 @@ def matrix_bytes(folder: Path) -> int:
     for shard in folder.glob("*.safetensors"):
         with safe_open(shard, "pt") as reader:
             for name in reader.keys():  # noqa: SIM118  (safe_open is not a mapping)
-                if ".layers." in name and "norm" not in name and "_shape" not in name:
+                if ".layers." in name and "norm" not in name and not name.endswith(_HEADERS):
                     tensor = reader.get_slice(name)
                     count = 1
                     for dim in tensor.get_shape():
@@ -73,10 +74,12 @@ def same_tensors(dense: Path, compressed: Path) -> bool:
     )
 
 
-def write_variants(args, work: Path) -> dict[str, Path]:
-    """Every (pattern, dtype, format) folder; the dense fp32 ones saved by the pruner."""
+def write_variants(args, work: Path) -> tuple[dict[str, Path], dict[str, float]]:
+    """Every (pattern, dtype, format) folder, the dense fp32 ones saved by the pruner; and the
+    seconds each conversion took."""
     windows, _ = bench_windows(args, eval_limit=1)
     folders: dict[str, Path] = {}
+    seconds: dict[str, float] = {}
     for label, pattern in PATTERNS.items():
         base = work / f"{len(folders)}-fp32-dense"
         if pattern is None:
@@ -94,13 +97,15 @@ def write_variants(args, work: Path) -> dict[str, Path]:
                 if (name, fmt) == ("fp32", "dense"):
                     continue
                 target = work / f"{base.name.split('-')[0]}-{name}-{fmt}"
+                start = time.perf_counter()
                 convert_folder(base, target, fmt, dtype)
+                seconds[f"{label}|{name}|{fmt}"] = time.perf_counter() - start
                 folders[f"{label}|{name}|{fmt}"] = target
         print(label, "written", flush=True)
-    return folders
+    return folders, seconds
 
 
-def measure(args, folders: dict[str, Path]) -> list[dict]:
+def measure(args, folders: dict[str, Path], seconds: dict[str, float]) -> list[dict]:
     loads: dict[str, list[float]] = {key: [] for key in folders}
     for _ in range(args.repeats):
         for key, folder in folders.items():
@@ -120,6 +125,7 @@ def measure(args, folders: dict[str, Path]) -> list[dict]:
                 "vs_dense_fp16": folder_bytes(folder) / folder_bytes(fp16_dense),
                 "vs_unpruned_same_dtype": folder_bytes(folder) / folder_bytes(reference),
                 "matrices_vs_dense": matrix_bytes(folder) / matrix_bytes(own_dense),
+                "convert_s": seconds.get(key),
                 "load_s": statistics.median(loads[key]),
                 "same_as_dense": same_tensors(own_dense, folder) if fmt == "compressed" else None,
             }
@@ -135,15 +141,16 @@ def table(args, result: dict) -> str:
         f"interleaved; {result['machine']}; {result['date']}.",
         "",
         "| model | dtype | format | safetensors | vs dense fp16 of the same model | pruned "
-        "matrices vs their dense form | load s | loads bit-identical to dense |",
-        "|---|---|---|---|---|---|---|---|",
+        "matrices vs their dense form | convert s | load s | loads bit-identical to dense |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
         same = {None: "", True: "yes", False: "**no**"}[row["same_as_dense"]]
+        convert = "" if row["convert_s"] is None else f"{row['convert_s']:.2f}"
         lines.append(
             f"| {row['model']} | {row['dtype']} | {row['format']} | {fmt_bytes(row['bytes'])} | "
             f"{row['vs_dense_fp16']:.3f}x | {row['matrices_vs_dense']:.3f}x | "
-            f"{row['load_s']:.2f} | {same} |"
+            f"{convert} | {row['load_s']:.2f} | {same} |"
         )
     return "\n".join(lines)
 
@@ -158,7 +165,7 @@ def main() -> None:
         args.out = args.out.replace("checkpoint_bench.json", f"{marker}.json")
     work = Path(tempfile.mkdtemp(prefix="checkpoint-bench-"))
     try:
-        result = result_header(args) | {"rows": measure(args, write_variants(args, work))}
+        result = result_header(args) | {"rows": measure(args, *write_variants(args, work))}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     save_result(args, result)

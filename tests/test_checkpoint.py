@@ -17,14 +17,19 @@ from transformers import AutoModelForCausalLM
 import secateurs  # noqa: F401  (registers the loader with transformers)
 from secateurs.checkpoint import (
     QUANT_METHOD,
+    bitmask_pays,
+    byte_planes,
+    codable,
     convert_folder,
     decode,
+    deflate,
     encode,
+    from_planes,
+    inflate,
     is_compressed,
     pack_bits,
     rewrite_folder,
     unpack_bits,
-    worth_compressing,
 )
 from secateurs.errors import SecateursError
 from secateurs.pruning import MethodPruner
@@ -75,45 +80,133 @@ def test_bits_are_least_significant_first():
     assert pack_bits(mask).tolist() == [[1, 1]]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_encode_decode_round_trip(dtype):
+def _stored(parts: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """``encode``'s tensors keyed by suffix, as ``decode`` takes them."""
+    return {key.removeprefix(name): value for key, value in parts.items()}
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    rows=st.integers(1, 9),
+    cols=st.integers(1, 37),
+    density=st.floats(0.0, 1.0),
+    dtype=st.sampled_from(DTYPES),
+    scale=st.sampled_from([1e-3, 1.0, 1e4]),
+    seed=st.integers(0, 2**16),
+)
+def test_encode_then_decode_is_the_matrix_bit_for_bit(rows, cols, density, dtype, scale, seed):
+    generator = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(rows, cols, generator=generator) * scale).to(dtype)
+    weight[torch.rand(rows, cols, generator=generator) >= density] = 0
+    # dequantized checkpoints hold -0.0: it must come back as -0.0, not +0.0
+    weight[torch.rand(rows, cols, generator=generator) < 0.1] = -0.0
+    parts = encode("w", weight)
+    rebuilt = decode(_stored(parts, "w")) if len(parts) > 1 else parts["w"]
+    assert rebuilt.dtype == dtype and rebuilt.shape == weight.shape
+    assert torch.equal(rebuilt.view(torch.uint8), weight.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_sparse_matrix_is_stored_as_bitmask_and_coded_values(dtype):
     generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(12, 20, generator=generator).to(dtype)
-    weight[torch.rand(12, 20, generator=generator) < 0.6] = 0
+    weight = torch.randn(64, 96, generator=generator).to(dtype)
+    weight[torch.rand(64, 96, generator=generator) < 0.5] = 0
     parts = encode("layer.weight", weight)
     assert set(parts) == {
         "layer.weight",
         "layer.weight_bitmask",
         "layer.weight_values",
         "layer.weight_shape",
+        "layer.weight_layout",
     }
-    assert parts["layer.weight"].numel() == 0  # the placeholder
-    assert parts["layer.weight_values"].numel() == int(weight.ne(0).sum())
-    rebuilt = decode(*list(parts.values())[1:])
-    assert rebuilt.dtype == dtype and torch.equal(rebuilt, weight)
+    placeholder = parts["layer.weight"]
+    assert placeholder.numel() == 0 and placeholder.dtype == dtype
+    # one stream for the bitmask, one per byte of a value
+    assert parts["layer.weight_layout"].shape == (1 + weight.element_size(), 2)
+    nonzero = int(weight.ne(0).sum())
+    stored = parts["layer.weight_values"].numel() + parts["layer.weight_bitmask"].numel()
+    # the exponent bytes of normal values repeat a few patterns: they deflate
+    assert stored < 0.95 * (nonzero * weight.element_size() + 64 * 12)
+
+
+def test_a_dense_matrix_is_coded_only_where_its_bytes_deflate():
+    generator = torch.Generator().manual_seed(0)
+    gaussian = torch.randn(64, 64, generator=generator).half()
+    parts = encode("w", gaussian)
+    assert "w_bitmask" not in parts and "w_values" in parts
+    assert sum(t.numel() * t.element_size() for t in parts.values()) < 0.95 * 64 * 64 * 2
+    noise = torch.randint(-(2**15), 2**15, (64, 64), generator=generator, dtype=torch.int16)
+    noise = noise.view(torch.float16)  # uniform bit patterns: nothing to gain
+    assert set(encode("w", noise)) == {"w"}
+
+
+def test_byte_planes_hold_each_byte_of_every_value():
+    values = torch.tensor([1.0, -2.5, 0.0], dtype=torch.float32)
+    planes = byte_planes(values)
+    assert len(planes) == 4
+    assert [int(plane[1]) for plane in planes] == list(values[1:2].view(torch.uint8).tolist())
+    assert torch.equal(from_planes(planes, torch.float32), values)
+
+
+def test_deflate_keeps_what_does_not_shrink():
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randint(0, 256, (4096,), generator=generator, dtype=torch.uint8)
+    assert deflate(noise) == (noise, False)
+    zeros = torch.zeros(4096, dtype=torch.uint8)
+    packed, deflated = deflate(zeros)
+    assert deflated and packed.numel() < 100
+    assert torch.equal(inflate(packed, True, 4096), zeros)
 
 
 def test_decode_refuses_a_damaged_tensor():
-    weight = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
-    parts = encode("w", weight)
+    weight = torch.randn(16, 24)
+    weight[:, ::2] = 0
+    parts = _stored(encode("w", weight), "w")
     with pytest.raises(SecateursError, match="damaged"):
-        decode(parts["w_bitmask"], parts["w_values"][:1], parts["w_shape"])
+        decode(parts | {"_values": parts["_values"][:-1]})
     with pytest.raises(SecateursError, match="damaged"):
-        decode(parts["w_bitmask"], parts["w_values"], torch.tensor([3, 2]))
+        decode(parts | {"_shape": torch.tensor([17, 24])})
+    with pytest.raises(SecateursError, match="damaged"):
+        decode(parts | {"_layout": parts["_layout"][:-1]})
+    bad = parts["_values"].clone()
+    bad[:8] = 255
+    layout = parts["_layout"].clone()
+    layout[1:, 1] = 1  # claims every plane is deflated
+    with pytest.raises(SecateursError, match="damaged"):
+        decode(parts | {"_values": bad, "_layout": layout})
 
 
-def test_only_sparse_weight_matrices_are_worth_compressing():
+def test_version_1_tensors_still_decode():
+    weight = torch.tensor([[1.5, 0.0, 0.0], [0.0, 0.0, -2.0]], dtype=torch.float16)
+    version_1 = {
+        "": torch.empty(0, dtype=torch.float16),
+        "_bitmask": pack_bits(weight.ne(0)),
+        "_values": weight[weight.ne(0)],
+        "_shape": torch.tensor([2, 3]),
+    }
+    assert torch.equal(decode(version_1), weight)
+    with pytest.raises(SecateursError, match="damaged"):
+        decode(version_1 | {"_values": weight[weight.ne(0)][:1]})
+
+
+def test_only_float_weight_matrices_are_codable():
     dense = torch.randn(16, 16)
-    sparse = dense.clone()
-    sparse[:, ::2] = 0
-    assert worth_compressing("a.weight", sparse)
-    assert not worth_compressing("a.weight", dense)
-    assert not worth_compressing("a.bias", sparse)
-    assert not worth_compressing("a.weight", sparse.flatten())
-    # fp32 breaks even at 1 zero in 32 entries: 1 in 64 is not enough
-    nearly_dense = dense.clone()
-    nearly_dense.view(-1)[::64] = 0
-    assert not worth_compressing("a.weight", nearly_dense)
+    assert codable("a.weight", dense)
+    assert not codable("a.bias", dense)
+    assert not codable("a.weight", dense.flatten())
+    assert not codable("a.weight", dense.long())
+
+
+def test_the_bitmask_pays_above_one_zero_in_eight_bytes_per_value():
+    matrix = torch.randn(16, 16)
+    # fp32 breaks even at 1 zero in 32 entries
+    assert bitmask_pays(matrix, 256 - 9)
+    assert not bitmask_pays(matrix, 256 - 8)
+    assert bitmask_pays(matrix.half(), 256 - 17)
+    assert not bitmask_pays(matrix.half(), 256 - 16)
 
 
 # Conv1D weights (gpt2), tied embeddings (gemma3), fused projections (phi3)

@@ -1,27 +1,44 @@
-"""Compressed sparse checkpoints: each sparse weight as a bitmask of its nonzeros plus their values.
+"""Compressed checkpoints: sparse weights as a bitmask plus their values, every value byte-coded.
 
-A saved Hugging Face folder is rewritten in place, shard by shard: every 2-D floating-point
-tensor that the bitmask form makes smaller (more than 1 in ``8 * bytes per value`` entries
-zero) becomes ``<name>_bitmask`` (uint8, one bit per entry, rows padded to a whole byte,
-least significant bit first), ``<name>_values`` (the nonzeros in row-major order, in the
-tensor's dtype) and ``<name>_shape`` (int64), with an empty ``<name>`` left in its place: a
-transformers that does not know the format then stops with a size-mismatch error instead of
-initialising the weight at random. Everything else is stored as it was. The config gains a
-``quantization_config`` with ``quant_method`` ``secateurs-sparse``.
+A saved Hugging Face folder is rewritten in place, shard by shard. Each 2-D floating-point
+weight is stored in the smallest of three forms:
 
-compressed-tensors had such formats (``sparse-bitmask``, ``sparse-24-bitmask``), but its
+- sparse (more than 1 in ``8 * bytes per value`` entries zero): ``<name>_bitmask``, one bit
+  per entry (rows padded to a whole byte, least significant bit first), and ``<name>_values``,
+  the nonzeros in row-major order;
+- coded: ``<name>_values`` holds every entry;
+- as it was, where neither form is smaller.
+
+The values are stored as byte planes (plane k holds byte k, little-endian, of every value):
+the planes that carry the sign and exponent repeat a few patterns, and each plane, like the
+bitmask, is deflated (zlib, run-length strategy) where that saves at least 5%. This is
+lossless; it takes fp16 weights to about 0.8x and bf16 ones to about 0.6x of their bytes on
+trained models. ``<name>_layout`` (int64, one row per stream: stored bytes, deflated or not;
+the bitmask first) and ``<name>_shape`` (int64) describe the pieces, and an empty ``<name>`` of
+the weight's dtype stays in its place: a transformers that does not know the format then stops
+with a size-mismatch error instead of initialising the weight at random. Everything else is
+stored as it was. The config gains a ``quantization_config`` with ``quant_method``
+``secateurs-sparse``. Version 1 folders (raw bitmask and values in the weight's dtype, no
+layout) still load.
+
+compressed-tensors had sparse formats (``sparse-bitmask``, ``sparse-24-bitmask``), but its
 releases from 0.15 on, which transformers 5 requires, no longer carry them, and vLLM removed
 its sparse-only 2:4 support; so this format is secateurs' own. Importing :mod:`secateurs`
 registers a transformers quantizer for it: ``AutoModelForCausalLM.from_pretrained`` then
-rebuilds the dense weights bit for bit (zeros read back as +0.0) and hands back an ordinary
+rebuilds the dense weights bit for bit (a -0.0 is stored as a value) and hands back an ordinary
 model with no quantization attached.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
 import shutil
+import zlib
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -35,12 +52,15 @@ from secateurs.io import atomic_dir, ensure_free
 
 QUANT_METHOD = "secateurs-sparse"
 FORMAT = "bitmask"
-VERSION = 1
-SUFFIXES = ("_bitmask", "_values", "_shape")
+VERSION = 2
+SUFFIXES = ("_bitmask", "_values", "_shape", "_layout")
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 SAVE_FORMATS = ("dense", "compressed")
 _BIT_WEIGHTS = 1 << torch.arange(8, dtype=torch.uint8)
+# a stream is kept deflated only where that saves this share of its bytes: below it, the
+# inflate at load time costs more than the few bytes are worth
+_MIN_SAVING = 0.05
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -57,42 +77,135 @@ def unpack_bits(packed: torch.Tensor, cols: int) -> torch.Tensor:
     return bits.reshape(packed.shape[0], -1)[:, :cols]
 
 
-def worth_compressing(name: str, tensor: torch.Tensor) -> bool:
-    """Whether a weight matrix's bitmask form is smaller than the matrix."""
-    if not name.endswith("weight") or tensor.dim() != 2 or not tensor.is_floating_point():
-        return False
+def byte_planes(values: torch.Tensor) -> list[torch.Tensor]:
+    """Byte k of every value (little-endian) as plane k."""
+    size = values.element_size()
+    as_bytes = values.contiguous().reshape(-1).view(torch.uint8).reshape(-1, size)
+    return [as_bytes[:, k].contiguous() for k in range(size)]
+
+
+def from_planes(planes: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The values whose :func:`byte_planes` these are."""
+    return torch.stack(planes, dim=1).view(dtype).reshape(-1)
+
+
+@functools.cache
+def _streams_pool() -> ThreadPoolExecutor:
+    """Threads for (de)flating a matrix's streams side by side: zlib lets go of the GIL."""
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+
+
+def deflate(stream: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """A uint8 stream deflated where that saves at least 5% of it, else as it was."""
+    raw = stream.numpy().tobytes()
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15, 9, zlib.Z_RLE)
+    packed = packer.compress(raw) + packer.flush()
+    if len(packed) > (1 - _MIN_SAVING) * len(raw):
+        return stream, False
+    return torch.frombuffer(bytearray(packed), dtype=torch.uint8), True
+
+
+def inflate(stored: torch.Tensor, deflated: bool, size: int) -> torch.Tensor:
+    """The ``size`` bytes that :func:`deflate` stored."""
+    if deflated:
+        try:
+            raw = zlib.decompress(stored.numpy().tobytes(), -15)
+        except zlib.error as exc:
+            raise _damaged(f"a stream does not inflate ({exc})") from exc
+        stored = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    if stored.numel() != size:
+        raise _damaged(f"a stream holds {stored.numel()} bytes where {size} were expected")
+    return stored
+
+
+def _damaged(what: str) -> SecateursError:
+    return SecateursError(f"compressed tensor: {what}; the checkpoint is damaged: save it again")
+
+
+def codable(name: str, tensor: torch.Tensor) -> bool:
+    """Whether a tensor is a weight matrix that the compressed forms may store."""
+    return name.endswith("weight") and tensor.dim() == 2 and tensor.is_floating_point()
+
+
+def nonzero_bits(tensor: torch.Tensor) -> torch.Tensor:
+    """Where an entry has any bit set: a -0.0 is kept as a value, so decoding is exact."""
+    as_ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return tensor.view(as_ints[tensor.element_size()]).ne(0)
+
+
+def bitmask_pays(tensor: torch.Tensor, nonzero: int) -> bool:
+    """Whether a bitmask and the nonzeros take fewer bytes than every value."""
     rows, cols = tensor.shape
-    nonzero = int(torch.count_nonzero(tensor))
-    packed = rows * math.ceil(cols / 8) + nonzero * tensor.element_size() + 16
-    return packed < tensor.numel() * tensor.element_size()
+    return rows * math.ceil(cols / 8) + nonzero * tensor.element_size() < tensor.numel() * (
+        tensor.element_size()
+    )
 
 
 def encode(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The three tensors that store ``tensor`` compressed, named after ``name``."""
+    """The tensors that store a weight matrix in its smallest form, named after ``name``."""
     tensor = tensor.contiguous()
-    mask = tensor.ne(0)
-    return {
-        name: torch.empty(0, dtype=tensor.dtype),
-        f"{name}_bitmask": pack_bits(mask),
-        f"{name}_values": tensor[mask],
-        f"{name}_shape": torch.tensor(list(tensor.shape), dtype=torch.int64),
-    }
+    mask = nonzero_bits(tensor)
+    sparse = bitmask_pays(tensor, int(mask.sum()))
+    streams = [pack_bits(mask).reshape(-1)] if sparse else []
+    streams += byte_planes(tensor[mask] if sparse else tensor)
+    coded = list(_streams_pool().map(deflate, streams))
+    if not sparse and not any(deflated for _, deflated in coded):
+        return {name: tensor}
+    pieces = [piece for piece, _ in coded]
+    parts = {name: torch.empty(0, dtype=tensor.dtype)}
+    if sparse:
+        parts[f"{name}_bitmask"] = pieces[0]
+    parts[f"{name}_values"] = torch.cat(pieces[int(sparse) :])
+    parts[f"{name}_shape"] = torch.tensor(list(tensor.shape), dtype=torch.int64)
+    layout = [[piece.numel(), int(deflated)] for piece, deflated in coded]
+    parts[f"{name}_layout"] = torch.tensor(layout, dtype=torch.int64)
+    return parts
 
 
-def decode(bitmask: torch.Tensor, values: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
-    """The dense tensor that :func:`encode` stored."""
-    rows, cols = (int(v) for v in shape.tolist())
+def decode(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The dense matrix that :func:`encode` stored; ``parts`` keyed by suffix (``""``: the
+    placeholder, whose dtype the values take)."""
+    rows, cols = (int(v) for v in parts["_shape"].tolist())
+    if "_layout" not in parts:
+        return _decode_version_1(parts["_bitmask"], parts["_values"], rows, cols)
+    if "" not in parts:
+        raise _damaged("its placeholder, which carries the dtype, is missing")
+    dtype = parts[""].dtype
+    layout = [(int(size), bool(flag)) for size, flag in parts["_layout"].tolist()]
+    sparse = "_bitmask" in parts
+    if len(layout) != int(sparse) + torch.empty(0, dtype=dtype).element_size():
+        raise _damaged(f"its layout lists {len(layout)} streams")
+    mask = None
+    if sparse:
+        packed = inflate(parts["_bitmask"], layout[0][1], rows * math.ceil(cols / 8))
+        mask = unpack_bits(packed.reshape(rows, -1), cols)
+    count = int(mask.sum()) if mask is not None else rows * cols
+    stored = parts["_values"]
+    if sum(size for size, _ in layout[int(sparse) :]) != stored.numel():
+        raise _damaged(f"its values hold {stored.numel()} bytes, not what its layout lists")
+    sizes, flags = zip(*layout[int(sparse) :], strict=True)
+    chunks = stored.split(list(sizes))
+    planes = _streams_pool().map(inflate, chunks, flags, [count] * len(chunks))
+    values = from_planes(list(planes), dtype)
+    if mask is None:
+        return values.reshape(rows, cols)
+    dense = torch.zeros(rows, cols, dtype=dtype)
+    dense[mask] = values
+    return dense
+
+
+def _decode_version_1(
+    bitmask: torch.Tensor, values: torch.Tensor, rows: int, cols: int
+) -> torch.Tensor:
+    """A matrix of a version 1 folder: a raw 2-D bitmask and the nonzeros in their dtype."""
     if bitmask.shape[0] != rows or bitmask.shape[1] != math.ceil(cols / 8):
-        raise SecateursError(
-            f"a compressed tensor's bitmask has shape {tuple(bitmask.shape)}, which does not "
-            f"match its stored shape ({rows}, {cols}); the checkpoint is damaged: save it again"
+        raise _damaged(
+            f"its bitmask has shape {tuple(bitmask.shape)}, which does not match its stored "
+            f"shape ({rows}, {cols})"
         )
     mask = unpack_bits(bitmask, cols)
     if int(mask.sum()) != values.numel():
-        raise SecateursError(
-            f"a compressed tensor's bitmask marks {int(mask.sum())} entries but holds "
-            f"{values.numel()} values; the checkpoint is damaged: save it again"
-        )
+        raise _damaged(f"its bitmask marks {int(mask.sum())} entries but holds {values.numel()}")
     dense = torch.zeros(rows, cols, dtype=values.dtype)
     dense[mask] = values
     return dense
@@ -162,16 +275,27 @@ def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> No
     (folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
+def _coded_bases(tensors: Mapping[str, torch.Tensor]) -> set[str]:
+    """The names of the coded weights among a shard's tensors."""
+    return {
+        name.removesuffix("_values")
+        for name in tensors
+        if name.endswith("_values")
+        and name.removesuffix("_values") in tensors
+        and f"{name.removesuffix('_values')}_shape" in tensors
+    }
+
+
 def decode_all(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A shard's tensors with every compressed weight rebuilt dense, in the stored order."""
-    bases = {n.removesuffix("_bitmask") for n in tensors if n.endswith("_bitmask")}
-    parts = {base + suffix for base in bases for suffix in ("", *SUFFIXES)}
+    """A shard's tensors with every coded weight rebuilt dense, in the stored order."""
+    bases = _coded_bases(tensors)
+    pieces = {base + suffix for base in bases for suffix in SUFFIXES}
     out: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
-        if name.endswith("_bitmask") and name.removesuffix("_bitmask") in bases:
-            base = name.removesuffix("_bitmask")
-            out[base] = decode(tensor, tensors[f"{base}_values"], tensors[f"{base}_shape"])
-        elif name not in parts:
+        if name in bases:
+            suffixes = [s for s in ("", *SUFFIXES) if name + s in tensors]
+            out[name] = decode({s: tensors[name + s] for s in suffixes})
+        elif name not in pieces:
             out[name] = tensor
     return out
 
@@ -197,12 +321,12 @@ def _rewrite(
     for name, tensor in decode_all(tensors).items():
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
-        if summary.save_format == "compressed" and worth_compressing(name, tensor):
-            out.update(encode(name, tensor))
-            summary.compressed += 1
-        else:
-            out[name] = tensor
-            summary.dense += 1
+        parts = {name: tensor}
+        if summary.save_format == "compressed" and codable(name, tensor):
+            parts = encode(name, tensor)
+        summary.compressed += len(parts) > 1
+        summary.dense += len(parts) == 1
+        out.update(parts)
     summary.bytes_after += _nbytes(out)
     return out
 
@@ -312,7 +436,7 @@ def _register_with_transformers() -> None:
             return {"quant_method": QUANT_METHOD, "format": self.format, "version": self.version}
 
     class BitmaskDecode(ConversionOps):
-        """Rebuild one dense weight from its bitmask and values (or pass a dense one through)."""
+        """Rebuild one dense weight from its stored pieces (or pass a plain one through)."""
 
         def __init__(self, quantizer: HfQuantizer) -> None:
             self.quantizer = quantizer
@@ -325,11 +449,13 @@ def _register_with_transformers() -> None:
             full_layer_name: str | None = None,
             **kwargs: Any,
         ) -> dict[str, torch.Tensor]:
-            parts = {k: v[0] if isinstance(v, list) else v for k, v in input_dict.items()}
-            if "weight_bitmask" not in parts:
-                return {full_layer_name: parts["weight"]}
-            dense = decode(parts["weight_bitmask"], parts["weight_values"], parts["weight_shape"])
-            return {full_layer_name: dense}
+            parts = {
+                key.removeprefix("weight"): value[0] if isinstance(value, list) else value
+                for key, value in input_dict.items()
+            }
+            if "_values" not in parts:
+                return {full_layer_name: parts[""]}
+            return {full_layer_name: decode(parts)}
 
         @property
         def reverse_op(self) -> ConversionOps:
