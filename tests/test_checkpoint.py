@@ -11,7 +11,7 @@ import torch
 from conftest import invoke, invoke_prune, make_model, make_windows
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import secateurs  # noqa: F401  (registers the loader with transformers)
@@ -190,6 +190,31 @@ def test_version_1_tensors_still_decode():
     assert torch.equal(decode(version_1), weight)
     with pytest.raises(SecateursError, match="damaged"):
         decode(version_1 | {"_values": weight[weight.ne(0)][:1]})
+
+
+def test_a_version_1_folder_still_loads(tmp_path):
+    model = _pruned("llama")
+    model.save_pretrained(tmp_path / "m")
+    shard = tmp_path / "m" / "model.safetensors"
+    version_1: dict[str, torch.Tensor] = {}
+    for name, tensor in load_file(shard).items():
+        if name.endswith("proj.weight"):
+            kept = tensor.ne(0)
+            version_1[name] = torch.empty(0, dtype=tensor.dtype)
+            version_1[f"{name}_bitmask"] = pack_bits(kept)
+            version_1[f"{name}_values"] = tensor[kept]
+            version_1[f"{name}_shape"] = torch.tensor(list(tensor.shape))
+        else:
+            version_1[name] = tensor
+    save_file(version_1, shard, metadata={"format": "pt"})
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": QUANT_METHOD,
+        "format": "bitmask",
+        "version": 1,
+    }
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    _assert_same_weights(model, AutoModelForCausalLM.from_pretrained(tmp_path / "m"))
 
 
 def test_only_float_weight_matrices_are_codable():
