@@ -1,8 +1,8 @@
 """Benchmark: on-disk size and load time of dense and compressed sparse checkpoints.
 
 The model is pruned with Wanda in memory (50% unstructured and 2:4; calibration windows as
-given) and saved dense; each folder, and the unpruned model, is then written in fp32 and fp16,
-dense and compressed (``secateurs.convert_folder``). Rows: safetensors bytes, the ratio to the
+given) and saved dense; each folder, and the unpruned model, is then written in fp32, fp16 and
+bf16, dense and compressed (``secateurs.convert_folder``). Rows: safetensors bytes, the ratio to the
 dense fp16 file of the same model, the ratio on the pruned matrices alone, seconds to load
 with ``AutoModelForCausalLM.from_pretrained`` (median of interleaved repeats), and whether the
 compressed folder loads to the same tensors, bit for bit, as the dense one.
@@ -35,6 +35,7 @@ from secateurs.streaming import model_folder
 
 PATTERNS = {"dense (unpruned)": None, "wanda 50%": "unstructured", "wanda 2:4": "2:4"}
 _HEADERS = ("_shape", "_layout")
+DTYPES = ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16"))
 
 
 def folder_bytes(folder: Path) -> int:
@@ -92,7 +93,7 @@ def write_variants(args, work: Path) -> tuple[dict[str, Path], dict[str, float]]
             model.save_pretrained(base)
             del model
         folders[f"{label}|fp32|dense"] = base
-        for dtype, name in ((torch.float32, "fp32"), (torch.float16, "fp16")):
+        for dtype, name in DTYPES:
             for fmt in ("dense", "compressed"):
                 if (name, fmt) == ("fp32", "dense"):
                     continue
