@@ -164,6 +164,15 @@ def error_text(exc: BaseException) -> str:
     return " ".join(line.strip() for line in lines)[:500]
 
 
+def attempt(record: dict[str, Any], action: Callable[[], Any]) -> None:
+    """Run ``action``; if it fails, keep its error in ``record`` and carry on."""
+    try:
+        action()
+    except Exception as exc:
+        record["error"] = error_text(exc)
+        traceback.print_exc()
+
+
 def cuda_problem(device: str) -> str | None:
     """Why ``device`` cannot run this benchmark, or None when it is a visible CUDA device."""
     if torch.device(device).type != "cuda":
@@ -324,11 +333,7 @@ def semi24_dtype(
         for seqlen in parse_list(args.seqlens, int):
             row: dict[str, Any] = {"batch": batch, "seqlen": seqlen}
             entry["rows"].append(row)
-            try:
-                semi24_point(args, dense, sparse, row, device)
-            except Exception as exc:
-                row["error"] = error_text(exc)
-                traceback.print_exc()
+            attempt(row, lambda row=row: semi24_point(args, dense, sparse, row, device))
             print(f"semi24 {entry['dtype']} {json.dumps(row)}", flush=True)
             write()
             torch.cuda.empty_cache()
@@ -339,11 +344,7 @@ def run_semi24(args, windows, device, result: dict, write: Callable[[], None]) -
     for name in parse_list(args.dtypes):
         entry: dict[str, Any] = {"dtype": name, "backends": {}, "rows": []}
         result["semi24"]["dtypes"].append(entry)
-        try:
-            semi24_dtype(args, entry, windows, device, write)
-        except Exception as exc:
-            entry["error"] = error_text(exc)
-            traceback.print_exc()
+        attempt(entry, lambda entry=entry: semi24_dtype(args, entry, windows, device, write))
         write()
         gc.collect()
         torch.cuda.empty_cache()
@@ -414,11 +415,7 @@ def run_prune(args, windows, eval_windows, device, result: dict, write) -> None:
     for name in parse_list(args.prune_dtypes):
         row: dict[str, Any] = {"dtype": name}
         result["prune"]["rows"].append(row)
-        try:
-            prune_dtype(args, row, windows, eval_windows, device)
-        except Exception as exc:
-            row["error"] = error_text(exc)
-            traceback.print_exc()
+        attempt(row, lambda row=row: prune_dtype(args, row, windows, eval_windows, device))
         print(f"prune {json.dumps(row)}", flush=True)
         write()
         gc.collect()
