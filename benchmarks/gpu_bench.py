@@ -554,6 +554,12 @@ def write_markdown(result: dict, path: str) -> None:
 
 def from_json(args: argparse.Namespace) -> None:
     """Results brought back from a GPU machine: merged (later files win), saved, tabled."""
+    missing = [path for path in args.from_json if not Path(path).is_file()]
+    if missing:
+        raise SystemExit(
+            f"--from_json: no such file {', '.join(missing)}; give the JSON files "
+            "that the device call brought back (its files_at folder)"
+        )
     result: dict[str, Any] = {}
     for path in args.from_json:
         saved = json.loads(Path(path).read_text())
