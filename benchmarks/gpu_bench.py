@@ -74,11 +74,12 @@ from typing import Any
 
 import torch
 from _common import bench_parser, bench_windows, result_header, save_result
-from prune_bench import forward_floor
+from prune_bench import fmt, forward_floor
 from speed_bench import block_flops
 
-from secateurs.evaluate import perplexity
+from secateurs.evaluate import _pattern_violation, perplexity
 from secateurs.model import find_blocks, find_linears, load_config, load_model
+from secateurs.patterns import NMSparsity
 from secateurs.profiling import measure
 from secateurs.pruning import WandaPruner
 from secateurs.report import replace_marked_section
@@ -91,6 +92,7 @@ BACKENDS = {
     "cutlass": "SparseSemiStructuredTensorCUTLASS",
 }
 PARTS = ("semi24", "prune")
+TWO_FOUR = NMSparsity(2, 4)
 
 
 # ---- pure helpers (no GPU needed) ----
@@ -104,14 +106,6 @@ def parse_list(text: str, cast: Callable[[str], Any] = str) -> list:
 def tokens_per_second(batch: int, seqlen: int, seconds: float) -> float:
     """Tokens a forward pass of ``batch`` x ``seqlen`` ids handles per second."""
     return batch * seqlen / seconds
-
-
-def is_two_four(weight: torch.Tensor) -> bool:
-    """Whether every 4 consecutive input columns of every row hold at most 2 nonzeros."""
-    if weight.dim() != 2 or weight.shape[1] % 4:
-        return False
-    groups = weight.reshape(weight.shape[0], weight.shape[1] // 4, 4)
-    return bool(groups.ne(0).sum(dim=-1).le(2).all())
 
 
 def backend_constraints(backend: str) -> dict[torch.dtype, tuple[int, int]]:
@@ -244,7 +238,7 @@ def to_semi_structured(model: torch.nn.Module, backend: str) -> dict[str, Any]:
             for name, layer in find_linears(block).items():
                 weight = layer.weight.detach()
                 reason = None if isinstance(layer, torch.nn.Linear) else "not an nn.Linear"
-                reason = reason or (None if is_two_four(weight) else "not 2:4")
+                reason = reason or (_pattern_violation(weight, TWO_FOUR, 0.5) and "not 2:4")
                 reason = reason or kernel_refusal(tuple(weight.shape), weight.dtype, constraints)
                 if reason is not None:
                     skipped[f"{index}.{name}"] = reason
@@ -457,10 +451,6 @@ def setup_line(result: dict) -> str:
         f"{gpu.get('torch', '?')}, CUDA {gpu.get('cuda', '?')}, cuSPARSELt "
         f"{gpu.get('cusparselt', '?')}; {result['date']}."
     )
-
-
-def fmt(value: Any, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
 
 
 def semi24_markdown(result: dict) -> str:

@@ -136,9 +136,8 @@ def nonzero_bits(tensor: torch.Tensor) -> torch.Tensor:
 def bitmask_pays(tensor: torch.Tensor, nonzero: int) -> bool:
     """Whether a bitmask and the nonzeros take fewer bytes than every value."""
     rows, cols = tensor.shape
-    return rows * math.ceil(cols / 8) + nonzero * tensor.element_size() < tensor.numel() * (
-        tensor.element_size()
-    )
+    size = tensor.element_size()
+    return rows * math.ceil(cols / 8) + nonzero * size < tensor.numel() * size
 
 
 def encode(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -173,7 +172,7 @@ def decode(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
     dtype = parts[""].dtype
     layout = [(int(size), bool(flag)) for size, flag in parts["_layout"].tolist()]
     sparse = "_bitmask" in parts
-    if len(layout) != int(sparse) + torch.empty(0, dtype=dtype).element_size():
+    if len(layout) != int(sparse) + parts[""].element_size():
         raise _damaged(f"its layout lists {len(layout)} streams")
     mask = None
     if sparse:
@@ -187,9 +186,12 @@ def decode(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
     chunks = stored.split(list(sizes))
     planes = _streams_pool().map(inflate, chunks, flags, [count] * len(chunks))
     values = from_planes(list(planes), dtype)
-    if mask is None:
-        return values.reshape(rows, cols)
-    dense = torch.zeros(rows, cols, dtype=dtype)
+    return values.reshape(rows, cols) if mask is None else _scatter(mask, values)
+
+
+def _scatter(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A zero matrix of ``mask``'s shape with ``values`` where the mask is set, row-major."""
+    dense = torch.zeros(mask.shape, dtype=values.dtype)
     dense[mask] = values
     return dense
 
@@ -206,9 +208,7 @@ def _decode_version_1(
     mask = unpack_bits(bitmask, cols)
     if int(mask.sum()) != values.numel():
         raise _damaged(f"its bitmask marks {int(mask.sum())} entries but holds {values.numel()}")
-    dense = torch.zeros(rows, cols, dtype=values.dtype)
-    dense[mask] = values
-    return dense
+    return _scatter(mask, values)
 
 
 @dataclass
@@ -277,13 +277,8 @@ def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> No
 
 def _coded_bases(tensors: Mapping[str, torch.Tensor]) -> set[str]:
     """The names of the coded weights among a shard's tensors."""
-    return {
-        name.removesuffix("_values")
-        for name in tensors
-        if name.endswith("_values")
-        and name.removesuffix("_values") in tensors
-        and f"{name.removesuffix('_values')}_shape" in tensors
-    }
+    candidates = {name.removesuffix("_values") for name in tensors if name.endswith("_values")}
+    return {base for base in candidates if base in tensors and f"{base}_shape" in tensors}
 
 
 def decode_all(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
