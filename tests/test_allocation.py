@@ -65,6 +65,24 @@ def test_outlier_ratios_match_a_direct_count():
     assert all(0 <= r < 1 for r in ratios)
 
 
+def test_outlier_ratios_count_only_the_tokens_of_the_token_mask():
+    """Prompt/response data: padding after a sample's tokens changes nothing that counts."""
+    windows = make_windows(4, 32)
+    lengths = torch.tensor([32, 10, 12, 9])
+    positions = torch.arange(32)
+    counted = (positions >= lengths[:, None] // 2) & (positions < lengths[:, None])
+    ratios = []
+    for pad in (0, 1):
+        padded = torch.where(positions < lengths[:, None], windows, pad)
+        plan = allocate(
+            make_model("llama"), padded, "owl", 0.5, 2.0, progress=False, token_mask=counted
+        )
+        ratios.append(plan.outlier_ratios)
+    assert ratios[0] == ratios[1]
+    unmasked = block_outlier_ratios(make_model("llama"), padded, 2.0, progress=False)
+    assert unmasked != ratios[1]
+
+
 def test_owl_prunes_each_block_at_its_ratio_and_reports_them():
     model = make_model("qwen2")
     windows = make_windows()

@@ -130,6 +130,33 @@ def test_masks_do_not_depend_on_the_batch_size(arch, method):
             assert torch.equal(masks[0][name], other[name]), name
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_statistics_do_not_depend_on_the_batch_size(arch, masked):
+    """Every layer counts windows, not batches, also where the model flattens them (OPT)."""
+    model = make_model(arch)
+    _, blocks = find_blocks(model)
+    layers = find_linears(blocks[0])
+    windows = make_windows(5, 16)
+    keep = torch.rand(windows.shape, generator=torch.Generator().manual_seed(1)) < 0.6
+    norms = []
+    for batch_size in (1, 2, 5):
+        inputs = capture_block_inputs(model, windows, torch.device("cpu"), batch_size)
+        stats = _calibrate(
+            blocks[0],
+            layers,
+            inputs,
+            batch_size,
+            StatsRequest(),
+            None,
+            token_mask=keep if masked else None,
+        )
+        assert all(s.windows == 5 for s in stats.values())
+        norms.append({name: s.sq_norm for name, s in stats.items()})
+    for other in norms[1:]:
+        for name in layers:
+            torch.testing.assert_close(other[name], norms[0][name], rtol=1e-5, atol=0), name
+
+
 def test_calibration_pass_stops_after_the_last_layer_input(arch):
     model = make_model(arch)
     _, blocks = find_blocks(model)

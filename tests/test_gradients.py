@@ -39,7 +39,7 @@ def _direct(model, batch: PromptBatch) -> dict[str, torch.Tensor]:
     return sums
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
 def test_matches_direct_autograd(arch):
     model = make_model(arch)
     batch = _batch()

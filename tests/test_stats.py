@@ -230,6 +230,16 @@ def test_token_classes_rank_by_frequency_with_ties_to_the_lower_id():
         token_classes(windows, 0)
 
 
+def test_token_classes_rank_only_the_counted_tokens():
+    # padding (0) and a template token (9) are the most frequent ids but never counted
+    windows = torch.tensor([[9, 9, 5, 5, 7, 0, 0, 0], [9, 9, 7, 3, 7, 0, 0, 0]])
+    counted = torch.zeros_like(windows, dtype=torch.bool)
+    counted[:, 2:5] = True
+    labels = token_classes(windows, 2, counted)
+    assert labels[counted].tolist() == [1, 1, 0, 0, -1, 0]  # 7 then 5; 3 gets no class
+    assert set(labels[~counted].tolist()) == {-1}
+
+
 def test_requests_merge_to_everything_asked_for():
     merged = StatsRequest(mean=True, gram=True, gram_fraction=0.25).merge(
         StatsRequest(selectivity=SelectivityOptions(), classes=4)

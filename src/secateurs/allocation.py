@@ -140,8 +140,12 @@ def allocate(
     device: torch.device | str = "cpu",
     batch_size: int = 8,
     progress: bool = True,
+    token_mask: torch.Tensor | None = None,
 ) -> Allocation:
-    """The per-block ratios an allocation gives this model (None for uniform)."""
+    """The per-block ratios an allocation gives this model (None for uniform).
+
+    ``token_mask`` limits OWL's statistics to the tokens the pruning pass counts.
+    """
     if allocation == "uniform":
         return Allocation("uniform", None)
     parameters = block_parameters(model)
@@ -156,6 +160,8 @@ def allocate(
     if windows is None:
         raise SecateursError("OWL needs calibration windows for its outlier ratios")
     start = time.perf_counter()
-    outliers = block_outlier_ratios(model, windows, threshold, device, batch_size, progress)
+    outliers = block_outlier_ratios(
+        model, windows, threshold, device, batch_size, progress, token_mask
+    )
     seconds = time.perf_counter() - start
     return Allocation("owl", owl_ratios(outliers, parameters, target, lam), outliers, seconds)

@@ -28,6 +28,7 @@ from secateurs.model import (
     find_blocks,
     find_linears,
     find_mlp_groups,
+    per_window,
     weight_matrix,
 )
 from secateurs.patterns import SparsityPattern
@@ -159,13 +160,20 @@ def _calibrate(
     }
     # Layers fed the very same tensor (q/k/v, gate/up) share one set of statistics: the last
     # input is held, so an identity match can never be a freed tensor's reused memory.
-    last: dict[str, object] = {"input": None, "owner": None, "labels": None, "keep": None}
+    last: dict[str, object] = {
+        "input": None,
+        "owner": None,
+        "labels": None,
+        "keep": None,
+        "windows": 0,
+    }
     shares: dict[str, str] = {}
     seen: set[str] = set()
 
     def next_batch(rows: slice) -> None:
         last["labels"] = None if labels is None else labels[rows].to(device)
         last["keep"] = None if token_mask is None else token_mask[rows].to(device)
+        last["windows"] = inputs.hidden[rows].shape[0]
         seen.clear()
 
     def observe(name: str, x: torch.Tensor) -> None:
@@ -175,7 +183,8 @@ def _calibrate(
                 shares[name] = last["owner"]
             else:
                 last["input"], last["owner"] = x, name
-                stats[name].add_batch(x, last["labels"], last["keep"])
+                shaped = per_window(x, last["windows"])
+                stats[name].add_batch(shaped, last["labels"], last["keep"])
         if outputs is None and len(seen) == len(layers):
             raise StopForward
 
@@ -441,7 +450,7 @@ def prune_sequential(
     if redistributor is not None:
         request = request.merge(redistributor.request)
     # labels come from every window, so that every process of a parallel run ranks alike
-    labels = token_classes(windows, request.classes) if request.classes else None
+    labels = token_classes(windows, request.classes, token_mask) if request.classes else None
     if parallel is not None and calibrated:
         windows = windows[parallel.rows]
         labels = None if labels is None else labels[parallel.rows]
@@ -488,13 +497,15 @@ def block_outlier_ratios(
     device: torch.device | str = "cpu",
     batch_size: int = 8,
     progress: bool = True,
+    token_mask: torch.Tensor | None = None,
 ) -> list[float]:
     """Every block's share of Wanda scores above ``threshold`` times the block's mean score.
 
     One pass through the dense model (OWL, Yin et al. 2024): each block's statistics and
     outputs come from the same forward pass of the unpruned block, so it costs about one
     forward pass of the calibration windows. The mean is over all the block's linear layers
-    together, as in the reference code.
+    together, as in the reference code. ``token_mask`` (shaped like ``windows``) limits the
+    statistics to the tokens it marks, as in the pruning pass.
     """
     device = torch.device(device)
     _, blocks = find_blocks(model)
@@ -506,7 +517,15 @@ def block_outlier_ratios(
         layers = find_linears(block)
         outputs: list[torch.Tensor] = []
         stats = _calibrate(
-            block, layers, inputs, batch_size, StatsRequest(), None, outputs, index=index
+            block,
+            layers,
+            inputs,
+            batch_size,
+            StatsRequest(),
+            None,
+            outputs,
+            index=index,
+            token_mask=token_mask,
         )
         scores = [wanda_score(weight_matrix(layer), stats[n]) for n, layer in layers.items()]
         total = sum(float(score.sum(dtype=torch.float64)) for score in scores)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from secateurs.model import iter_prunable, weight_matrix
+from secateurs.model import iter_prunable, per_window, weight_matrix
 from secateurs.prompts import PromptBatch
 
 
@@ -59,6 +59,8 @@ class _PerSampleAbsGrad:
         buffer = self.buffers.get(total.shape)
         if buffer is None:
             buffer = self.buffers[total.shape] = torch.empty_like(total)
+        inputs = per_window(inputs, len(self.lengths))
+        grad = per_window(grad, len(self.lengths))
         for row, length in enumerate(self.lengths):
             g = grad[row, :length].float()
             x = inputs[row, :length].float()

@@ -169,6 +169,14 @@ def weight_matrix(layer: nn.Module) -> torch.Tensor:
     return layer.weight.data.t() if is_conv1d(layer) else layer.weight.data
 
 
+def per_window(x: torch.Tensor, windows: int) -> torch.Tensor:
+    """A linear layer's input or output as (windows, tokens, features).
+
+    Some models (OPT) flatten the batch to (windows * tokens, features) before their MLP.
+    """
+    return x if x.dim() == 3 else x.reshape(windows, -1, x.shape[-1])
+
+
 @dataclass(frozen=True)
 class MLPGroup:
     """An MLP inside a block: its neurons are the producers' output rows and the consumer's

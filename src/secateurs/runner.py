@@ -409,6 +409,7 @@ def prune_loaded(
             check_device(cfg.device),
             cfg.batch_size,
             cfg.progress,
+            None if prepared.batch is None else prepared.batch.token_mask,
         )
         report = pruner.prune(
             prepared.batch if prepared.batch is not None else prepared.windows,

@@ -345,15 +345,20 @@ class ClassStats:
         return (between / (within + eps)).float()
 
 
-def token_classes(windows: torch.Tensor, classes: int) -> torch.Tensor:
+def token_classes(
+    windows: torch.Tensor, classes: int, counted: torch.Tensor | None = None
+) -> torch.Tensor:
     """Label every token with its rank among the ``classes`` most frequent ids, or -1.
 
-    Ties in frequency go to the lower token id, so the labels are deterministic.
+    With ``counted`` (shaped like ``windows``) only the tokens it marks are ranked: padding
+    and chat-template tokens, which the statistics never see, take no class. Ties in
+    frequency go to the lower token id, so the labels are deterministic.
     """
     if classes <= 0:
         raise SecateursError(f"the number of token classes must be > 0, got {classes}")
     ids = windows.reshape(-1).long()
-    frequency = torch.bincount(ids)
+    ranked = ids if counted is None else ids[counted.reshape(-1)]
+    frequency = torch.bincount(ranked, minlength=int(ids.max()) + 1 if ids.numel() else 0)
     order = torch.argsort(-frequency, stable=True)[:classes]
     order = order[frequency[order] > 0]
     lookup = torch.full_like(frequency, -1)
