@@ -91,6 +91,14 @@ def test_phi3_fused_gate_up_loses_both_halves_of_each_neuron():
     assert torch.equal(rows[:width], dead) and torch.equal(rows[width:], dead)
 
 
+def test_phi3_fused_gate_up_meets_the_neuron_check_at_odd_counts():
+    # 128 neurons x 0.35 = 44.8: 44 neurons, so 88 of 256 fused rows (not int(256 x 0.35) = 89)
+    model = make_model("phi3")
+    MethodPruner(model, "wanda", progress=False).prune(make_windows(), 0.35, "neuron")
+    check = check_sparsity(model, parse_pattern("neuron"), 0.35)
+    assert check.ok, check.violations
+
+
 def test_phi3_fused_qkv_is_pruned_row_by_row_like_separate_projections():
     """Wanda compares within a row, so fused q, k and v rows are pruned as they would be apart;
     N:M groups run along the input columns, which fusion does not touch."""

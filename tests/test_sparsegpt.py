@@ -102,6 +102,17 @@ def test_singular_hessians_are_handled():
     assert bool(torch.isfinite(new).all())
 
 
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_weights_of_dead_inputs_go_first_however_large(nm):
+    weight, _ = layer_problem(rows=8, cols=16)
+    x = torch.randn(64, 16)
+    x[:, [3, 9]] = 0
+    weight[:, [3, 9]] = 100.0
+    new, mask = sparsegpt_prune(weight, x.T @ x, 0.5, nm=nm, block_size=8)
+    assert bool(mask[:, [3, 9]].all())
+    assert bool((new[:, [3, 9]] == 0).all())
+
+
 def test_a_hessian_that_cannot_be_factored_names_the_layer():
     weight, _ = layer_problem(rows=8, cols=16)
     broken = -torch.eye(16) * 1e6

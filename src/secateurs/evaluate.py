@@ -218,15 +218,24 @@ class SparsityCheck:
         return {"overall": self.overall, "layers": self.layers, "violations": self.violations}
 
 
-def _neuron_violation(weight: torch.Tensor, role: str | None, ratio: float) -> str | None:
-    """A producer must have the share of whole zero rows, a consumer of whole zero columns."""
+def _neuron_violation(
+    weight: torch.Tensor, role: tuple[str, int] | None, ratio: float
+) -> str | None:
+    """A producer must have the share of whole zero rows, a consumer of whole zero columns.
+
+    ``role`` is ``producer`` or ``consumer`` and the rows per neuron (2 for a fused gate_up).
+    """
     if role is None:
         return None
-    lines = (weight == 0).all(dim=1 if role == "producer" else 0)
-    need = int(weight.shape[1 if role == "consumer" else 0] * ratio)
+    kind, parts = role
+    producer = kind == "producer"
+    lines = (weight == 0).all(dim=1 if producer else 0)
+    need = parts * int(weight.shape[0 if producer else 1] // parts * ratio)
     if int(lines.sum()) < need:
-        kind = "rows" if role == "producer" else "columns"
-        return f"{int(lines.sum())} all-zero {kind}, expected at least {need}"
+        return (
+            f"{int(lines.sum())} all-zero {'rows' if producer else 'columns'}, "
+            f"expected at least {need}"
+        )
     return None
 
 
@@ -255,16 +264,24 @@ def _pattern_violation(weight: torch.Tensor, pattern: SparsityPattern, ratio: fl
     return None
 
 
-def _mlp_roles(model: nn.Module) -> dict[str, str]:
-    """``producer`` or ``consumer`` for every MLP layer of the decoder stack, by full name."""
-    stack_name, blocks = find_blocks(model)
+def block_mlp_roles(block: nn.Module) -> dict[str, tuple[str, int]]:
+    """``producer`` or ``consumer``, and rows per neuron, for a block's MLP layers by name."""
     roles = {}
-    for index, block in enumerate(blocks):
-        for group in find_mlp_groups(find_linears(block)):
-            for name in group.producers:
-                roles[f"{stack_name}.{index}.{name}"] = "producer"
-            roles[f"{stack_name}.{index}.{group.consumer}"] = "consumer"
+    for group in find_mlp_groups(find_linears(block)):
+        for name in group.producers:
+            roles[name] = ("producer", group.parts_of(name))
+        roles[group.consumer] = ("consumer", 1)
     return roles
+
+
+def _mlp_roles(model: nn.Module) -> dict[str, tuple[str, int]]:
+    """:func:`block_mlp_roles` for every block of the decoder stack, by full name."""
+    stack_name, blocks = find_blocks(model)
+    return {
+        f"{stack_name}.{index}.{name}": role
+        for index, block in enumerate(blocks)
+        for name, role in block_mlp_roles(block).items()
+    }
 
 
 def _layer_ratios(model: nn.Module, block_ratios: list[float]) -> dict[str, float]:
@@ -301,7 +318,7 @@ def check_sparsity(
         total += weight.numel()
         if pattern is not None:
             if pattern.structured:
-                problem = _neuron_violation(weight, roles.get(name), ratio)
+                problem = _neuron_violation(weight, roles.get(name), per_layer.get(name, ratio))
             else:
                 problem = _pattern_violation(weight, pattern, per_layer.get(name, ratio))
             if problem:

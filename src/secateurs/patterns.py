@@ -28,16 +28,19 @@ def check_ratio(ratio: float) -> float:
 def _lowest(score: torch.Tensor, k: int, dim: int) -> torch.Tensor:
     """Boolean mask of the ``k`` lowest entries along ``dim``, ties taken in index order.
 
-    This is exactly what a stable sort would select. Along long dimensions a k-th value
-    search is several times faster than sorting; short N:M groups sort faster.
+    This is exactly what a stable sort would select (NaN sorts last). Along long dimensions
+    a k-th value search is several times faster than sorting; short N:M groups sort faster.
     """
     if k <= 0:
         return torch.zeros_like(score, dtype=torch.bool)
-    if score.shape[dim] <= _SORT_BELOW:
+    kth = (
+        score.kthvalue(k, dim=dim, keepdim=True).values if score.shape[dim] > _SORT_BELOW else None
+    )
+    # a NaN k-th value compares false with everything: only a sort selects k entries then
+    if kth is None or bool(kth.isnan().any()):
         mask = torch.zeros_like(score, dtype=torch.bool)
         order = torch.argsort(score, dim=dim, stable=True)
         return mask.scatter_(dim, order.narrow(dim, 0, k), True)
-    kth = score.kthvalue(k, dim=dim, keepdim=True).values
     below = score < kth
     tied = score == kth
     still_needed = k - below.sum(dim=dim, keepdim=True)

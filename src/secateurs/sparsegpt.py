@@ -92,6 +92,9 @@ def sparsegpt_prune(
             f"of {nm[1]}, but {layer or 'a layer'} has {columns} columns"
         )
     w = weight.detach().float().clone()
+    # As in the reference: an input that never fired gives its weights no say in the
+    # calibration output, so they go first (zero saliency) whatever their magnitude.
+    w[:, (torch.diagonal(hessian) == 0).to(w.device)] = 0
     inverse = _inverse_factor(hessian.to(w.device), damp, layer).to(w.device)
     mask = torch.zeros_like(w, dtype=torch.bool)
     for start in range(0, columns, block_size):

@@ -31,6 +31,7 @@ from secateurs.evaluate import (
     SparsityCheck,
     _neuron_violation,
     _pattern_violation,
+    block_mlp_roles,
     window_nll,
 )
 from secateurs.model import (
@@ -38,7 +39,6 @@ from secateurs.model import (
     capture_block_inputs,
     find_blocks,
     find_linears,
-    find_mlp_groups,
     resolve_model_path,
     weight_matrix,
 )
@@ -430,9 +430,7 @@ class DiskBlocks:
         violations = []
         for index, block in enumerate(self.blocks):
             prefix = f"{self.stack_name}.{index}."
-            roles = {}
-            for group in find_mlp_groups(find_linears(block)):
-                roles |= dict.fromkeys(group.producers, "producer") | {group.consumer: "consumer"}
+            roles = block_mlp_roles(block)
             names = list(find_linears(block))
             tensors = self._saved(prefix, names, block)
             for name, weight in tensors.items():
