@@ -26,6 +26,13 @@ def test_left_padded_batches_match_one_by_one():
     assert tokenizer.padding_side == "right"
 
 
+def test_generation_leaves_the_tokenizer_as_it_was():
+    model, tokenizer = make_model("llama"), chat_tokenizer()
+    tokenizer.pad_token = None
+    generate(model, tokenizer, ["w5 w6", "w7"], max_new_tokens=2, progress=False)
+    assert tokenizer.pad_token is None and tokenizer.padding_side == "right"
+
+
 def test_attack_success_rate_with_a_pluggable_judge(tmp_path):
     model, tokenizer = make_model("llama"), chat_tokenizer()
     prompts = ["w5 w6", "w7 w8", "w9"]

@@ -79,10 +79,10 @@ def generate(
     check_chat_template(tokenizer)
     device = torch.device(device)
     home = next(model.parameters()).device
-    side = tokenizer.padding_side
+    side, pad_token = tokenizer.padding_side, tokenizer.pad_token
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
+    if pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     answers: list[str] = []
     model.to(device)
@@ -102,7 +102,8 @@ def generate(
             new = out[:, encoded["input_ids"].shape[1] :]
             answers.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:
-        tokenizer.padding_side = side
+        # the tokenizer may be saved with the pruned model: leave it as it was found
+        tokenizer.padding_side, tokenizer.pad_token = side, pad_token
         model.to(home)
     return [answer.strip() for answer in answers]
 
