@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -113,7 +114,10 @@ def finetune(
     )
     home = next(model.parameters()).device
     torch.manual_seed(options.seed)
-    peft_model = get_peft_model(model, config).to(device)
+    with warnings.catch_warnings():
+        # peft reads an attribute transformers has deprecated; nothing a user can change
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+        peft_model = get_peft_model(model, config).to(device)
     peft_model.train()
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=options.lr)
