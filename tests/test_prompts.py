@@ -1,5 +1,5 @@
 import pytest
-from chat_helpers import chat_tokenizer, write_pairs
+from chat_helpers import TEMPLATE, chat_tokenizer, write_pairs
 
 from secateurs import prompts
 from secateurs.errors import SecateursError
@@ -60,6 +60,15 @@ def test_response_mask_marks_only_the_response():
     assert batch.labels()[1, 5:].tolist() == [-100] * 3  # padding never counts
     entangled = prompts.encode_pairs(tokenizer, [pair], max_length=64, entangle_prompt=True)
     assert bool(entangled.token_mask.all())
+
+
+def test_responses_end_as_the_template_ends_an_answer():
+    tokenizer = chat_tokenizer()
+    tokenizer.chat_template = TEMPLATE.replace("{{ m['content'] }} ", "{{ m['content'] }} w3 ")
+    batch = prompts.encode_pairs(tokenizer, [prompts.Pair("w5", "w8 w9")], max_length=64)
+    ids = tokenizer("w1 w5 w3 w2 w8 w9 w3", add_special_tokens=False).input_ids
+    assert batch.input_ids[0].tolist() == ids
+    assert batch.token_mask[0].tolist() == [False] * 4 + [True] * 3  # w8 w9 w3, no <eos>
 
 
 def test_no_chat_template_is_a_clear_error():

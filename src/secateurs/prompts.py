@@ -184,6 +184,21 @@ def chat_prefix(tokenizer, prompt: str, system: str | None = None) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def turn_end(tokenizer) -> list[int]:
+    """The tokens the chat template closes an assistant answer with (``<end_of_turn>``,
+    ``<|im_end|>``, ...), or the end-of-sequence token where it closes with none."""
+    marker = "\x00answer\x00"
+    messages = [{"role": "user", "content": "?"}, {"role": "assistant", "content": marker}]
+    try:
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # a template that refuses this conversation: fall back to EOS
+        rendered = ""
+    _, found, tail = rendered.partition(marker)
+    if found and tail.strip():
+        return _ids(tokenizer, tail.strip())
+    return [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+
+
 def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False, verbose=False).input_ids
 
@@ -207,17 +222,17 @@ def encode_pairs(
     """Chat-format and tokenize pairs; the mask keeps response tokens (all with ``entangle``).
 
     The prompt is the chat template up to the assistant header; the response's tokens follow
-    it and end with the end-of-sequence token. Each sample is cut to ``max_length`` tokens.
+    it and end as the template ends an answer (:func:`turn_end`). Each sample is cut to
+    ``max_length`` tokens.
     """
     check_chat_template(tokenizer)
     rows, masks = [], []
     eos = tokenizer.eos_token_id
+    ending = turn_end(tokenizer)
     for pair in pairs:
         prefix = chat_prefix(tokenizer, pair.prompt)
         prompt_ids = _ids(tokenizer, prefix)
-        response_ids = _ids(tokenizer, pair.response)
-        if eos is not None:
-            response_ids.append(eos)
+        response_ids = _ids(tokenizer, pair.response) + ending
         ids = (prompt_ids + response_ids)[:max_length]
         counted = [entangle_prompt] * len(prompt_ids) + [True] * len(response_ids)
         rows.append(ids)
