@@ -1,3 +1,6 @@
+import os
+import stat
+
 import pytest
 
 from secateurs.errors import SecateursError
@@ -31,3 +34,18 @@ def test_existing_output_is_refused(tmp_path):
     with pytest.raises(SecateursError, match="already exists"):
         ensure_free(tmp_path, "--save_model")
     ensure_free(tmp_path / "new", "--save_model")
+
+
+@pytest.mark.parametrize(
+    ("umask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)]
+)
+def test_outputs_get_the_modes_the_umask_gives_new_files(tmp_path, umask, file_mode, dir_mode):
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "r.json", "{}")
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "a.txt").write_text("a")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == file_mode
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == dir_mode

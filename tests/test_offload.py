@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import invoke_prune
+from conftest import invoke_prune, make_model, make_tokenizer
 from safetensors.torch import load_file
 
 
@@ -84,3 +84,17 @@ def test_bad_offload_values_fail_clearly(tiny_model_dir, text_dir):
     amount = invoke_prune(tiny_model_dir, text_dir, "--max_memory", "plenty")
     assert mode.exit_code == 2 and "--offload" in mode.output
     assert amount.exit_code == 2 and "--max_memory" in amount.output
+
+
+def test_a_tied_head_is_counted_once_when_streamed(text_dir, tmp_path):
+    folder = tmp_path / "tiny-gemma3"
+    model = make_model("gemma3")
+    model.save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    common = ("--nsamples", "4", "--eval_limit", "2", "--no_eval_dense")
+    for name, extra in (("m", ()), ("d", ("--offload", "disk"))):
+        out = invoke_prune(folder, text_dir, *common, "--save_model", tmp_path / name, *extra)
+        assert out.exit_code == 0, out.output
+    expected = sum(p.numel() for p in model.parameters())
+    assert _result(tmp_path / "m")["model"]["parameters"] == expected
+    assert _result(tmp_path / "d")["model"]["parameters"] == expected

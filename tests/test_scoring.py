@@ -1,6 +1,7 @@
 """The safety workflow end to end on a tiny LLaMA: score files, wandg, set difference, attack."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from transformers import AutoModelForCausalLM
 from secateurs.model import iter_prunable, weight_matrix
 from secateurs.prompts import encode_pairs, load_pairs
 from secateurs.pruning import MethodPruner, TablePruner
+from secateurs.scores import get_method
+from secateurs.scoring import score_files
 from secateurs.stats import ActivationStats
 
 
@@ -240,3 +243,24 @@ def test_a_large_set_difference_warns():
     utility = {name: -score for name, score in safety.items()}
     with pytest.warns(UserWarning, match="Lower --q"):
         prune_set_difference(model, safety, utility, p=0.1, q=0.3, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("method", "prune_data", "expected"),
+    [
+        ("wandg_set_difference", None, {"safety": "wandg-align", "utility": "wandg-utility"}),
+        (
+            "wandg_set_difference",
+            "harm.jsonl",
+            {"safety": "wandg-harm", "utility": "wandg-utility"},
+        ),
+        ("wandg", None, {"scores": "wandg-wiki-sample"}),
+        ("wandg", "align", {"scores": "wandg-align"}),
+    ],
+)
+def test_score_files_follow_the_data_each_method_scores_on(method, prune_data, expected):
+    cfg = SimpleNamespace(
+        prune_data=prune_data, dataset="wiki-sample", utility_data="utility", save="run"
+    )
+    files = score_files(cfg, get_method(method))
+    assert {role: path.stem for role, path in files.items()} == expected

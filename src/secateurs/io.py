@@ -52,6 +52,13 @@ def _os_errors(target: Path) -> Iterator[None]:
         ) from exc
 
 
+def _umask() -> int:
+    """The process's file-creation mask (reading it means setting it, so it is set back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_dir(target: Path, replace: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; rename it to ``target`` only on success."""
@@ -61,7 +68,7 @@ def atomic_dir(target: Path, replace: bool = False) -> Iterator[Path]:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         with _os_errors(target):
-            tmp.chmod(0o755)
+            tmp.chmod(0o777 & ~_umask())
             yield tmp
             if replace and target.exists():
                 shutil.rmtree(target)
@@ -82,6 +89,8 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         with _os_errors(target):
+            # mkstemp makes the file private (0600); an output is as readable as any new file
+            os.chmod(tmp, 0o666 & ~_umask())
             yield Path(tmp)
             os.replace(tmp, target)
     finally:

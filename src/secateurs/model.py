@@ -130,6 +130,22 @@ def _param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def ties_embeddings(model: nn.Module) -> bool:
+    """Whether the config shares the input embedding with the output head."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
+    return bool(getattr(config or model.config, "tie_word_embeddings", False))
+
+
+def parameter_count(model: nn.Module) -> int:
+    """The model's weights, a tied head counted once (a streamed run holds the embedding's
+    rows apart from the head, but they are one weight)."""
+    total = _param_count(model)
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if ties_embeddings(model) and head is not None and head.weight is not embedding.weight:
+        total -= head.weight.numel()
+    return total
+
+
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The decoder stack: the ModuleList of same-type blocks holding the most parameters."""
     best: tuple[int, str, nn.ModuleList] | None = None

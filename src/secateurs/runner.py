@@ -23,7 +23,13 @@ from secateurs.errors import SecateursError
 from secateurs.evaluate import check_sparsity, perplexity
 from secateurs.idf import DEFAULT_IDF_FORM
 from secateurs.io import atomic_dir, ensure_free
-from secateurs.model import choose_seqlen, load_config, load_model, load_tokenizer
+from secateurs.model import (
+    choose_seqlen,
+    load_config,
+    load_model,
+    load_tokenizer,
+    parameter_count,
+)
 from secateurs.patterns import (
     SCOPES,
     NMSparsity,
@@ -51,6 +57,7 @@ from secateurs.scoring import (
     is_set_difference,
     prompt_batch,
     prune_from_table,
+    scoring_data,
     uses_table,
 )
 from secateurs.shrink import shrink_mlps, width_field
@@ -318,7 +325,7 @@ def prepare(cfg: PruneConfig, calibrate: bool) -> Prepared:
     windows = batch = None
     method = get_method(cfg.prune_method)
     if calibrate and (cfg.prune_data or is_set_difference(method)):
-        batch = prompt_batch(cfg, tokenizer, cfg.prune_data or "align", seqlen)
+        batch = prompt_batch(cfg, tokenizer, scoring_data(cfg, method), seqlen)
         windows = batch.input_ids
     elif calibrate:
         source = data.resolve_source(cfg.dataset)
@@ -494,7 +501,7 @@ def result_record(
         "versions": versions(),
         "model": {
             "class": type(model).__name__,
-            "parameters": sum(p.numel() for p in model.parameters()),
+            "parameters": parameter_count(model),
         },
         "perplexity": {
             "eval_dataset": prepared.eval_name,

@@ -34,9 +34,14 @@ def is_set_difference(method: Method) -> bool:
     return "set_difference" in method.needs
 
 
+def scoring_data(cfg: Any, method: Method) -> str:
+    """What the run's scores come from: --prune_data, else align (set difference) or --dataset."""
+    return cfg.prune_data or ("align" if is_set_difference(method) else cfg.dataset)
+
+
 def score_files(cfg: Any, method: Method) -> dict[str, Path]:
     """The score files a run reads or writes: ``{"safety": ..., "utility": ...}`` or one."""
-    data = cfg.prune_data or cfg.dataset
+    data = scoring_data(cfg, method)
     if is_set_difference(method):
         return {
             "safety": score_path(cfg.save, SET_DIFFERENCE_SCORE, prompts.data_label(data)),
@@ -52,7 +57,7 @@ def check_score_args(cfg: Any, method: Method) -> None:
     if cfg.prune_data is not None:
         prompts.check_prompt_data(cfg.prune_data)
     if is_set_difference(method):
-        prompts.check_prompt_data(cfg.prune_data or "align")
+        prompts.check_prompt_data(scoring_data(cfg, method))
         prompts.check_prompt_data(cfg.utility_data)
     if cfg.dump_wanda_score and cfg.load_wanda_score:
         raise SecateursError(

@@ -40,6 +40,7 @@ from secateurs.model import (
     find_blocks,
     find_linears,
     resolve_model_path,
+    ties_embeddings,
     weight_matrix,
 )
 from secateurs.patterns import SparsityPattern
@@ -164,8 +165,7 @@ def _free(module: nn.Module) -> None:
 
 def _tie_head(model: nn.Module) -> None:
     """Share the input embedding with the head if the config ties them (as loading does)."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
-    if not getattr(config or model.config, "tie_word_embeddings", False):
+    if not ties_embeddings(model):
         return
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     if head is not None and embedding is not None:
