@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import pytest
 import torch
@@ -116,7 +117,12 @@ def test_allocation_file(tmp_path):
     text = tmp_path / "ratios.txt"
     text.write_text("0.4\n0.5, 0.6\n")
     assert read_ratios(str(text)) == [0.4, 0.5, 0.6]
-    assert allocate(make_model("opt"), None, str(path), 0.5).ratios == [0.4, 0.5, 0.6]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # equal blocks: the file's mean is the target
+        plan = allocate(make_model("opt"), None, str(path), 0.5)
+    assert plan.ratios == [0.4, 0.5, 0.6] and plan.mean == pytest.approx(0.5)
+    with pytest.warns(UserWarning, match=r"prune 0\.5000 .* not --sparsity_ratio 0\.7"):
+        assert allocate(make_model("opt"), None, str(path), 0.7).ratios == [0.4, 0.5, 0.6]
     path.write_text("[0.4, 0.5]")
     with pytest.raises(SecateursError, match="3 decoder blocks"):
         allocate(make_model("opt"), None, str(path), 0.5)

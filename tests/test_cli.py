@@ -191,6 +191,21 @@ def test_idf_form_is_named_in_the_result(tmp_path, tiny_model_dir, text_dir):
     assert "channel guard: no layer" in log.read_text()
 
 
+def test_a_run_without_calibration_says_so(tmp_path, tiny_model_dir, text_dir):
+    report, log = tmp_path / "run.json", tmp_path / "run.log"
+    result = invoke_prune(
+        tiny_model_dir,
+        text_dir,
+        *("--nsamples", "4", "--prune_method", "magnitude"),
+        *("--save_json", report, "--save_log", log),
+    )
+    assert result.exit_code == 0, result.output
+    assert "calibration      none: magnitude scores the weights alone" in result.output
+    data = json.loads(report.read_text())
+    assert data["calibration"] == {} and data["prune"]["guard"] is None
+    assert "channel guard" not in log.read_text()  # it never looked: no activations
+
+
 def test_owl_run_reports_its_block_ratios(tmp_path, tiny_model_dir, text_dir):
     out = tmp_path / "owl.json"
     result = invoke_prune(
@@ -206,4 +221,6 @@ def test_owl_run_reports_its_block_ratios(tmp_path, tiny_model_dir, text_dir):
     assert len(ratios) == 3 and all(0 <= r < 1 for r in ratios)
     assert saved["prune"]["allocation"]["kind"] == "owl"
     assert saved["prune"]["allocation"]["outlier_pass_s"] > 0
+    assert saved["prune"]["allocation"]["mean_ratio"] == pytest.approx(0.6)
+    assert "owl block ratios (mean 0.6000)" in result.output
     assert not saved["sparsity"]["violations"]

@@ -124,6 +124,8 @@ def test_wanda_scores_dump_and_load_too(chat_model_dir, pairs_files, tmp_path):
     assert _prune(chat_model_dir, *args, "--dump_wanda_score").exit_code == 0
     result = _prune(chat_model_dir, *args, "--load_wanda_score", "--save_model", tmp_path / "m")
     assert result.exit_code == 0, result.output
+    assert "scores           loaded from" in result.output
+    assert "wanda-safety.safetensors" in result.output
     batch = encode_pairs(chat_tokenizer(), load_pairs(str(safety)), 32)
     # dumped scores are the dense model's: equal to scoring without pruning in between
     model = AutoModelForCausalLM.from_pretrained(chat_model_dir)

@@ -13,6 +13,7 @@ import json
 import math
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,11 +36,13 @@ class Allocation:
     ratios: list[float] | None
     outlier_ratios: list[float] | None = None
     seconds: float = 0.0
+    mean: float | None = None  # the ratios' mean weighted by block size: the model's sparsity
 
     def to_dict(self) -> dict:
         return {
             "kind": self.kind,
             "block_ratios": self.ratios,
+            "mean_ratio": self.mean,
             "outlier_ratios": self.outlier_ratios,
             "outlier_pass_s": self.seconds,
         }
@@ -121,6 +124,11 @@ def check_allocation(
     return read_ratios(allocation)
 
 
+def weighted_mean(ratios: list[float], parameters: list[int]) -> float:
+    """The share of the blocks' weights that per-block ``ratios`` prune."""
+    return sum(r * p for r, p in zip(ratios, parameters, strict=True)) / sum(parameters)
+
+
 def block_parameters(model: nn.Module) -> list[int]:
     """Weights of the prunable linear layers of every decoder block."""
     _, blocks = find_blocks(model)
@@ -156,7 +164,14 @@ def allocate(
                 f"{allocation} holds {len(explicit)} ratios but the model has "
                 f"{len(parameters)} decoder blocks; give one ratio per block"
             )
-        return Allocation("file", explicit)
+        mean = weighted_mean(explicit, parameters)
+        if abs(mean - target) > 0.0005:
+            warnings.warn(
+                f"the ratios in {allocation} prune {mean:.4f} of the blocks' weights, not "
+                f"--sparsity_ratio {target:g}: the file's ratios are used as they are",
+                stacklevel=2,
+            )
+        return Allocation("file", explicit, mean=mean)
     if windows is None:
         raise SecateursError("OWL needs calibration windows for its outlier ratios")
     start = time.perf_counter()
@@ -164,4 +179,5 @@ def allocate(
         model, windows, threshold, device, batch_size, progress, token_mask
     )
     seconds = time.perf_counter() - start
-    return Allocation("owl", owl_ratios(outliers, parameters, target, lam), outliers, seconds)
+    ratios = owl_ratios(outliers, parameters, target, lam)
+    return Allocation("owl", ratios, outliers, seconds, weighted_mean(ratios, parameters))

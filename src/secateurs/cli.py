@@ -70,7 +70,8 @@ def _flag(name: str, help_text: str):
 
 
 ModelOpt = Annotated[
-    str, _flag("model", "Hub id, local folder, or built-in name (smollm2-135m, offline).")
+    str,
+    _flag("model", "Hub id, local folder, or built-in name (smollm2-135m, gemma3-270m: offline)."),
 ]
 SeqlenOpt = Annotated[
     int | None, _flag("seqlen", "Tokens per window; default 2048 capped by the model's context.")

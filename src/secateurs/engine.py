@@ -50,6 +50,7 @@ class LayerRecord:
     pruned: int
     recovery: LayerRecovery | None = None
     alarm: ChannelAlarm | None = None
+    guarded: bool = False  # the channel guard looked at it (it needs activation statistics)
 
     @property
     def name(self) -> str:
@@ -97,7 +98,11 @@ class PruneReport:
             "layers": [asdict(r) | {"name": r.name, "sparsity": r.sparsity} for r in self.layers],
             "seconds": dict(self.seconds),
             "recovery_mean_relative_error": self.mean_relative_error(),
-            "guard": {name: asdict(alarm) for name, alarm in self.alarms().items()},
+            "guard": (
+                {name: asdict(alarm) for name, alarm in self.alarms().items()}
+                if any(r.guarded for r in self.layers)
+                else None
+            ),
             "block_ratios": self.block_ratios,
             "allocation": self.allocation,
         }
@@ -340,6 +345,7 @@ def _apply_masks(
         record = LayerRecord(prefix, name, tuple(weight.shape), int(mask.sum()))
         if name in stats:
             record.alarm = check_channels(score, stats[name].sq_norm)
+            record.guarded = True
         if step.redistributor is None:
             weight.masked_fill_(mask, 0)
             report.seconds["score"] += time.perf_counter() - start

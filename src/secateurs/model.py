@@ -121,7 +121,8 @@ def choose_seqlen(config, requested: int | None) -> int:
     if context is not None and requested > context:
         raise SecateursError(
             f"--seqlen {requested} is longer than the model's context of {context} tokens; "
-            f"use --seqlen {min(DEFAULT_SEQLEN, context)} or less"
+            f"use --seqlen {context} or less, or leave it out for the default "
+            f"({min(DEFAULT_SEQLEN, context)})"
         )
     return requested
 

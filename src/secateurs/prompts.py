@@ -168,11 +168,13 @@ def sample_pairs(pairs: list[Pair], nsamples: int, seed: int = 0) -> list[Pair]:
     return random.Random(seed).sample(pairs, nsamples)
 
 
-def check_chat_template(tokenizer) -> None:
+def check_chat_template(tokenizer, alternative: str = "") -> None:
+    """Refuse a tokenizer without a chat template; ``alternative`` names another way on."""
     if not getattr(tokenizer, "chat_template", None):
         raise SecateursError(
-            "this tokenizer has no chat template, so prompt/response pairs cannot be formatted; "
-            "use a chat (instruct) model, or plain text with --dataset"
+            "this tokenizer has no chat template, so prompts cannot be chat-formatted (base "
+            f"models such as the built-in gemma3-270m have none); use a chat (instruct) model"
+            f"{alternative}"
         )
 
 
@@ -225,7 +227,7 @@ def encode_pairs(
     it and end as the template ends an answer (:func:`turn_end`). Each sample is cut to
     ``max_length`` tokens.
     """
-    check_chat_template(tokenizer)
+    check_chat_template(tokenizer, ", or plain text with --dataset instead of --prune_data")
     rows, masks = [], []
     eos = tokenizer.eos_token_id
     ending = turn_end(tokenizer)

@@ -37,6 +37,22 @@ def fmt_ppl(value: float | None) -> str:
     return "skipped" if value is None else f"{value:.3f}"
 
 
+def calibration_line(result: dict[str, Any]) -> str:
+    """Where the scores came from: calibration samples, score files, or no data at all."""
+    cfg = result["config"]
+    calibration = result.get("calibration")
+    if calibration is None:  # a result written before this field existed
+        calibration = {"data": cfg.get("prune_data") or cfg["dataset"], "samples": cfg["nsamples"]}
+    if "score_files" in calibration:
+        return f"scores           loaded from {', '.join(calibration['score_files'].values())}"
+    if not calibration:
+        return f"calibration      none: {cfg['prune_method']} scores the weights alone"
+    return (
+        f"calibration      {calibration['data']}: {calibration['samples']} x {cfg['seqlen']} "
+        f"tokens, seed {cfg['seed']}"
+    )
+
+
 def summary_lines(result: dict[str, Any]) -> list[str]:
     """The lines `secateurs prune` prints at the end, and writes with --save_log."""
     if "perplexity" not in result:  # --dump_wanda_score stops before pruning
@@ -47,9 +63,7 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         f"model            {cfg['model']} ({result['model']['parameters']:,} parameters)",
         f"method           {cfg['prune_method']}, {result['pattern']}, "
         f"target {cfg['sparsity_ratio']}",
-        f"calibration      {cfg.get('prune_data') or cfg['dataset']}: {cfg['nsamples']} x "
-        f"{cfg['seqlen']} tokens, "
-        f"seed {cfg['seed']}",
+        calibration_line(result),
         f"evaluation       {ppl['eval_dataset']}: {ppl['windows']} windows of {cfg['seqlen']}",
         f"dense ppl        {fmt_ppl(ppl['dense'])}",
         f"pruned ppl       {fmt_ppl(ppl['pruned'])}",
@@ -73,6 +87,9 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         )
     if result.get("idf_form"):
         lines[1] += f", IDF form {result['idf_form']}"
+    allocation = result["prune"].get("allocation") or {}
+    if allocation.get("block_ratios"):
+        lines[1] += f", {allocation['kind']} block ratios (mean {allocation['mean_ratio']:.4f})"
     guard = result["prune"].get("guard")
     if guard:
         lines.append(
@@ -130,7 +147,8 @@ def write_json(path: str | Path, result: dict[str, Any]) -> None:
 
 
 def write_log(path: str | Path, result: dict[str, Any]) -> None:
-    body = [*summary_lines(result), "", *guard_lines(result["prune"].get("guard", {}))]
+    guard = result["prune"].get("guard")
+    body = [*summary_lines(result), "", *([] if guard is None else guard_lines(guard))]
     body += ["", *recovery_lines(result["prune"]["layers"])]
     body += ["", "per-layer sparsity (measured):"]
     body += [f"  {name:<48} {value:.4f}" for name, value in result["sparsity"]["layers"].items()]

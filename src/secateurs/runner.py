@@ -57,6 +57,7 @@ from secateurs.scoring import (
     is_set_difference,
     prompt_batch,
     prune_from_table,
+    score_files,
     scoring_data,
     uses_table,
 )
@@ -489,12 +490,25 @@ def run_zero_shot(
     return metrics
 
 
+def calibration_record(cfg: PruneConfig, prepared: Prepared, method: Method) -> dict[str, Any]:
+    """What the scores came from: calibration samples, score files, or the weights alone."""
+    if cfg.load_wanda_score:
+        return {"score_files": {k: str(v) for k, v in score_files(cfg, method).items()}}
+    if prepared.windows is None:
+        return {}
+    return {
+        "data": scoring_data(cfg, method) if prepared.batch is not None else cfg.dataset,
+        "samples": int(prepared.windows.shape[0]),
+    }
+
+
 def result_record(
     cfg: PruneConfig, prepared: Prepared, method: Method, pattern, ratio: float, model, report
 ) -> dict[str, Any]:
     """What every prune's result records of its configuration, model and pruning report."""
     return {
         "config": asdict(cfg) | {"seqlen": prepared.seqlen, "sparsity_ratio": ratio},
+        "calibration": calibration_record(cfg, prepared, method),
         "pattern": pattern.describe(),
         "window_bos": prepared.window_bos(cfg.window_bos),
         "idf_form": cfg.idf_form if "idf" in method.needs else None,
