@@ -206,6 +206,19 @@ def test_a_run_without_calibration_says_so(tmp_path, tiny_model_dir, text_dir):
     assert "channel guard" not in log.read_text()  # it never looked: no activations
 
 
+def test_our_warnings_are_one_plain_line(tmp_path, tiny_model_dir, text_dir):
+    ratios = tmp_path / "ratios.json"
+    ratios.write_text("[0.2, 0.2, 0.2]")
+    result = invoke_prune(
+        tiny_model_dir,
+        text_dir,
+        *("--nsamples", "4", "--eval_limit", "2", "--sparsity_allocation", ratios),
+    )
+    assert result.exit_code == 0, result.output
+    assert "warning: the ratios in" in result.output
+    assert "UserWarning" not in result.output and "allocation.py" not in result.output
+
+
 def test_owl_run_reports_its_block_ratios(tmp_path, tiny_model_dir, text_dir):
     out = tmp_path / "owl.json"
     result = invoke_prune(

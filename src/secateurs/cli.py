@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import fields
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -195,9 +197,21 @@ def _config(values: dict[str, Any]) -> PruneConfig:
     return PruneConfig(**chosen, progress=not values["quiet"])
 
 
+_PACKAGE = Path(__file__).resolve().parent
+_PYTHON_SHOW_WARNING = warnings.showwarning
+
+
 def _fail(message: str, code: int = 2) -> None:
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     raise typer.Exit(code)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our own warnings as one yellow line; anybody else's in Python's usual form."""
+    if Path(filename).resolve().is_relative_to(_PACKAGE):
+        typer.secho(f"warning: {message}", err=True, fg=typer.colors.YELLOW)
+    else:
+        _PYTHON_SHOW_WARNING(message, category, filename, lineno, file, line)
 
 
 def _guarded(action, quiet: bool = False, debug: bool = False) -> None:
@@ -208,7 +222,10 @@ def _guarded(action, quiet: bool = False, debug: bool = False) -> None:
 
         logging.disable_progress_bar()
     try:
-        action()
+        with warnings.catch_warnings():
+            if not debug:
+                warnings.showwarning = _show_warning
+            action()
     except SecateursError as exc:
         if debug:
             raise
