@@ -37,10 +37,12 @@ from secateurs.scorefiles import dump_scores, load_scores, score_path
 def measure(model, tokenizer, args, eval_windows, harmful, harmless) -> dict:
     """ASR with and without a system prompt, over-refusal, perplexity."""
     common = {"max_new_tokens": args.max_new_tokens, "batch_size": 10, "progress": False}
-    asr = attack(model, tokenizer, harmful, **common).asr
+    harm = attack(model, tokenizer, harmful, **common)
     answered = attack(model, tokenizer, harmless, **common).asr
     return {
-        "asr": asr,
+        "asr": harm.asr,
+        "blank": harm.blank,
+        "asr_keywords_only": harm.asr_keywords_only,
         "over_refusal": {k: 1.0 - v for k, v in answered.items()},
         "ppl": perplexity(model, eval_windows, "cpu", 4, False),
         "sparsity": check_sparsity(model).overall,
@@ -155,14 +157,17 @@ def write_markdown(path: str, result: dict) -> None:
         f"wiki-sample test windows of {settings['seqlen']}; wandg on "
         f"{settings['score_nsamples']} pairs each. {result['machine']}, {result['date']}.",
         "",
-        "| pruning | sparsity | ASR (no system) | ASR (system) | over-refusal (no system) | ppl |",
-        "|---|---|---|---|---|---|",
+        "| pruning | sparsity | ASR (no system) | ASR (system) | blank answers (no system / "
+        "system) | ASR by keywords alone (no system) | harmless not answered (no system) | ppl |",
+        "|---|---|---|---|---|---|---|---|",
     ]
 
     def line(label: str, m: dict) -> str:
         return (
             f"| {label} | {m['sparsity']:.4f} | {m['asr']['no_system']:.2f} | "
-            f"{m['asr']['system']:.2f} | {m['over_refusal']['no_system']:.2f} | {m['ppl']:.2f} |"
+            f"{m['asr']['system']:.2f} | {m['blank']['no_system']:.2f} / "
+            f"{m['blank']['system']:.2f} | {m['asr_keywords_only']['no_system']:.2f} | "
+            f"{m['over_refusal']['no_system']:.2f} | {m['ppl']:.2f} |"
         )
 
     lines.append(line("dense (safety-tuned)", result["dense"]))

@@ -1,6 +1,7 @@
 from chat_helpers import chat_tokenizer
 from conftest import make_model
 
+from secateurs import attack as attack_module
 from secateurs.attack import KeywordJudge, attack, generate, save_responses
 
 
@@ -44,3 +45,13 @@ def test_attack_success_rate_with_a_pluggable_judge(tmp_path):
     path = tmp_path / "responses.jsonl"
     save_responses(path, result.rows)
     assert len(path.read_text().splitlines()) == 6
+
+
+def test_blank_answers_are_not_successful_attacks(monkeypatch):
+    answers = ["", "Sure, step one.", "I'm sorry, I can't."]
+    monkeypatch.setattr(attack_module, "generate", lambda *_a, **_k: list(answers))
+    result = attack(None, None, ["p1", "p2", "p3"], progress=False)
+    assert result.asr == {"no_system": 1 / 3, "system": 1 / 3}
+    assert result.blank == {"no_system": 1 / 3, "system": 1 / 3}
+    assert result.asr_keywords_only == {"no_system": 2 / 3, "system": 2 / 3}
+    assert [row["blank"] for row in result.rows[:3]] == [True, False, False]

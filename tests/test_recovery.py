@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -178,6 +179,28 @@ def test_recovery_is_deterministic():
         ).prune(make_windows(seed=2), 0.5, "2:4")
         masks.append([weight_matrix(layer).clone() for _, layer in iter_prunable(model)])
     assert all(torch.equal(a, b) for a, b in zip(*masks, strict=True))
+
+
+def test_least_squares_warns_when_tokens_are_fewer_than_inputs():
+    # the widest layer (down_proj) reads 128 inputs
+    for count, warns in ((4, True), (9, False)):  # 4 x 16 = 64 tokens, 9 x 16 = 144
+        model = make_model("llama")
+        pruner = WandaPruner(
+            model, redistributor=WeightRedistributor(LeastSquaresStrategy()), progress=False
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pruner.prune(make_windows(count, 16), 0.5)
+        found = [w for w in caught if "least-squares recovery fits 128 inputs" in str(w.message)]
+        assert bool(found) == warns
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        WandaPruner(
+            make_model("llama"),
+            redistributor=WeightRedistributor(InverseWandaStrategy()),
+            progress=False,
+        ).prune(make_windows(4, 16), 0.5)
+    assert not [w for w in caught if "least-squares" in str(w.message)]
 
 
 @pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5])

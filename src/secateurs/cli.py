@@ -674,7 +674,11 @@ def attack_command(
         typer.echo(f"model        {model}")
         typer.echo(f"prompts      {prompts}: {len(chosen)}, {max_new_tokens} new tokens, greedy")
         for setting, asr in result.asr.items():
-            typer.echo(f"{setting:<12} answered (ASR) {asr:.3f}, refused {1 - asr:.3f}")
+            blank = result.blank[setting]
+            typer.echo(
+                f"{setting:<12} answered (ASR) {asr:.3f}, refused {1 - asr - blank:.3f}, "
+                f"blank {blank:.3f}"
+            )
         typer.echo(f"time         {time.perf_counter() - start:.1f} s")
 
     _guarded(action, quiet)

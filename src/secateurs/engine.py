@@ -455,6 +455,8 @@ def prune_sequential(
     request = request or StatsRequest()
     if redistributor is not None:
         request = request.merge(redistributor.request)
+        if redistributor.strategy.request.gram:
+            _warn_if_underdetermined(model, windows, token_mask)
     # labels come from every window, so that every process of a parallel run ranks alike
     labels = token_classes(windows, request.classes, token_mask) if request.classes else None
     if parallel is not None and calibrated:
@@ -494,6 +496,22 @@ def prune_sequential(
     if report.alarms():
         warnings.warn(alarm_message(report.alarms()), ChannelCollapseWarning, stacklevel=2)
     return report
+
+
+def _warn_if_underdetermined(
+    model: nn.Module, windows: torch.Tensor, token_mask: torch.Tensor | None
+) -> None:
+    """Warn where a least-squares fit has fewer calibration tokens than a layer has inputs."""
+    tokens = int(windows.numel() if token_mask is None else token_mask.sum())
+    _, blocks = find_blocks(model)
+    widest = max(weight_matrix(layer).shape[1] for layer in find_linears(blocks[0]).values())
+    if tokens < widest:
+        warnings.warn(
+            f"least-squares recovery fits {widest} inputs per row from {tokens} calibration "
+            "tokens: the fit follows the calibration text and can make perplexity worse than "
+            f"no recovery; give it at least {widest} tokens (--nsamples x --seqlen)",
+            stacklevel=3,
+        )
 
 
 def block_outlier_ratios(

@@ -100,6 +100,9 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     if attack:
         asr = ", ".join(f"{k} {v:.3f}" for k, v in attack["asr"].items())
         lines.append(f"attack (ASR)     {asr} over {attack['prompts']} held-out prompts")
+        if any(attack.get("blank", {}).values()):
+            blank = ", ".join(f"{k} {v:.3f}" for k, v in attack["blank"].items())
+            lines.append(f"blank answers    {blank} (not counted as successful attacks)")
     if result.get("zero_shot"):
         lines += zero_shot_lines(result["zero_shot"])
     lines += [f"  violation: {v}" for v in sp["violations"]]
