@@ -176,34 +176,32 @@ def test_guard_findings_reach_the_output_json_and_log(
     assert next(iter(guard)) in log.read_text()
 
 
-def test_idf_form_is_named_in_the_result(tmp_path, tiny_model_dir, text_dir):
+def _prune_with_outputs(tmp_path, model_dir, text_dir, *args) -> tuple[str, dict, str]:
+    """A successful prune's printed output, its JSON result and its log."""
     report, log = tmp_path / "run.json", tmp_path / "run.log"
     result = invoke_prune(
-        tiny_model_dir,
-        text_dir,
-        *("--nsamples", "4", "--prune_method", "wanda_idf", "--idf_form", "relative"),
-        *("--save_json", report, "--save_log", log),
+        model_dir, text_dir, "--nsamples", "4", *args, "--save_json", report, "--save_log", log
     )
     assert result.exit_code == 0, result.output
-    data = json.loads(report.read_text())
+    return result.output, json.loads(report.read_text()), log.read_text()
+
+
+def test_idf_form_is_named_in_the_result(tmp_path, tiny_model_dir, text_dir):
+    output, data, log = _prune_with_outputs(
+        tmp_path, tiny_model_dir, text_dir, "--prune_method", "wanda_idf", "--idf_form", "relative"
+    )
     assert data["idf_form"] == "relative" and data["prune"]["guard"] == {}
-    assert "IDF form relative" in result.output
-    assert "channel guard: no layer" in log.read_text()
+    assert "IDF form relative" in output
+    assert "channel guard: no layer" in log
 
 
 def test_a_run_without_calibration_says_so(tmp_path, tiny_model_dir, text_dir):
-    report, log = tmp_path / "run.json", tmp_path / "run.log"
-    result = invoke_prune(
-        tiny_model_dir,
-        text_dir,
-        *("--nsamples", "4", "--prune_method", "magnitude"),
-        *("--save_json", report, "--save_log", log),
+    output, data, log = _prune_with_outputs(
+        tmp_path, tiny_model_dir, text_dir, "--prune_method", "magnitude"
     )
-    assert result.exit_code == 0, result.output
-    assert "calibration      none: magnitude scores the weights alone" in result.output
-    data = json.loads(report.read_text())
+    assert "calibration      none: magnitude scores the weights alone" in output
     assert data["calibration"] == {} and data["prune"]["guard"] is None
-    assert "channel guard" not in log.read_text()  # it never looked: no activations
+    assert "channel guard" not in log  # it never looked: no activations
 
 
 def test_our_warnings_are_one_plain_line(tmp_path, tiny_model_dir, text_dir):
