@@ -39,10 +39,7 @@ def fmt_ppl(value: float | None) -> str:
 
 def calibration_line(result: dict[str, Any]) -> str:
     """Where the scores came from: calibration samples, score files, or no data at all."""
-    cfg = result["config"]
-    calibration = result.get("calibration")
-    if calibration is None:  # a result written before this field existed
-        calibration = {"data": cfg.get("prune_data") or cfg["dataset"], "samples": cfg["nsamples"]}
+    cfg, calibration = result["config"], result["calibration"]
     if "score_files" in calibration:
         return f"scores           loaded from {', '.join(calibration['score_files'].values())}"
     if not calibration:

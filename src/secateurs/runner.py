@@ -496,10 +496,7 @@ def calibration_record(cfg: PruneConfig, prepared: Prepared, method: Method) -> 
         return {"score_files": {k: str(v) for k, v in score_files(cfg, method).items()}}
     if prepared.windows is None:
         return {}
-    return {
-        "data": scoring_data(cfg, method) if prepared.batch is not None else cfg.dataset,
-        "samples": int(prepared.windows.shape[0]),
-    }
+    return {"data": scoring_data(cfg, method), "samples": int(prepared.windows.shape[0])}
 
 
 def result_record(
