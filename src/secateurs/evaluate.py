@@ -264,6 +264,15 @@ def _pattern_violation(weight: torch.Tensor, pattern: SparsityPattern, ratio: fl
     return None
 
 
+def layer_violation(
+    weight: torch.Tensor, pattern: SparsityPattern, role: tuple[str, int] | None, ratio: float
+) -> str | None:
+    """How a pruned layer misses ``pattern`` at ``ratio`` (``role``: its MLP role), or None."""
+    if pattern.structured:
+        return _neuron_violation(weight, role, ratio)
+    return _pattern_violation(weight, pattern, ratio)
+
+
 def block_mlp_roles(block: nn.Module) -> dict[str, tuple[str, int]]:
     """``producer`` or ``consumer``, and rows per neuron, for a block's MLP layers by name."""
     roles = {}
@@ -317,10 +326,7 @@ def check_sparsity(
         zeros += count
         total += weight.numel()
         if pattern is not None:
-            if pattern.structured:
-                problem = _neuron_violation(weight, roles.get(name), per_layer.get(name, ratio))
-            else:
-                problem = _pattern_violation(weight, pattern, per_layer.get(name, ratio))
+            problem = layer_violation(weight, pattern, roles.get(name), per_layer.get(name, ratio))
             if problem:
                 violations.append(f"{name}: {problem}")
     return SparsityCheck(layers, zeros / total if total else 0.0, violations)

@@ -29,9 +29,8 @@ from secateurs.errors import SecateursError
 from secateurs.evaluate import (
     HeadRows,
     SparsityCheck,
-    _neuron_violation,
-    _pattern_violation,
     block_mlp_roles,
+    layer_violation,
     window_nll,
 )
 from secateurs.model import (
@@ -434,10 +433,7 @@ class DiskBlocks:
             names = list(find_linears(block))
             tensors = self._saved(prefix, names, block)
             for name, weight in tensors.items():
-                if pattern.structured:
-                    problem = _neuron_violation(weight, roles.get(name), ratios[index])
-                else:
-                    problem = _pattern_violation(weight, pattern, ratios[index])
+                problem = layer_violation(weight, pattern, roles.get(name), ratios[index])
                 if problem:
                     violations.append(f"{prefix}{name}: {problem}")
         return SparsityCheck(layers, zeros / total if total else 0.0, violations)
