@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 
-from secateurs import data
+from secateurs.core.model import load_tokenizer
+from secateurs.data import text as data
 from secateurs.io import atomic_write_text
-from secateurs.model import load_tokenizer
-from secateurs.report import versions
+from secateurs.jobs.report import versions
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -25,7 +25,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "secateurs"
 
 
 def _profiling():
-    """``secateurs.profiling`` loaded from its file: it needs only the standard library and
+    """``secateurs.core.profiling`` loaded from its file: it needs only the standard library and
     torch, so the peer's venv can use it without importing the package."""
     spec = importlib.util.spec_from_file_location("_profiling", SRC / "profiling.py")
     module = importlib.util.module_from_spec(spec)
@@ -35,8 +35,8 @@ def _profiling():
 
 
 def prune_secateurs(model, ids: torch.Tensor, method: str, pattern: str, batch_size: int):
-    from secateurs.pruning import MethodPruner
-    from secateurs.recovery import LeastSquaresStrategy, WeightRedistributor
+    from secateurs.api import MethodPruner
+    from secateurs.methods.recovery import LeastSquaresStrategy, WeightRedistributor
 
     redistributor = None
     if method == "wanda+least_squares":

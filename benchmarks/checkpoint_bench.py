@@ -27,11 +27,11 @@ from _common import bench_parser, bench_windows, result_header, save_result
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from secateurs.checkpoint import convert_folder
-from secateurs.model import load_model
-from secateurs.pruning import WandaPruner
-from secateurs.report import fmt_bytes, replace_marked_section
-from secateurs.streaming import model_folder
+from secateurs.api import WandaPruner
+from secateurs.core.model import load_model
+from secateurs.formats.checkpoint import convert_folder
+from secateurs.formats.streaming import model_folder
+from secateurs.jobs.report import fmt_bytes, replace_marked_section
 
 PATTERNS = {"dense (unpruned)": None, "wanda 50%": "unstructured", "wanda 2:4": "2:4"}
 _HEADERS = ("_shape", "_layout")

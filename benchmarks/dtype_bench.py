@@ -20,10 +20,10 @@ import time
 import torch
 from _common import bench_parser, bench_windows, result_header, save_result
 
-from secateurs.evaluate import perplexity
-from secateurs.model import find_blocks, find_linears, load_model, weight_matrix
-from secateurs.pruning import WandaPruner
-from secateurs.report import replace_marked_section
+from secateurs.api import WandaPruner
+from secateurs.core.model import find_blocks, find_linears, load_model, weight_matrix
+from secateurs.evaluate.perplexity import perplexity
+from secateurs.jobs.report import replace_marked_section
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -25,11 +25,11 @@ import torch
 from _common import bench_parser, result_header, save_result
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from secateurs import data
-from secateurs.evaluate import perplexity
-from secateurs.model import resolve_model_path
-from secateurs.report import replace_marked_section
-from secateurs.runner import PruneConfig, run_prune
+from secateurs.core.model import resolve_model_path
+from secateurs.data import text as data
+from secateurs.evaluate.perplexity import perplexity
+from secateurs.jobs.prune import PruneConfig, run_prune
+from secateurs.jobs.report import replace_marked_section
 
 
 def plain_loop_perplexity(folder: str, dataset: str, seqlen: int, limit: int) -> float:
@@ -123,8 +123,8 @@ def _with(cfg: PruneConfig, **changes) -> PruneConfig:
 
 def _eval(model: str, cfg: PruneConfig) -> float:
     """Perplexity of a model (name or folder) on the configuration's evaluation windows."""
-    from secateurs.model import load_config, load_model
-    from secateurs.runner import load_eval_windows
+    from secateurs.core.model import load_config, load_model
+    from secateurs.jobs.prune import load_eval_windows
 
     loaded, tokenizer = load_model(model)
     bos = data.window_bos_token(cfg.window_bos, load_config(model), tokenizer)

@@ -77,12 +77,12 @@ from _common import bench_parser, bench_windows, result_header, save_result
 from prune_bench import fmt, forward_floor
 from speed_bench import block_flops
 
-from secateurs.evaluate import _pattern_violation, perplexity
-from secateurs.model import find_blocks, find_linears, load_config, load_model
-from secateurs.patterns import NMSparsity
-from secateurs.profiling import measure
-from secateurs.pruning import WandaPruner
-from secateurs.report import replace_marked_section
+from secateurs.api import WandaPruner
+from secateurs.core.model import find_blocks, find_linears, load_config, load_model
+from secateurs.core.patterns import NMSparsity
+from secateurs.core.profiling import measure
+from secateurs.evaluate.perplexity import _pattern_violation, perplexity
+from secateurs.jobs.report import replace_marked_section
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}

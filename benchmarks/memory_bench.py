@@ -37,8 +37,8 @@ import torch
 from _common import ROOT, bench_parser, result_header, save_result
 from safetensors.torch import load_file
 
-from secateurs.report import replace_marked_section
-from secateurs.streaming import checkpoint_bytes, model_folder
+from secateurs.formats.streaming import checkpoint_bytes, model_folder
+from secateurs.jobs.report import replace_marked_section
 
 
 def prune_args(

@@ -34,10 +34,10 @@ from _common import (
 )
 from safetensors.torch import load_file, save_file
 
-from secateurs.evaluate import check_sparsity, perplexity
-from secateurs.model import load_model, resolve_model_path
-from secateurs.patterns import parse_pattern
-from secateurs.report import replace_marked_section
+from secateurs.core.model import load_model, resolve_model_path
+from secateurs.core.patterns import parse_pattern
+from secateurs.evaluate.perplexity import check_sparsity, perplexity
+from secateurs.jobs.report import replace_marked_section
 
 RUNS = [
     ("wanda", "llmcompressor"),

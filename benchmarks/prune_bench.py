@@ -37,13 +37,13 @@ from pathlib import Path
 import torch
 from _common import bench_parser, bench_windows, result_header, save_result
 
-from secateurs.allocation import allocate
-from secateurs.evaluate import check_sparsity, perplexity
-from secateurs.model import load_model, model_size_bytes
-from secateurs.patterns import effective_ratio, parse_pattern
-from secateurs.profiling import measure, rss_bytes
-from secateurs.pruning import MethodPruner
-from secateurs.report import replace_marked_section
+from secateurs.api import MethodPruner
+from secateurs.core.model import load_model, model_size_bytes
+from secateurs.core.patterns import effective_ratio, parse_pattern
+from secateurs.core.profiling import measure, rss_bytes
+from secateurs.evaluate.perplexity import check_sparsity, perplexity
+from secateurs.jobs.report import replace_marked_section
+from secateurs.methods.allocation import allocate
 
 RUNS = [
     ("magnitude", "unstructured"),

@@ -20,12 +20,16 @@ from pathlib import Path
 
 from _common import bench_parser, bench_windows, result_header, save_result
 
-from secateurs.evaluate import perplexity
-from secateurs.model import load_model
-from secateurs.profiling import measure
-from secateurs.pruning import WandaPruner
-from secateurs.recovery import InverseWandaStrategy, LeastSquaresStrategy, WeightRedistributor
-from secateurs.report import replace_marked_section
+from secateurs.api import WandaPruner
+from secateurs.core.model import load_model
+from secateurs.core.profiling import measure
+from secateurs.evaluate.perplexity import perplexity
+from secateurs.jobs.report import replace_marked_section
+from secateurs.methods.recovery import (
+    InverseWandaStrategy,
+    LeastSquaresStrategy,
+    WeightRedistributor,
+)
 
 SETTINGS = {
     "none": None,

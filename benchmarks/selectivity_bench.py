@@ -22,22 +22,22 @@ from pathlib import Path
 import torch
 from _common import bench_parser, bench_windows, result_header, save_result
 
-from secateurs.model import (
+from secateurs.api import MethodPruner
+from secateurs.core.model import (
     find_blocks,
     find_linears,
     load_config,
     load_model,
     weight_matrix,
 )
-from secateurs.profiling import measure
-from secateurs.pruning import MethodPruner
-from secateurs.report import replace_marked_section
-from secateurs.stats import (
+from secateurs.core.profiling import measure
+from secateurs.core.stats import (
     ActivationStats,
     MagnitudeHistogram,
     SelectivityOptions,
     StatsRequest,
 )
+from secateurs.jobs.report import replace_marked_section
 
 SETTINGS = {
     "wanda": ("wanda", SelectivityOptions()),

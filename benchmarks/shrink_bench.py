@@ -26,11 +26,11 @@ import torch
 import transformers
 from _common import bench_parser, bench_windows, result_header, save_result
 
-from secateurs.evaluate import perplexity
-from secateurs.model import load_model
-from secateurs.pruning import WandaPruner
-from secateurs.report import replace_marked_section
-from secateurs.shrink import shrink_mlps
+from secateurs.api import WandaPruner
+from secateurs.core.model import load_model
+from secateurs.evaluate.perplexity import perplexity
+from secateurs.formats.shrink import shrink_mlps
+from secateurs.jobs.report import replace_marked_section
 
 
 def file_bytes(model: torch.nn.Module) -> int:

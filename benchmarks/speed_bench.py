@@ -22,17 +22,17 @@ import torch
 from _common import bench_parser, bench_windows, result_header, save_result
 from torch.profiler import ProfilerActivity, profile
 
-from secateurs.engine import _calibrate, run_block
-from secateurs.evaluate import perplexity
-from secateurs.model import (
+from secateurs.core.engine import _calibrate, run_block
+from secateurs.core.model import (
     capture_block_inputs,
     find_blocks,
     find_linears,
     load_model,
     weight_matrix,
 )
-from secateurs.report import replace_marked_section
-from secateurs.stats import StatsRequest
+from secateurs.core.stats import StatsRequest
+from secateurs.evaluate.perplexity import perplexity
+from secateurs.jobs.report import replace_marked_section
 
 
 def median_seconds(fn, repeats: int) -> float:

@@ -30,13 +30,13 @@ from _common import (
 )
 from safetensors.torch import load_file, save_file
 
-from secateurs.report import replace_marked_section
+from secateurs.jobs.report import replace_marked_section
 
 WORKER = """
 import json, sys, time, torch
 from safetensors.torch import load_file, save_file
-from secateurs.model import iter_prunable, load_model, weight_matrix
-from secateurs.pruning import MethodPruner
+from secateurs.core.model import iter_prunable, load_model, weight_matrix
+from secateurs.api import MethodPruner
 windows = load_file(sys.argv[1])["windows"]
 model, _ = load_model(sys.argv[2])
 pruner = MethodPruner(model, "wanda", batch_size=int(sys.argv[3]), progress=False)

@@ -5,21 +5,21 @@ import pytest
 import torch
 from conftest import make_model, make_windows
 
-from secateurs.allocation import (
+from secateurs.api import MethodPruner, prune
+from secateurs.core.engine import block_outlier_ratios
+from secateurs.core.model import find_blocks, find_linears, weight_matrix
+from secateurs.core.patterns import NMSparsity, Unstructured
+from secateurs.core.stats import ActivationStats
+from secateurs.errors import SecateursError
+from secateurs.evaluate.perplexity import check_sparsity
+from secateurs.methods.allocation import (
     allocate,
     block_parameters,
     check_allocation,
     owl_ratios,
     read_ratios,
 )
-from secateurs.engine import block_outlier_ratios
-from secateurs.errors import SecateursError
-from secateurs.evaluate import check_sparsity
-from secateurs.model import find_blocks, find_linears, weight_matrix
-from secateurs.patterns import NMSparsity, Unstructured
-from secateurs.pruning import MethodPruner, prune
-from secateurs.scores import wanda_score
-from secateurs.stats import ActivationStats
+from secateurs.methods.registry import wanda_score
 
 
 @pytest.mark.parametrize("target", [0.3, 0.5, 0.7, 0.9])

@@ -9,11 +9,11 @@ import torch
 from conftest import make_model, make_tokenizer, make_windows
 from transformers import AutoModelForCausalLM
 
-from secateurs.evaluate import check_sparsity, perplexity
-from secateurs.model import find_blocks, find_linears, find_mlp_groups, weight_matrix
-from secateurs.patterns import parse_pattern
-from secateurs.pruning import MethodPruner
-from secateurs.runner import PruneConfig, load_eval_windows, run_prune
+from secateurs.api import MethodPruner
+from secateurs.core.model import find_blocks, find_linears, find_mlp_groups, weight_matrix
+from secateurs.core.patterns import parse_pattern
+from secateurs.evaluate.perplexity import check_sparsity, perplexity
+from secateurs.jobs.prune import PruneConfig, load_eval_windows, run_prune
 
 UNSEEN = ("gemma3", "mistral", "phi3")
 PATTERNS = [
@@ -62,7 +62,7 @@ def test_prune_save_reload(arch, sparsity_type, scope, variant, tmp_path, text_d
 
 def test_gemma3_blocks_get_their_own_masks_and_rotary_embeddings():
     """Full-attention blocks must not be run with the sliding-window block's arguments."""
-    from secateurs.model import capture_block_inputs
+    from secateurs.core.model import capture_block_inputs
 
     model = make_model("gemma3")
     inputs = capture_block_inputs(model, make_windows(3, 24), torch.device("cpu"), 2)

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from secateurs import assets
+from secateurs.data import assets
 from secateurs.errors import SecateursError
 
 

@@ -1,8 +1,8 @@
 from chat_helpers import chat_tokenizer
 from conftest import make_model
 
-from secateurs import attack as attack_module
-from secateurs.attack import KeywordJudge, attack, generate, save_responses
+from secateurs.evaluate import attack as attack_module
+from secateurs.evaluate.attack import KeywordJudge, attack, generate, save_responses
 
 
 def test_keyword_judge_on_examples():

@@ -15,7 +15,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import secateurs  # noqa: F401  (registers the loader with transformers)
-from secateurs.checkpoint import (
+from secateurs.api import MethodPruner
+from secateurs.errors import SecateursError
+from secateurs.formats.checkpoint import (
     QUANT_METHOD,
     bitmask_pays,
     byte_planes,
@@ -31,8 +33,6 @@ from secateurs.checkpoint import (
     rewrite_folder,
     unpack_bits,
 )
-from secateurs.errors import SecateursError
-from secateurs.pruning import MethodPruner
 
 
 def _tensors(folder) -> dict[str, torch.Tensor]:

@@ -5,8 +5,8 @@ import torch
 from conftest import invoke, invoke_prune
 from transformers import AutoModelForCausalLM
 
-from secateurs import runner
-from secateurs.model import iter_prunable, weight_matrix
+from secateurs.core.model import iter_prunable, weight_matrix
+from secateurs.jobs import prune as runner
 
 
 @pytest.fixture
@@ -129,7 +129,7 @@ def test_interrupted_run_leaves_no_output(tmp_path, tiny_model_dir, text_dir, mo
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("secateurs.runner.write_json", interrupt)
+    monkeypatch.setattr("secateurs.jobs.prune.write_json", interrupt)
     saved = tmp_path / "pruned"
     result = invoke_prune(
         tiny_model_dir,
@@ -145,7 +145,7 @@ def test_interrupted_run_leaves_no_output(tmp_path, tiny_model_dir, text_dir, mo
 
 
 def test_help_names_the_default_idf_form(monkeypatch):
-    from secateurs.idf import DEFAULT_IDF_FORM
+    from secateurs.methods.idf import DEFAULT_IDF_FORM
 
     monkeypatch.setenv("COLUMNS", "400")  # one line per option, so the phrase is not wrapped
     result = invoke("prune", "--help")
@@ -155,7 +155,7 @@ def test_help_names_the_default_idf_form(monkeypatch):
 def test_guard_findings_reach_the_output_json_and_log(
     tmp_path, tiny_model_dir, text_dir, monkeypatch
 ):
-    from secateurs import scores
+    from secateurs.methods import registry as scores
 
     def kill_busiest(weight, stats):
         score = scores.wanda_score(weight, stats)

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from secateurs import assets, cloze
-from secateurs.cloze import ClozeSettings, article_paragraphs, build_items, split_sentences
+from secateurs.data import assets
+from secateurs.evaluate import cloze
+from secateurs.evaluate.cloze import ClozeSettings, article_paragraphs, build_items, split_sentences
 
 TOPICS = ("river", "castle", "violin", "comet", "harbour")
 

@@ -5,10 +5,11 @@ import pytest
 from conftest import VOCAB
 from test_cli import invoke
 
-from secateurs import compare, runner
-from secateurs.compare import plan_runs, run_compare, run_key
 from secateurs.errors import SecateursError
-from secateurs.runner import PruneConfig
+from secateurs.jobs import compare
+from secateurs.jobs import prune as runner
+from secateurs.jobs.compare import plan_runs, run_compare, run_key
+from secateurs.jobs.prune import PruneConfig
 
 
 def base_config(model_dir, text_dir, **overrides) -> PruneConfig:

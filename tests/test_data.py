@@ -3,7 +3,7 @@ import torch
 from conftest import make_tokenizer, random_text
 from safetensors.torch import load_file
 
-from secateurs import data
+from secateurs.data import text as data
 from secateurs.errors import SecateursError
 
 

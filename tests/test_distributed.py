@@ -10,11 +10,11 @@ import torch
 import torch.multiprocessing as mp
 from conftest import invoke_prune, make_model, make_windows
 
-from secateurs import distributed
+from secateurs.api import MethodPruner
+from secateurs.core.model import iter_prunable, weight_matrix
 from secateurs.errors import SecateursError
-from secateurs.model import iter_prunable, weight_matrix
-from secateurs.pruning import MethodPruner
-from secateurs.recovery import LeastSquaresStrategy, WeightRedistributor
+from secateurs.jobs import distributed
+from secateurs.methods.recovery import LeastSquaresStrategy, WeightRedistributor
 
 # one method per kind of statistic that is reduced: norms, Gram (solver and recovery), classes
 CASES = {

@@ -3,9 +3,9 @@ import torch
 from conftest import make_model, make_windows
 
 from secateurs import MagnitudePruner, WandaPruner, check_sparsity
-from secateurs.engine import _calibrate, prune_sequential
-from secateurs.errors import SecateursError
-from secateurs.model import (
+from secateurs.api import MethodPruner
+from secateurs.core.engine import _calibrate, prune_sequential
+from secateurs.core.model import (
     capture_block_inputs,
     find_blocks,
     find_linears,
@@ -13,12 +13,12 @@ from secateurs.model import (
     iter_prunable,
     weight_matrix,
 )
-from secateurs.patterns import NMSparsity, Unstructured, row_mask
-from secateurs.pruning import MethodPruner
-from secateurs.recovery import LeastSquaresStrategy, WeightRedistributor
-from secateurs.scores import wanda_score
-from secateurs.shrink import shrink_mlps
-from secateurs.stats import ActivationStats, StatsRequest
+from secateurs.core.patterns import NMSparsity, Unstructured, row_mask
+from secateurs.core.stats import ActivationStats, StatsRequest
+from secateurs.errors import SecateursError
+from secateurs.formats.shrink import shrink_mlps
+from secateurs.methods.recovery import LeastSquaresStrategy, WeightRedistributor
+from secateurs.methods.registry import wanda_score
 
 
 def zero_masks(model) -> dict[str, torch.Tensor]:

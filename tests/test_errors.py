@@ -75,7 +75,7 @@ def test_write_failure_during_save_leaves_nothing(tmp_path, tiny_model_dir, text
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("secateurs.runner.write_log", disk_full)
+    monkeypatch.setattr("secateurs.jobs.prune.write_log", disk_full)
     result = invoke_prune(
         tiny_model_dir, text_dir, "--nsamples", "2", "--save_log", tmp_path / "r.log"
     )

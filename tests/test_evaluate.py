@@ -3,9 +3,9 @@ import math
 import torch
 from conftest import make_model, make_windows
 
-from secateurs.evaluate import check_sparsity, perplexity
-from secateurs.model import iter_prunable, weight_matrix
-from secateurs.patterns import NeuronSparsity, NMSparsity, Unstructured, Variant
+from secateurs.core.model import iter_prunable, weight_matrix
+from secateurs.core.patterns import NeuronSparsity, NMSparsity, Unstructured, Variant
+from secateurs.evaluate.perplexity import check_sparsity, perplexity
 
 
 def test_perplexity_matches_the_reference_formula(arch):
@@ -33,7 +33,7 @@ def test_sparsity_check_counts_zeros_and_finds_violations():
 
 
 def test_sparsity_check_of_neuron_and_variant_patterns():
-    from secateurs.pruning import MethodPruner
+    from secateurs.api import MethodPruner
 
     model = make_model("opt")
     assert not check_sparsity(model, NeuronSparsity(), 0.5).ok
@@ -50,7 +50,7 @@ def test_sparsity_check_of_neuron_and_variant_patterns():
 def test_chunked_head_gives_the_whole_logits_perplexity(arch, monkeypatch):
     """Same NLL as the model's whole logits (Gemma's soft-capping included), a slice of the
     vocabulary at a time, so the vocabulary-wide logits of a window never exist at once."""
-    from secateurs import evaluate
+    from secateurs.evaluate import perplexity as evaluate
 
     model = make_model(arch)
     windows = make_windows(3, 20)
@@ -78,7 +78,7 @@ def test_unknown_logit_transform_falls_back_to_the_whole_logits(monkeypatch):
     """A model whose logits are changed in a way the chunked path does not copy is caught."""
     import pytest
 
-    from secateurs import evaluate
+    from secateurs.evaluate import perplexity as evaluate
 
     model = make_model("gemma3")  # soft-capped; pretend we did not know
     monkeypatch.setattr(evaluate, "_finish_logits", lambda _model, logits: logits)
@@ -91,7 +91,7 @@ def test_unknown_logit_transform_falls_back_to_the_whole_logits(monkeypatch):
 
 def test_sliced_nll_matches_a_float64_computation():
     """The vocabulary-sliced NLL is as exact as fp32 allows (checked in float64)."""
-    from secateurs import evaluate
+    from secateurs.evaluate import perplexity as evaluate
 
     model = make_model("llama")
     windows = make_windows(2, 20)

@@ -4,11 +4,11 @@ from chat_helpers import chat_tokenizer, write_pairs
 from conftest import invoke, make_model, make_windows
 from transformers import AutoModelForCausalLM
 
+from secateurs.api import MagnitudePruner
+from secateurs.core.model import iter_prunable, weight_matrix
+from secateurs.data.prompts import text_batch
 from secateurs.errors import SecateursError
-from secateurs.finetune import LoraOptions, finetune, target_modules
-from secateurs.model import iter_prunable, weight_matrix
-from secateurs.prompts import text_batch
-from secateurs.pruning import MagnitudePruner
+from secateurs.jobs.finetune import LoraOptions, finetune, target_modules
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -102,8 +102,8 @@ def test_attack_command_writes_responses(tmp_path):
 
 
 def test_samples_without_a_response_token_are_dropped():
-    from secateurs.finetune import trainable_rows
-    from secateurs.prompts import PromptBatch
+    from secateurs.data.prompts import PromptBatch
+    from secateurs.jobs.finetune import trainable_rows
 
     ids = torch.ones(3, 4, dtype=torch.long)
     mask = torch.tensor([[0, 0, 1, 1], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=torch.bool)

@@ -2,10 +2,10 @@ import pytest
 import torch
 from conftest import make_model
 
-from secateurs.gradients import gradient_magnitudes
-from secateurs.model import is_conv1d, iter_prunable, weight_matrix
-from secateurs.prompts import PromptBatch
-from secateurs.pruning import MethodPruner
+from secateurs.api import MethodPruner
+from secateurs.core.model import is_conv1d, iter_prunable, weight_matrix
+from secateurs.data.prompts import PromptBatch
+from secateurs.methods.gradients import gradient_magnitudes
 
 
 def _batch(seed: int = 0) -> PromptBatch:

@@ -4,12 +4,12 @@ import pytest
 import torch
 from conftest import make_model, make_windows
 
-from secateurs.engine import prune_sequential
-from secateurs.guard import ChannelCollapseWarning, alarm_message, check_channels, written_off
-from secateurs.model import weight_matrix
-from secateurs.patterns import parse_pattern
-from secateurs.scores import wanda_idf_score, wanda_score
-from secateurs.stats import ActivationStats, SelectivityOptions, StatsRequest
+from secateurs.core.engine import prune_sequential
+from secateurs.core.guard import ChannelCollapseWarning, alarm_message, check_channels, written_off
+from secateurs.core.model import weight_matrix
+from secateurs.core.patterns import parse_pattern
+from secateurs.core.stats import ActivationStats, SelectivityOptions, StatsRequest
+from secateurs.methods.registry import wanda_idf_score, wanda_score
 
 
 def outlier_layer(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from secateurs import assets
-from secateurs.model import iter_prunable, load_model, weight_matrix
-from secateurs.runner import PruneConfig, run_prune
+from secateurs.core.model import iter_prunable, load_model, weight_matrix
+from secateurs.data import assets
+from secateurs.jobs.prune import PruneConfig, run_prune
 
 pytestmark = pytest.mark.integration
 

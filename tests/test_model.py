@@ -2,8 +2,7 @@ import pytest
 import torch
 from conftest import make_model, make_windows
 
-from secateurs.errors import SecateursError
-from secateurs.model import (
+from secateurs.core.model import (
     block_output,
     capture_block_inputs,
     choose_seqlen,
@@ -14,6 +13,7 @@ from secateurs.model import (
     iter_prunable,
     weight_matrix,
 )
+from secateurs.errors import SecateursError
 
 EXPECTED_STACK = {
     "llama": "model.layers",

@@ -3,8 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from secateurs.errors import SecateursError
-from secateurs.patterns import (
+from secateurs.core.patterns import (
     NeuronSparsity,
     NMSparsity,
     Unstructured,
@@ -16,6 +15,7 @@ from secateurs.patterns import (
     row_mask,
     variant_mask,
 )
+from secateurs.errors import SecateursError
 
 
 @st.composite
@@ -198,7 +198,7 @@ def test_parse_pattern_knows_variant_and_neuron():
 
 
 def test_set_difference_on_hand_made_scores():
-    from secateurs.patterns import SetDifference, set_difference_mask
+    from secateurs.core.patterns import SetDifference, set_difference_mask
 
     safety = torch.tensor([[9.0, 8.0, 1.0], [7.0, 2.0, 3.0]])
     utility = torch.tensor([[9.0, 1.0, 1.0], [1.0, 1.0, 8.0]])
@@ -212,7 +212,7 @@ def test_set_difference_on_hand_made_scores():
 
 
 def test_set_difference_refuses_fractions_outside_0_1():
-    from secateurs.patterns import SetDifference
+    from secateurs.core.patterns import SetDifference
 
     with pytest.raises(SecateursError, match="--q must be in"):
         SetDifference(0.1, 1.5)

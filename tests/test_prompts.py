@@ -1,7 +1,7 @@
 import pytest
 from chat_helpers import TEMPLATE, chat_tokenizer, write_pairs
 
-from secateurs import prompts
+from secateurs.data import prompts
 from secateurs.errors import SecateursError
 
 

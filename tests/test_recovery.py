@@ -5,20 +5,20 @@ import pytest
 import torch
 from conftest import make_model, make_windows
 
-from secateurs.engine import prune_sequential
+from secateurs.api import WandaPruner
+from secateurs.core.engine import prune_sequential
+from secateurs.core.model import iter_prunable, weight_matrix
+from secateurs.core.patterns import NMSparsity, Unstructured, nm_mask, row_mask
+from secateurs.core.stats import ActivationStats, StatsRequest
 from secateurs.errors import SecateursError
-from secateurs.model import iter_prunable, weight_matrix
-from secateurs.patterns import NMSparsity, Unstructured, nm_mask, row_mask
-from secateurs.pruning import WandaPruner
-from secateurs.recovery import (
+from secateurs.methods.recovery import (
     InverseWandaStrategy,
     LeastSquaresStrategy,
     WeightRedistributor,
     output_error,
     relative_output_error,
 )
-from secateurs.scores import wanda_score
-from secateurs.stats import ActivationStats, StatsRequest
+from secateurs.methods.registry import wanda_score
 
 
 def problem(rows=24, cols=32, tokens=400, seed=0, offset=0.7):

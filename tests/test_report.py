@@ -7,9 +7,9 @@ import json
 import pytest
 from conftest import invoke_prune
 
-from secateurs import runner
 from secateurs.errors import SecateursError
-from secateurs.report import check_plot_path, plot_layers
+from secateurs.jobs import prune as runner
+from secateurs.jobs.report import check_plot_path, plot_layers
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

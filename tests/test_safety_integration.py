@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from secateurs.model import load_model, load_tokenizer
-from secateurs.prompts import encode_pairs, load_pairs
-from secateurs.pruning import MethodPruner
+from secateurs.api import MethodPruner
+from secateurs.core.model import load_model, load_tokenizer
+from secateurs.data.prompts import encode_pairs, load_pairs
 
 pytestmark = pytest.mark.integration
 

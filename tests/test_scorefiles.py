@@ -2,9 +2,9 @@ import pytest
 import torch
 from conftest import make_model
 
+from secateurs.core.model import iter_prunable, weight_matrix
 from secateurs.errors import SecateursError
-from secateurs.model import iter_prunable, weight_matrix
-from secateurs.scorefiles import (
+from secateurs.formats.scorefiles import (
     ScoreFileMissingError,
     check_model_name,
     dump_scores,

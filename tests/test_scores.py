@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from secateurs.core.stats import ActivationStats, SelectivityOptions, StatsRequest
 from secateurs.errors import SecateursError
-from secateurs.scores import (
+from secateurs.methods.registry import (
     METHODS,
     check_classes,
     check_ria_alpha,
@@ -16,7 +17,6 @@ from secateurs.scores import (
     wanda_select_score,
     wanda_spiky_score,
 )
-from secateurs.stats import ActivationStats, SelectivityOptions, StatsRequest
 
 FULL = StatsRequest(selectivity=SelectivityOptions(exact=True), classes=3, gram=True)
 

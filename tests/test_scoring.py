@@ -10,12 +10,12 @@ from conftest import invoke, make_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from secateurs.model import iter_prunable, weight_matrix
-from secateurs.prompts import encode_pairs, load_pairs
-from secateurs.pruning import MethodPruner, TablePruner
-from secateurs.scores import get_method
-from secateurs.scoring import score_files
-from secateurs.stats import ActivationStats
+from secateurs.api import MethodPruner, TablePruner
+from secateurs.core.model import iter_prunable, weight_matrix
+from secateurs.core.stats import ActivationStats
+from secateurs.data.prompts import encode_pairs, load_pairs
+from secateurs.jobs.scoring import score_files
+from secateurs.methods.registry import get_method
 
 
 @pytest.fixture
@@ -238,7 +238,7 @@ def test_set_difference_end_to_end_with_attack(chat_model_dir, pairs_files, tmp_
 
 
 def test_a_large_set_difference_warns():
-    from secateurs.pruning import prune_set_difference
+    from secateurs.api import prune_set_difference
 
     model = make_model("llama")
     safety = _scores(model)

@@ -6,9 +6,9 @@ from conftest import invoke, invoke_prune, make_model, make_windows
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from secateurs import WandaPruner
+from secateurs.core.model import find_blocks, find_linears, find_mlp_groups, weight_matrix
 from secateurs.errors import SecateursError
-from secateurs.model import find_blocks, find_linears, find_mlp_groups, weight_matrix
-from secateurs.shrink import shrink_mlps, width_field
+from secateurs.formats.shrink import shrink_mlps, width_field
 
 
 def _logits(model, seed: int = 5) -> torch.Tensor:

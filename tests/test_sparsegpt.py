@@ -4,15 +4,15 @@ import pytest
 import torch
 from conftest import make_model, make_windows
 
+from secateurs.api import MethodPruner
+from secateurs.core.model import iter_prunable, weight_matrix
+from secateurs.core.patterns import NMSparsity, Unstructured, layer_mask, nm_mask, parse_pattern
+from secateurs.core.stats import ActivationStats, StatsRequest
 from secateurs.errors import SecateursError
-from secateurs.evaluate import check_sparsity
-from secateurs.model import iter_prunable, weight_matrix
-from secateurs.patterns import NMSparsity, Unstructured, layer_mask, nm_mask, parse_pattern
-from secateurs.pruning import MethodPruner
-from secateurs.recovery import LeastSquaresStrategy, WeightRedistributor, output_error
-from secateurs.scores import magnitude_score, wanda_score
-from secateurs.sparsegpt import sparsegpt_prune
-from secateurs.stats import ActivationStats, StatsRequest
+from secateurs.evaluate.perplexity import check_sparsity
+from secateurs.methods.recovery import LeastSquaresStrategy, WeightRedistributor, output_error
+from secateurs.methods.registry import magnitude_score, wanda_score
+from secateurs.methods.sparsegpt import sparsegpt_prune
 
 
 def layer_problem(rows=32, cols=256, tokens=1024, seed=0):
@@ -173,8 +173,8 @@ def test_recovery_and_structured_patterns_are_refused():
 
 
 def test_solve_refuses_the_variant():
-    from secateurs.patterns import Variant
-    from secateurs.sparsegpt import solve
+    from secateurs.core.patterns import Variant
+    from secateurs.methods.sparsegpt import solve
 
     weight, stats = layer_problem(rows=4, cols=8)
     with pytest.raises(SecateursError, match="variant"):

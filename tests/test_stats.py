@@ -1,14 +1,14 @@
 import pytest
 import torch
 
-from secateurs.errors import SecateursError
-from secateurs.stats import (
+from secateurs.core.stats import (
     ActivationStats,
     MagnitudeHistogram,
     SelectivityOptions,
     StatsRequest,
     token_classes,
 )
+from secateurs.errors import SecateursError
 
 
 def test_sq_norm_is_mean_over_windows_of_window_sums():
@@ -253,7 +253,7 @@ def test_requests_merge_to_everything_asked_for():
 
 
 def test_histogram_cdf_and_quantiles_match_direct_counts_at_bin_edges():
-    from secateurs.stats import _cdf, _quantiles
+    from secateurs.core.stats import _cdf, _quantiles
 
     generator = torch.Generator().manual_seed(5)
     values = torch.exp(torch.randn(4096, 3, generator=generator))

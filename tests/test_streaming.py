@@ -10,12 +10,12 @@ from conftest import make_model, make_windows
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from secateurs import streaming
+from secateurs.api import MethodPruner
+from secateurs.core.model import model_size_bytes
 from secateurs.errors import SecateursError
-from secateurs.evaluate import perplexity
-from secateurs.model import model_size_bytes
-from secateurs.pruning import MethodPruner
-from secateurs.streaming import (
+from secateurs.evaluate.perplexity import perplexity
+from secateurs.formats import streaming
+from secateurs.formats.streaming import (
     DiskBlocks,
     build_skeleton,
     checkpoint_bytes,

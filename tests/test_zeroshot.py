@@ -9,11 +9,17 @@ import torch
 from conftest import invoke, invoke_prune, make_model, make_tokenizer
 from test_cloze import synthetic_articles
 
-from secateurs import runner, zeroshot
 from secateurs.cli import default_zero_shot
-from secateurs.cloze import write_task
 from secateurs.errors import SecateursError
-from secateurs.zeroshot import ZeroShotPlan, evaluate_zero_shot, parse_tasks, prepare_zero_shot
+from secateurs.evaluate import zeroshot
+from secateurs.evaluate.cloze import write_task
+from secateurs.evaluate.zeroshot import (
+    ZeroShotPlan,
+    evaluate_zero_shot,
+    parse_tasks,
+    prepare_zero_shot,
+)
+from secateurs.jobs import prune as runner
 
 
 def _forbidden(*_args, **_kwargs):
@@ -94,7 +100,7 @@ def test_wiki_cloze_runs_through_lm_eval_and_matches_a_direct_count(cloze_plan, 
 @pytest.fixture
 def builtin_cloze(tmp_path, monkeypatch):
     """The built-in task, made from synthetic articles in a private asset cache."""
-    from secateurs import assets
+    from secateurs.data import assets
 
     monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setattr(assets, "wiki_sample_split", lambda _split: synthetic_articles())

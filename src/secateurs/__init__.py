@@ -1,11 +1,6 @@
 """secateurs: prune large language models by weights and activations."""
 
-from secateurs.checkpoint import convert_folder, is_compressed, rewrite_folder
-from secateurs.engine import PruneReport, prune_sequential
-from secateurs.errors import SecateursError
-from secateurs.evaluate import check_sparsity, perplexity
-from secateurs.patterns import NMSparsity, SparsityPattern, Unstructured, parse_pattern
-from secateurs.pruning import (
+from secateurs.api import (
     BasePruner,
     MagnitudePruner,
     MethodPruner,
@@ -13,8 +8,13 @@ from secateurs.pruning import (
     WandaPruner,
     prune,
 )
-from secateurs.shrink import Shrinkage, shrink_mlps
-from secateurs.stats import ActivationStats
+from secateurs.core.engine import PruneReport, prune_sequential
+from secateurs.core.patterns import NMSparsity, SparsityPattern, Unstructured, parse_pattern
+from secateurs.core.stats import ActivationStats
+from secateurs.errors import SecateursError
+from secateurs.evaluate.perplexity import check_sparsity, perplexity
+from secateurs.formats.checkpoint import convert_folder, is_compressed, rewrite_folder
+from secateurs.formats.shrink import Shrinkage, shrink_mlps
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,4 @@
-"""The ``secateurs`` command: a thin layer over :mod:`secateurs.runner`."""
+"""The ``secateurs`` command: a thin layer over :mod:`secateurs.jobs.prune`."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from secateurs.compare import DEFAULT_METHODS
 from secateurs.errors import SecateursError
-from secateurs.idf import DEFAULT_IDF_FORM, IDF_FORMS
-from secateurs.runner import (
+from secateurs.evaluate.zeroshot import DEFAULT_TASKS
+from secateurs.jobs.compare import DEFAULT_METHODS
+from secateurs.jobs.prune import (
     DTYPES,
     PruneConfig,
     check_device,
@@ -23,8 +23,8 @@ from secateurs.runner import (
     load_eval_windows,
     run_prune,
 )
-from secateurs.scores import METHODS
-from secateurs.zeroshot import DEFAULT_TASKS
+from secateurs.methods.idf import DEFAULT_IDF_FORM, IDF_FORMS
+from secateurs.methods.registry import METHODS
 
 _ZERO_SHOT_FLAGS = ("--eval_zero_shot", "--eval-zero-shot")
 
@@ -439,7 +439,7 @@ def prune(
     cfg = _config(locals())
 
     def action() -> None:
-        from secateurs.report import summary_lines
+        from secateurs.jobs.report import summary_lines
 
         log = (lambda _m: None) if quiet else (lambda m: typer.echo(m, err=True))
         result = run_prune(cfg, log=log)
@@ -475,14 +475,14 @@ def evaluate(
     """Perplexity and sparsity of any model: a hub id, a built-in name, or a saved folder."""
 
     def action() -> None:
-        from secateurs.data import check_window_bos, resolve_source, window_bos_token
-        from secateurs.evaluate import check_sparsity, perplexity
+        from secateurs.core.model import choose_seqlen, load_config, load_model, load_tokenizer
+        from secateurs.data.text import check_window_bos, resolve_source, window_bos_token
+        from secateurs.evaluate.perplexity import check_sparsity, perplexity
+        from secateurs.evaluate.zeroshot import evaluate_zero_shot
+        from secateurs.evaluate.zeroshot import summary_lines as zero_shot_lines
         from secateurs.io import ensure_free
-        from secateurs.model import choose_seqlen, load_config, load_model, load_tokenizer
-        from secateurs.report import versions, write_json
-        from secateurs.runner import zero_shot_planned
-        from secateurs.zeroshot import evaluate_zero_shot
-        from secateurs.zeroshot import summary_lines as zero_shot_lines
+        from secateurs.jobs.prune import zero_shot_planned
+        from secateurs.jobs.report import versions, write_json
 
         check_eval_args(
             PruneConfig(eval_limit=eval_limit, eval_batch_size=eval_batch_size, dtype=dtype)
@@ -601,8 +601,8 @@ def compare(
     base = _config(locals())
 
     def action() -> None:
-        from secateurs.compare import run_compare
-        from secateurs.report import comparison_table
+        from secateurs.jobs.compare import run_compare
+        from secateurs.jobs.report import comparison_table
 
         log = (lambda _m: None) if quiet else (lambda m: typer.echo(m, err=True))
         result = run_compare(
@@ -645,9 +645,9 @@ def attack_command(
     """Greedy answers to harmful (or harmless) prompts, with and without a system prompt; ASR."""
 
     def action() -> None:
-        from secateurs.attack import attack, attack_prompts, save_responses
+        from secateurs.core.model import load_model
+        from secateurs.evaluate.attack import attack, attack_prompts, save_responses
         from secateurs.io import ensure_free
-        from secateurs.model import load_model
 
         for value, flag in ((limit, "--limit"), (max_new_tokens, "--max_new_tokens")):
             if value is not None and value <= 0:
@@ -719,14 +719,14 @@ def finetune(
     """LoRA fine-tuning merged into the weights; weights that were exactly zero stay zero."""
 
     def action() -> None:
-        from secateurs.checkpoint import check_save_format
-        from secateurs.data import resolve_source
-        from secateurs.evaluate import check_sparsity, perplexity
-        from secateurs.finetune import LoraOptions, finetune, training_batch
+        from secateurs.core.model import load_model
+        from secateurs.data.prompts import check_prompt_data
+        from secateurs.data.text import resolve_source
+        from secateurs.evaluate.perplexity import check_sparsity, perplexity
+        from secateurs.formats.checkpoint import check_save_format
         from secateurs.io import ensure_free
-        from secateurs.model import load_model
-        from secateurs.prompts import check_prompt_data
-        from secateurs.runner import load_eval_windows, save_pruned_model
+        from secateurs.jobs.finetune import LoraOptions, finetune, training_batch
+        from secateurs.jobs.prune import load_eval_windows, save_pruned_model
 
         options = LoraOptions(rank, alpha, lr, steps, batch_size, seed)
         names = _split(data) if data else []
@@ -777,9 +777,9 @@ def convert(
     """Rewrite a saved model folder as a compressed or dense checkpoint, one shard at a time."""
 
     def action() -> None:
-        from secateurs.checkpoint import convert_folder
-        from secateurs.report import fmt_bytes
-        from secateurs.streaming import model_folder
+        from secateurs.formats.checkpoint import convert_folder
+        from secateurs.formats.streaming import model_folder
+        from secateurs.jobs.report import fmt_bytes
 
         cast = check_dtype(dtype) if dtype is not None else None
         source = model_folder(model, cache_dir)

@@ -15,22 +15,15 @@ from typing import Any
 
 import torch
 
-from secateurs import data, distributed
-from secateurs.allocation import allocate, check_allocation
-from secateurs.checkpoint import check_save_format, rewrite_folder
-from secateurs.engine import check_pattern_fits
-from secateurs.errors import SecateursError
-from secateurs.evaluate import check_sparsity, perplexity
-from secateurs.idf import DEFAULT_IDF_FORM
-from secateurs.io import atomic_dir, ensure_free
-from secateurs.model import (
+from secateurs.core.engine import check_pattern_fits
+from secateurs.core.model import (
     choose_seqlen,
     load_config,
     load_model,
     load_tokenizer,
     parameter_count,
 )
-from secateurs.patterns import (
+from secateurs.core.patterns import (
     SCOPES,
     NMSparsity,
     SetDifference,
@@ -39,17 +32,19 @@ from secateurs.patterns import (
     effective_ratio,
     parse_pattern,
 )
-from secateurs.profiling import give_back_memory, measure
-from secateurs.prompts import PromptBatch, check_chat_template
-from secateurs.recovery import (
-    STRATEGIES,
-    InverseWandaStrategy,
-    LeastSquaresStrategy,
-    WeightRedistributor,
-)
-from secateurs.report import check_plot_path, plot_layers, versions, write_json, write_log
-from secateurs.scores import Method, check_classes, check_ria_alpha, get_method
-from secateurs.scoring import (
+from secateurs.core.profiling import give_back_memory, measure
+from secateurs.core.stats import SelectivityOptions
+from secateurs.data import text as data
+from secateurs.data.prompts import PromptBatch, check_chat_template
+from secateurs.errors import SecateursError
+from secateurs.evaluate.perplexity import check_sparsity, perplexity
+from secateurs.evaluate.zeroshot import METRICS, ZeroShotPlan, evaluate_zero_shot, prepare_zero_shot
+from secateurs.formats.checkpoint import check_save_format, rewrite_folder
+from secateurs.formats.shrink import shrink_mlps, width_field
+from secateurs.io import atomic_dir, ensure_free
+from secateurs.jobs import distributed
+from secateurs.jobs.report import check_plot_path, plot_layers, versions, write_json, write_log
+from secateurs.jobs.scoring import (
     attack_run,
     check_score_args,
     configured_pruner,
@@ -61,9 +56,15 @@ from secateurs.scoring import (
     scoring_data,
     uses_table,
 )
-from secateurs.shrink import shrink_mlps, width_field
-from secateurs.stats import SelectivityOptions
-from secateurs.zeroshot import METRICS, ZeroShotPlan, evaluate_zero_shot, prepare_zero_shot
+from secateurs.methods.allocation import allocate, check_allocation
+from secateurs.methods.idf import DEFAULT_IDF_FORM
+from secateurs.methods.recovery import (
+    STRATEGIES,
+    InverseWandaStrategy,
+    LeastSquaresStrategy,
+    WeightRedistributor,
+)
+from secateurs.methods.registry import Method, check_classes, check_ria_alpha, get_method
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -283,7 +284,7 @@ def save_pruned_model(
     """A Hugging Face folder (safetensors) plus the run's result, written atomically.
 
     ``save_format="compressed"`` stores sparse weights as bitmask and values
-    (:mod:`secateurs.checkpoint`); ``result["checkpoint"]`` then says what that saved.
+    (:mod:`secateurs.formats.checkpoint`); ``result["checkpoint"]`` then says what that saved.
     """
     with atomic_dir(Path(path)) as tmp:
         model.save_pretrained(tmp)
@@ -377,8 +378,8 @@ def prune_loaded(
 ):
     """Prune a loaded model as the checked ``cfg`` says; the report, time and memory used.
 
-    A ``store`` streams the blocks of a skeleton model (:mod:`secateurs.offload`);
-    ``parallel`` is this process's part of a data-parallel run (:mod:`secateurs.distributed`).
+    A ``store`` streams the blocks of a skeleton model (:mod:`secateurs.jobs.streamed`);
+    ``parallel`` is this process's part of a data-parallel run (:mod:`secateurs.jobs.distributed`).
     """
     device = check_device(cfg.device)
     if uses_table(cfg, method):
@@ -526,7 +527,7 @@ def run_prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict[str,
     """Run a pruning job end to end and return its result (also written where asked)."""
     method, pattern, ratio = check_config(cfg)
     zero_shot_plan = zero_shot_planned(cfg)
-    from secateurs.offload import check_offload, run_streamed  # it builds on this module
+    from secateurs.jobs.streamed import check_offload, run_streamed  # it builds on this module
 
     streamed = check_offload(cfg, method, pattern)
     cfg = with_batch_size(cfg, streamed)

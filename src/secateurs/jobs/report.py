@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from secateurs.errors import SecateursError
+from secateurs.evaluate.zeroshot import summary_lines as zero_shot_lines
 from secateurs.io import atomic_file, atomic_write_text, ensure_free
-from secateurs.zeroshot import summary_lines as zero_shot_lines
 
 _PACKAGES = ("secateurs", "torch", "transformers", "datasets", "safetensors", "accelerate")
 

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from secateurs.model import iter_prunable, per_window, weight_matrix
-from secateurs.prompts import PromptBatch
+from secateurs.core.model import iter_prunable, per_window, weight_matrix
+from secateurs.data.prompts import PromptBatch
 
 
 class _PerSampleAbsGrad:

@@ -12,8 +12,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from secateurs.model import find_blocks, find_linears, find_mlp_groups, iter_prunable, weight_matrix
-from secateurs.patterns import NMSparsity, SparsityPattern, Unstructured, Variant
+from secateurs.core.model import (
+    find_blocks,
+    find_linears,
+    find_mlp_groups,
+    iter_prunable,
+    weight_matrix,
+)
+from secateurs.core.patterns import NMSparsity, SparsityPattern, Unstructured, Variant
 
 # Logits of at most this many bytes (fp32) exist at once: for a 511-token window, 32k of
 # Gemma's 262k vocabulary entries.

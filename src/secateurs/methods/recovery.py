@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from secateurs.core.stats import ActivationStats, StatsRequest
 from secateurs.errors import SecateursError
-from secateurs.stats import ActivationStats, StatsRequest
 
 
 def output_error(delta: torch.Tensor, gram: torch.Tensor) -> float:

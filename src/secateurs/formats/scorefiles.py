@@ -14,9 +14,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from secateurs.core.model import iter_prunable, weight_matrix
 from secateurs.errors import SecateursError
 from secateurs.io import atomic_file, ensure_free
-from secateurs.model import iter_prunable, weight_matrix
 
 SCORE_FOLDER = "wanda_score"
 

@@ -146,7 +146,7 @@ def write_task(folder: Path, articles: list[str], settings: ClozeSettings | None
 
 def builtin_task_dir() -> Path:
     """The task folder built from the ``wiki-sample`` test split, made once in the cache."""
-    from secateurs.assets import cache_root, wiki_sample_split
+    from secateurs.data.assets import cache_root, wiki_sample_split
 
     folder = cache_root() / "tasks" / f"{TASK_NAME}-v{VERSION}"
     if not (folder / f"{TASK_NAME}.yaml").is_file():

@@ -14,13 +14,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from secateurs.core.patterns import NMSparsity, parse_pattern
 from secateurs.errors import SecateursError
-from secateurs.evaluate import check_sparsity
-from secateurs.idf import DEFAULT_IDF_FORM, check_idf_form
+from secateurs.evaluate.perplexity import check_sparsity
 from secateurs.io import atomic_write_text, ensure_writable
-from secateurs.patterns import NMSparsity, parse_pattern
-from secateurs.report import versions
-from secateurs.runner import (
+from secateurs.jobs.prune import (
     Prepared,
     PruneConfig,
     check_config,
@@ -31,7 +29,9 @@ from secateurs.runner import (
     prune_loaded,
     with_batch_size,
 )
-from secateurs.scores import METHODS
+from secateurs.jobs.report import versions
+from secateurs.methods.idf import DEFAULT_IDF_FORM, check_idf_form
+from secateurs.methods.registry import METHODS
 
 DEFAULT_METHODS = ("wanda", "wanda_idf", "wanda_spiky", "wanda_select", "magnitude")
 # Settings that do not change a run's numbers, left out of its cache key.
@@ -204,7 +204,7 @@ def run_compare(
 def write_outputs(
     out: Path, base: PruneConfig, prepared: Prepared, dense_ppl: float, rows: list[dict]
 ) -> dict[str, str]:
-    from secateurs.report import comparison_csv, comparison_table, plot_comparison
+    from secateurs.jobs.report import comparison_csv, comparison_table, plot_comparison
 
     settings = asdict(base) | {"seqlen": prepared.seqlen}
     for key in ("prune_method", "sparsity_type", "sparsity_ratio", "idf_form", *_NOT_IN_KEY):

@@ -11,13 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from secateurs import data
-from secateurs.allocation import allocate, check_allocation
-from secateurs.engine import BlockStore, DataParallel, MetricFn, PruneReport, prune_sequential
-from secateurs.errors import SecateursError
-from secateurs.gradients import gradient_magnitudes
-from secateurs.model import choose_seqlen, iter_prunable, load_model, weight_matrix
-from secateurs.patterns import (
+from secateurs.core.engine import BlockStore, DataParallel, MetricFn, PruneReport, prune_sequential
+from secateurs.core.model import choose_seqlen, iter_prunable, load_model, weight_matrix
+from secateurs.core.patterns import (
     NMSparsity,
     SetDifference,
     SparsityPattern,
@@ -25,10 +21,14 @@ from secateurs.patterns import (
     effective_ratio,
     parse_pattern,
 )
-from secateurs.prompts import PromptBatch, text_batch
-from secateurs.recovery import WeightRedistributor
-from secateurs.scores import Method, Solver, check_classes, check_ria_alpha, get_method
-from secateurs.stats import ActivationStats, SelectivityOptions, StatsRequest
+from secateurs.core.stats import ActivationStats, SelectivityOptions, StatsRequest
+from secateurs.data import text as data
+from secateurs.data.prompts import PromptBatch, text_batch
+from secateurs.errors import SecateursError
+from secateurs.methods.allocation import allocate, check_allocation
+from secateurs.methods.gradients import gradient_magnitudes
+from secateurs.methods.recovery import WeightRedistributor
+from secateurs.methods.registry import Method, Solver, check_classes, check_ria_alpha, get_method
 
 
 def as_windows(dataloader: Any) -> torch.Tensor | None:
@@ -66,10 +66,11 @@ class BasePruner(ABC):
 
     ``default_scope`` is how unstructured pruning compares scores (``row`` or ``layer``),
     ``calibrated`` whether the method needs calibration activations. A ``redistributor``
-    (see :mod:`secateurs.recovery`) updates each layer's survivors right after it is pruned.
-    A ``store`` streams the blocks of a skeleton model from disk (:mod:`secateurs.streaming`);
+    (see :mod:`secateurs.methods.recovery`) updates each layer's survivors right after it is
+    pruned. A ``store`` streams the blocks of a skeleton model from disk
+    (:mod:`secateurs.formats.streaming`);
     ``parallel`` calibrates on this process's share of the windows
-    (:mod:`secateurs.distributed`).
+    (:mod:`secateurs.jobs.distributed`).
     """
 
     default_scope = "row"
@@ -119,7 +120,7 @@ class BasePruner(ABC):
     ) -> PruneReport:
         """Prune the model in place, block by block.
 
-        ``block_ratios`` (one per decoder block, see :mod:`secateurs.allocation`) replace
+        ``block_ratios`` (one per decoder block, see :mod:`secateurs.methods.allocation`) replace
         ``sparsity_ratio`` for unstructured sparsity. ``token_mask`` limits the statistics
         to the tokens it marks (a :class:`PromptBatch` as ``dataloader`` brings its own);
         ``negate`` prunes the highest scores instead.
@@ -211,7 +212,7 @@ def prune_with_pattern(
 
 
 class MethodPruner(BasePruner):
-    """A pruner for any method of the registry in :mod:`secateurs.scores`.
+    """A pruner for any method of the registry in :mod:`secateurs.methods.registry`.
 
     ``selectivity`` tunes the IDF and spikiness statistics; ``classes`` is how many of the
     most frequent calibration tokens serve as classes for the Fisher ratio; ``ria_alpha`` is
@@ -380,7 +381,7 @@ def prune(
     """Load (if given a name), calibrate and prune a model in one call.
 
     ``window_bos`` says whether calibration windows start with BOS (see
-    :func:`secateurs.data.window_bos_token`).
+    :func:`secateurs.data.text.window_bos_token`).
 
     ``sparsity_allocation`` is ``uniform``, ``owl`` (per-block ratios from outlier ratios,
     ``owl_threshold`` and ``owl_lambda``) or a file of per-block ratios.

@@ -13,8 +13,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from secateurs.core.model import (
+    find_blocks,
+    find_linears,
+    find_mlp_groups,
+    is_conv1d,
+    weight_matrix,
+)
 from secateurs.errors import SecateursError
-from secateurs.model import find_blocks, find_linears, find_mlp_groups, is_conv1d, weight_matrix
 
 # Config fields that hold the MLP width, by model family (LLaMA/Qwen/Mistral, OPT, GPT-2).
 WIDTH_FIELDS = ("intermediate_size", "ffn_dim", "n_inner")

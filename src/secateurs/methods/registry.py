@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from secateurs import sparsegpt
+from secateurs.core.patterns import SparsityPattern
+from secateurs.core.stats import ActivationStats
 from secateurs.errors import SecateursError
-from secateurs.patterns import SparsityPattern
-from secateurs.stats import ActivationStats
+from secateurs.methods import sparsegpt
 
 ScoreFn = Callable[..., torch.Tensor]
 # (weight, statistics, pattern, ratio, layer name) -> (new weight, prune mask)
@@ -75,7 +75,7 @@ def fisher_score(weight: torch.Tensor, stats: ActivationStats | None) -> torch.T
 def wandg_score(weight: torch.Tensor, gradient: torch.Tensor | None) -> torch.Tensor:
     """``|W_ij| * sum_s |dL_s/dW_ij|``, the SNIP-style score of Wei et al. (2024).
 
-    ``gradient`` is the per-sample-absolute gradient sum of :mod:`secateurs.gradients`.
+    ``gradient`` is the per-sample-absolute gradient sum of :mod:`secateurs.methods.gradients`.
     """
     if gradient is None:
         raise ValueError("the wandg score needs the summed gradient magnitudes")

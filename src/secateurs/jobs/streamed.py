@@ -2,7 +2,7 @@
 
 Chosen before any weights load: the checks refuse what needs the whole model at once, and
 the output folder is written block by block inside one atomic folder, so an interrupted
-run leaves nothing behind. The blocks come from :mod:`secateurs.streaming`; pruning itself
+run leaves nothing behind. The blocks come from :mod:`secateurs.formats.streaming`; pruning itself
 is the engine's, the same as in memory.
 """
 
@@ -14,15 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from secateurs.checkpoint import is_compressed
-from secateurs.engine import check_pattern_fits
+from secateurs.core.engine import check_pattern_fits
+from secateurs.core.patterns import SparsityPattern
 from secateurs.errors import SecateursError
-from secateurs.io import atomic_dir
-from secateurs.patterns import SparsityPattern
-from secateurs.report import fmt_bytes, write_json, write_log
-from secateurs.runner import DTYPES, check_device, finish_folder, prune_loaded, result_record
-from secateurs.scores import Method
-from secateurs.streaming import (
+from secateurs.formats.checkpoint import is_compressed
+from secateurs.formats.streaming import (
     DiskBlocks,
     build_skeleton,
     checkpoint_bytes,
@@ -30,6 +26,10 @@ from secateurs.streaming import (
     parse_memory,
     streamed_perplexity,
 )
+from secateurs.io import atomic_dir
+from secateurs.jobs.prune import DTYPES, check_device, finish_folder, prune_loaded, result_record
+from secateurs.jobs.report import fmt_bytes, write_json, write_log
+from secateurs.methods.registry import Method
 
 OFFLOAD_MODES = ("auto", "none", "disk")
 

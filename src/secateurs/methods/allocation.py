@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from secateurs.engine import block_outlier_ratios
+from secateurs.core.engine import block_outlier_ratios
+from secateurs.core.model import find_blocks, find_linears, weight_matrix
+from secateurs.core.patterns import NMSparsity, SparsityPattern
 from secateurs.errors import SecateursError
-from secateurs.model import find_blocks, find_linears, weight_matrix
-from secateurs.patterns import NMSparsity, SparsityPattern
 
 NAMED = ("uniform", "owl")
 

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from secateurs.data.prompts import chat_prefix, check_chat_template
 from secateurs.io import atomic_file
-from secateurs.prompts import chat_prefix, check_chat_template
 
 # Matched case-insensitively anywhere in the response.
 REFUSAL_PHRASES: tuple[str, ...] = (
@@ -177,7 +177,7 @@ def save_responses(path: str | Path, rows: list[dict]) -> None:
 
 def attack_prompts(name: str) -> list[str]:
     """``align``: the held-out half; ``utility``: wiki-sample test pairs; or a JSONL/CSV file."""
-    from secateurs import prompts
+    from secateurs.data import prompts
 
     if name == "align":
         return [pair.prompt for pair in prompts.align_split("eval")]

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from secateurs.core.model import find_blocks, find_linears, is_conv1d, iter_prunable, weight_matrix
+from secateurs.data.prompts import PromptBatch
 from secateurs.errors import SecateursError
-from secateurs.model import find_blocks, find_linears, is_conv1d, iter_prunable, weight_matrix
-from secateurs.prompts import PromptBatch
 
 
 @dataclass
@@ -155,8 +155,8 @@ def training_batch(
     seed: int = 0,
 ) -> PromptBatch:
     """Prompt/response pairs from every name in ``data`` (``nsamples`` each), else text windows."""
-    from secateurs import data as text_data
-    from secateurs import prompts
+    from secateurs.data import prompts
+    from secateurs.data import text as text_data
 
     if not data:
         source = text_data.resolve_source(dataset)

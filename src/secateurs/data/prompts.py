@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from secateurs import assets
+from secateurs.data import assets
 from secateurs.errors import SecateursError
 
 

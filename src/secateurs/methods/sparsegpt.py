@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from secateurs.core.patterns import SCOPES, NMSparsity, SparsityPattern, Unstructured, _lowest
+from secateurs.core.stats import ActivationStats
 from secateurs.errors import SecateursError
-from secateurs.patterns import SCOPES, NMSparsity, SparsityPattern, Unstructured, _lowest
-from secateurs.stats import ActivationStats
 
 BLOCK_SIZE = 128
 DAMP = 0.01

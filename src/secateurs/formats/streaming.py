@@ -23,17 +23,8 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from secateurs.checkpoint import checkpoint_files, write_index
-from secateurs.engine import run_block
-from secateurs.errors import SecateursError
-from secateurs.evaluate import (
-    HeadRows,
-    SparsityCheck,
-    block_mlp_roles,
-    layer_violation,
-    window_nll,
-)
-from secateurs.model import (
+from secateurs.core.engine import run_block
+from secateurs.core.model import (
     block_kinds,
     capture_block_inputs,
     find_blocks,
@@ -42,8 +33,17 @@ from secateurs.model import (
     ties_embeddings,
     weight_matrix,
 )
-from secateurs.patterns import SparsityPattern
-from secateurs.profiling import give_back_memory
+from secateurs.core.patterns import SparsityPattern
+from secateurs.core.profiling import give_back_memory
+from secateurs.errors import SecateursError
+from secateurs.evaluate.perplexity import (
+    HeadRows,
+    SparsityCheck,
+    block_mlp_roles,
+    layer_violation,
+    window_nll,
+)
+from secateurs.formats.checkpoint import checkpoint_files, write_index
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1}
@@ -173,7 +173,7 @@ def _tie_head(model: nn.Module) -> None:
 
 class DiskBlocks:
     """Reads blocks from a checkpoint folder and writes the pruned ones to ``out`` (a
-    :class:`secateurs.engine.BlockStore`); each block becomes its own output shard."""
+    :class:`secateurs.core.engine.BlockStore`); each block becomes its own output shard."""
 
     def __init__(
         self, model: nn.Module, source: Path, dtype: torch.dtype, out: Path | None = None
@@ -421,8 +421,8 @@ class DiskBlocks:
             generation.save_pretrained(self.out)
 
     def sparsity(self, pattern: SparsityPattern, ratios: list[float]) -> SparsityCheck:
-        """The check of :func:`secateurs.evaluate.check_sparsity`, from the released blocks'
-        counts; the pattern itself is checked on the output shards."""
+        """The check of :func:`secateurs.evaluate.perplexity.check_sparsity`, from the released
+        blocks' counts; the pattern itself is checked on the output shards."""
         layers = {name: zeros / total for name, (zeros, total) in self.zeros.items()}
         zeros = sum(z for z, _ in self.zeros.values())
         total = sum(t for _, t in self.zeros.values())
@@ -468,7 +468,7 @@ def _read_rows(shard: Path, name: str, rows: torch.Tensor) -> torch.Tensor:
 
 
 def _as_matrix(weight: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-    """A stored weight as (out, in), like :func:`secateurs.model.weight_matrix`."""
+    """A stored weight as (out, in), like :func:`secateurs.core.model.weight_matrix`."""
     return weight.t() if type(layer).__name__ == "Conv1D" else weight
 
 
@@ -509,7 +509,7 @@ def streamed_perplexity(
     The hidden states of every window are held (two buffers of windows x seqlen x width);
     then the model's own forward runs once more per batch with the blocks replaced by
     stand-ins that return those states, so the final norm and head are the model's own and
-    the formula is :func:`secateurs.evaluate.perplexity`'s.
+    the formula is :func:`secateurs.evaluate.perplexity.perplexity`'s.
     """
     store = DiskBlocks(model, folder, dtype)
     blocks = store.blocks

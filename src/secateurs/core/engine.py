@@ -18,9 +18,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from secateurs.errors import SecateursError
-from secateurs.guard import ChannelAlarm, ChannelCollapseWarning, alarm_message, check_channels
-from secateurs.model import (
+from secateurs.core.guard import ChannelAlarm, ChannelCollapseWarning, alarm_message, check_channels
+from secateurs.core.model import (
     BlockInputs,
     StopForward,
     block_output,
@@ -31,11 +30,12 @@ from secateurs.model import (
     per_window,
     weight_matrix,
 )
-from secateurs.patterns import SparsityPattern
-from secateurs.profiling import give_back_memory
-from secateurs.recovery import LayerRecovery, WeightRedistributor
-from secateurs.scores import Solver, wanda_score
-from secateurs.stats import ActivationStats, StatsRequest, token_classes
+from secateurs.core.patterns import SparsityPattern
+from secateurs.core.profiling import give_back_memory
+from secateurs.core.stats import ActivationStats, StatsRequest, token_classes
+from secateurs.errors import SecateursError
+from secateurs.methods.recovery import LayerRecovery, WeightRedistributor
+from secateurs.methods.registry import Solver, wanda_score
 
 MetricFn = Callable[[nn.Module, "ActivationStats | None"], torch.Tensor]
 
@@ -90,7 +90,7 @@ class PruneReport:
         }
 
     def alarms(self) -> dict[str, ChannelAlarm]:
-        """The channel guard's alarms, by layer name (see :mod:`secateurs.guard`)."""
+        """The channel guard's alarms, by layer name (see :mod:`secateurs.core.guard`)."""
         return {r.name: r.alarm for r in self.layers if r.alarm is not None}
 
     def to_dict(self) -> dict:
@@ -288,7 +288,7 @@ def _solved_layers(
 
 class BlockStore(Protocol):
     """Where the blocks' weights live when the model is not held in memory (see
-    :mod:`secateurs.streaming`): the engine asks for a block before it prunes it and hands
+    :mod:`secateurs.formats.streaming`): the engine asks for a block before it prunes it and hands
     it back after."""
 
     def capturing(self, windows: torch.Tensor) -> contextlib.AbstractContextManager[None]:
@@ -305,7 +305,7 @@ class BlockStore(Protocol):
 @dataclass(frozen=True)
 class DataParallel:
     """This process's share of the calibration windows (whole batches) and how the
-    statistics of every process are combined (see :mod:`secateurs.distributed`)."""
+    statistics of every process are combined (see :mod:`secateurs.jobs.distributed`)."""
 
     rows: slice
     reduce: Callable[[dict[str, ActivationStats]], None]
@@ -436,7 +436,7 @@ def prune_sequential(
     ``sparsity_ratio`` is one ratio, or one per block (OWL). A ``solver`` replaces scoring,
     masking and recovery: it prunes and updates each layer itself (SparseGPT). Every
     scored layer goes through the channel guard; one warning per run names the layers it
-    flags (:class:`secateurs.guard.ChannelCollapseWarning`). ``token_mask`` (same shape as
+    flags (:class:`secateurs.core.guard.ChannelCollapseWarning`). ``token_mask`` (same shape as
     ``windows``) limits the statistics to the tokens it marks. With a ``store`` the blocks'
     weights are read before and written after each block (the model is a skeleton); with
     ``parallel`` this process calibrates on its share of ``windows`` only and the

@@ -10,14 +10,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from secateurs import __version__, prompts
-from secateurs.attack import attack, save_responses
-from secateurs.engine import PruneReport
+from secateurs import __version__
+from secateurs.api import MethodPruner, TablePruner, prune_set_difference
+from secateurs.core.engine import PruneReport
+from secateurs.data import prompts
+from secateurs.data.prompts import PromptBatch
 from secateurs.errors import SecateursError
-from secateurs.io import ensure_free
-from secateurs.prompts import PromptBatch
-from secateurs.pruning import MethodPruner, TablePruner, prune_set_difference
-from secateurs.scorefiles import (
+from secateurs.evaluate.attack import attack, save_responses
+from secateurs.formats.scorefiles import (
     check_dumpable,
     check_loadable,
     check_model_name,
@@ -25,7 +25,8 @@ from secateurs.scorefiles import (
     load_scores,
     score_path,
 )
-from secateurs.scores import Method, get_method
+from secateurs.io import ensure_free
+from secateurs.methods.registry import Method, get_method
 
 SET_DIFFERENCE_SCORE = "wandg"
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from secateurs import assets
+from secateurs.data import assets
 from secateurs.errors import SecateursError
 from secateurs.io import atomic_file
 

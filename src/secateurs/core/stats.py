@@ -12,14 +12,14 @@ from dataclasses import dataclass, replace
 import torch
 
 from secateurs.errors import SecateursError
-from secateurs.idf import DEFAULT_IDF_FORM, check_idf_form, idf_values
+from secateurs.methods.idf import DEFAULT_IDF_FORM, check_idf_form, idf_values
 
 
 @dataclass(frozen=True)
 class SelectivityOptions:
     """Hyperparameters of the IDF and spikiness statistics (thresholds and clips as the seed).
 
-    ``idf_form`` picks the IDF formula (see :mod:`secateurs.idf`); ``idf_power`` tempers the
+    ``idf_form`` picks the IDF formula (see :mod:`secateurs.methods.idf`); ``idf_power`` tempers the
     ``tempered`` form, ``idf_floor`` floors the ``normalized`` one.
     """
 
@@ -157,7 +157,7 @@ class SelectivityStats:
 
     ``tau`` is the ``tau_percentile`` quantile of ``|x|`` over all tokens and channels,
     ``p_j`` the share of tokens with ``|x_j| > tau``, ``IDF_j = log(1 / p_j)`` clipped to
-    ``[0, idf_clip]`` in the seed's form (other forms in :mod:`secateurs.idf`), ``r_j`` the
+    ``[0, idf_clip]`` in the seed's form (other forms in :mod:`secateurs.methods.idf`), ``r_j`` the
     share of tokens with ``|x_j|`` above the channel's own mean ``|x_j|``; ``R_j`` is the mean
     of the top ``1 - top_quantile`` of ``|x_j|`` over tokens divided by the mean of ``|x_j|``,
     clipped to ``[1, spiky_clip]``.

@@ -1,7 +1,7 @@
 """Zero-shot accuracy of an in-memory model through lm-evaluation-harness.
 
 Task names are lm-evaluation-harness names, plus the built-in offline ``wiki-cloze``
-(:mod:`secateurs.cloze`). Everything that can fail without a model (unknown names, hub data
+(:mod:`secateurs.evaluate.cloze`). Everything that can fail without a model (unknown names, hub data
 that cannot be reached) fails in :func:`prepare_zero_shot`, before any pruning work.
 """
 
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
-from secateurs.cloze import TASK_NAME, builtin_task_dir
 from secateurs.errors import SecateursError
+from secateurs.evaluate.cloze import TASK_NAME, builtin_task_dir
 
 # The seven zero-shot tasks of the Wanda paper (and most pruning papers since).
 DEFAULT_TASKS = (

@@ -3,7 +3,7 @@
 Each process (rank) calibrates on a fixed share of whole batches of the calibration windows,
 contiguous and in rank order, and propagates its own windows through every pruned block.
 After a block's calibration pass every rank gathers every batch's statistic terms
-(:class:`secateurs.stats.BatchTerms`) and folds them in batch order, exactly as one process
+(:class:`secateurs.core.stats.BatchTerms`) and folds them in batch order, exactly as one process
 folds them, so every rank holds the same bits and computes the same masks itself: no mask
 is sent, and the pruned block every rank needs for propagation is already in place. A mask
 broadcast from rank 0 would cost as much traffic as the terms and still need the weights
@@ -30,10 +30,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from secateurs.engine import DataParallel
+from secateurs.core.engine import DataParallel
+from secateurs.core.model import iter_prunable, weight_matrix
+from secateurs.core.stats import ActivationStats, BatchTerms
 from secateurs.errors import SecateursError
-from secateurs.model import iter_prunable, weight_matrix
-from secateurs.stats import ActivationStats, BatchTerms
 
 
 def world_size() -> int:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from secateurs import assets
+from secateurs.data import assets
 from secateurs.errors import SecateursError
 
 DEFAULT_SEQLEN = 2048

@@ -1,7 +1,7 @@
 """Forms of the per-channel IDF weight, pure functions of the selectivity statistics.
 
 Every form reads the same two active rates gathered in one calibration pass (see
-:class:`secateurs.stats.SelectivityStats`): ``active`` is the share of tokens whose ``|x_j|``
+:class:`secateurs.core.stats.SelectivityStats`): ``active`` is the share of tokens whose ``|x_j|``
 exceeds one global threshold ``tau`` (the seed's definition), ``relative`` the share of tokens
 whose ``|x_j|`` exceeds the channel's own mean ``|x_j|``.
 
@@ -21,7 +21,7 @@ import torch
 from secateurs.errors import SecateursError
 
 if TYPE_CHECKING:
-    from secateurs.stats import SelectivityOptions
+    from secateurs.core.stats import SelectivityOptions
 
 
 def _log_inverse(rate: torch.Tensor, opts: SelectivityOptions) -> torch.Tensor:
