@@ -23,8 +23,8 @@ from _common import bench_parser, result_header, save_result
 from secateurs.core.model import load_config, load_model
 from secateurs.data import text as data
 from secateurs.evaluate.perplexity import LOGIT_CHUNK_BYTES, full_logits_nll, window_nll
-from secateurs.jobs.prune import load_eval_windows
 from secateurs.jobs.report import replace_marked_section
+from secateurs.jobs.session import load_eval_windows
 
 
 def measure(name: str, seqlen: int, dataset: str, count: int) -> dict:

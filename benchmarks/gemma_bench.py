@@ -25,10 +25,11 @@ import torch
 from _common import bench_parser, result_header, save_result
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from secateurs.config import RunConfig
 from secateurs.core.model import resolve_model_path
 from secateurs.data import text as data
 from secateurs.evaluate.perplexity import perplexity
-from secateurs.jobs.prune import PruneConfig, run_prune
+from secateurs.jobs.prune import run_prune
 from secateurs.jobs.report import replace_marked_section
 
 
@@ -54,7 +55,7 @@ def main() -> None:
     parser.add_argument("--eval_limit", type=int, default=32)
     args = parser.parse_args()
     folder = resolve_model_path(args.model)
-    base = PruneConfig(
+    base = RunConfig.from_flags(
         model=args.model,
         dataset=args.dataset,
         nsamples=args.nsamples,
@@ -115,20 +116,20 @@ def main() -> None:
     print("\n".join(lines))
 
 
-def _with(cfg: PruneConfig, **changes) -> PruneConfig:
-    from dataclasses import replace
-
-    return replace(cfg, **changes)
+def _with(cfg: RunConfig, **changes) -> RunConfig:
+    return cfg.replace(**changes)
 
 
-def _eval(model: str, cfg: PruneConfig) -> float:
+def _eval(model: str, cfg: RunConfig) -> float:
     """Perplexity of a model (name or folder) on the configuration's evaluation windows."""
     from secateurs.core.model import load_config, load_model
-    from secateurs.jobs.prune import load_eval_windows
+    from secateurs.jobs.session import load_eval_windows
 
     loaded, tokenizer = load_model(model)
-    bos = data.window_bos_token(cfg.window_bos, load_config(model), tokenizer)
-    windows = load_eval_windows(tokenizer, cfg.dataset, cfg.seqlen, cfg.eval_limit, bos)
+    bos = data.window_bos_token(cfg.data.window_bos, load_config(model), tokenizer)
+    windows = load_eval_windows(
+        tokenizer, cfg.data.dataset, cfg.data.seqlen, cfg.evaluation.eval_limit, bos
+    )
     return perplexity(loaded, windows, progress=False)
 
 

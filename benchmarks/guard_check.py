@@ -21,16 +21,17 @@ from secateurs.core.model import (
     load_model,
     weight_matrix,
 )
-from secateurs.core.stats import SelectivityOptions, StatsRequest
-from secateurs.methods.idf import DEFAULT_IDF_FORM
+from secateurs.core.stats import StatsRequest
 from secateurs.methods.registry import METHODS
+from secateurs.methods.selectivity import DEFAULT_IDF_FORM, SelectivityOptions
 
 RUNS = (("wanda", "seed"), ("wanda_idf", "seed"), ("wanda_select", "seed"))
 RUNS += (("wanda_idf", DEFAULT_IDF_FORM), ("wanda_select", DEFAULT_IDF_FORM))
 
 
 def label(method: str, form: str) -> str:
-    return f"{method}[{form}]" if "idf" in METHODS[method].needs else method
+    reads_idf = hasattr(METHODS[method].make_options(), "idf_form")
+    return f"{method}[{form}]" if reads_idf else method
 
 
 def main() -> None:
@@ -47,12 +48,16 @@ def main() -> None:
     for index, block in enumerate(blocks):
         layers = find_linears(block)
         layers_seen += len(layers)
+        # the IDF form is the score's, not the statistics': one calibration serves every form
+        request = StatsRequest(selectivity=SelectivityOptions().thresholds())
+        stats = _calibrate(block, layers, inputs, args.batch_size, request, None)
         for form in dict.fromkeys(f for _, f in RUNS):
-            request = StatsRequest(selectivity=SelectivityOptions(idf_form=form))
-            stats = _calibrate(block, layers, inputs, args.batch_size, request, None)
             for method in (m for m, f in RUNS if f == form):
+                options = METHODS[method].make_options({"idf_form": form})
                 for name, layer in layers.items():
-                    score = METHODS[method].score(weight_matrix(layer), stats[name])
+                    score = METHODS[method].compute(
+                        weight_matrix(layer), stats[name], options, name
+                    )
                     alarm = check_channels(score, stats[name].sq_norm)
                     if alarm is not None:
                         flagged[label(method, form)].append(

@@ -31,16 +31,12 @@ from secateurs.core.model import (
     weight_matrix,
 )
 from secateurs.core.profiling import measure
-from secateurs.core.stats import (
-    ActivationStats,
-    MagnitudeHistogram,
-    SelectivityOptions,
-    StatsRequest,
-)
+from secateurs.core.stats import ActivationStats, MagnitudeHistogram, StatsRequest
 from secateurs.jobs.report import replace_marked_section
+from secateurs.methods.selectivity import SelectivityOptions, channel_idf
 
 SETTINGS = {
-    "wanda": ("wanda", SelectivityOptions()),
+    "wanda": ("wanda", None),  # no selectivity statistics (held: 0)
     "wanda_select (streamed)": ("wanda_select", SelectivityOptions()),
     "wanda_select (exact)": ("wanda_select", SelectivityOptions(exact=True)),
 }
@@ -50,7 +46,7 @@ def run_once(args, label: str, windows) -> dict:
     method, options = SETTINGS[label]
     model, _ = load_model(args.model)
     pruner = MethodPruner(
-        model, method, selectivity=options, batch_size=args.batch_size, progress=False
+        model, method, options=options, batch_size=args.batch_size, progress=False
     )
     gc.collect()
     with measure() as timing:
@@ -77,7 +73,7 @@ def accuracy_on_dense(args, windows, every: int = 10) -> dict:
         for name, layer in find_linears(blocks[index]).items():
             width = weight_matrix(layer).shape[1]
             pairs[f"{index}.{name}"] = tuple(
-                ActivationStats(width, request=StatsRequest(selectivity=options))
+                ActivationStats(width, request=StatsRequest(selectivity=options.thresholds()))
                 for options in (SelectivityOptions(), SelectivityOptions(exact=True))
             )
 
@@ -91,8 +87,9 @@ def accuracy_on_dense(args, windows, every: int = 10) -> dict:
             model(windows[start : start + args.batch_size], use_cache=False)
     for handle in handles:
         handle.remove()
-    streamed = {k: (a.idf, a.spikiness) for k, (a, _) in pairs.items()}
-    exact = {k: (b.idf, b.spikiness) for k, (_, b) in pairs.items()}
+    form = SelectivityOptions()  # the IDF in the default form, as the run's scores read it
+    streamed = {k: (channel_idf(a, form), a.spikiness) for k, (a, _) in pairs.items()}
+    exact = {k: (channel_idf(b, form), b.spikiness) for k, (_, b) in pairs.items()}
     return differences(streamed, exact)
 
 
@@ -111,7 +108,7 @@ def _tensors(obj: object) -> list[torch.Tensor]:
 
 def held_bytes(options: SelectivityOptions, channels: int, tokens: int) -> int:
     """Bytes the selectivity statistics of one layer input hold after ``tokens`` tokens."""
-    stats = ActivationStats(channels, request=StatsRequest(selectivity=options))
+    stats = ActivationStats(channels, request=StatsRequest(selectivity=options.thresholds()))
     stats.add_batch(torch.zeros(1, tokens, channels))
     return sum(t.numel() * t.element_size() for t in _tensors(stats._selectivity))
 

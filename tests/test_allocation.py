@@ -19,7 +19,7 @@ from secateurs.methods.allocation import (
     owl_ratios,
     read_ratios,
 )
-from secateurs.methods.registry import wanda_score
+from secateurs.methods.wanda import wanda_score
 
 
 @pytest.mark.parametrize("target", [0.3, 0.5, 0.7, 0.9])
@@ -46,7 +46,7 @@ def test_owl_with_equal_outliers_is_uniform_and_impossible_targets_fail():
 def test_outlier_ratios_match_a_direct_count():
     model = make_model("llama")
     windows = make_windows()
-    ratios = block_outlier_ratios(model, windows, 2.0, progress=False)
+    ratios = block_outlier_ratios(model, windows, 2.0, wanda_score, progress=False)
     # block 0 sees the embeddings, so its statistics can be rebuilt by hand
     _, blocks = find_blocks(model)
     layers = find_linears(blocks[0])
@@ -80,7 +80,7 @@ def test_outlier_ratios_count_only_the_tokens_of_the_token_mask():
         )
         ratios.append(plan.outlier_ratios)
     assert ratios[0] == ratios[1]
-    unmasked = block_outlier_ratios(make_model("llama"), padded, 2.0, progress=False)
+    unmasked = block_outlier_ratios(make_model("llama"), padded, 2.0, wanda_score, progress=False)
     assert unmasked != ratios[1]
 
 

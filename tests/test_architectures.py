@@ -10,10 +10,12 @@ from conftest import make_model, make_tokenizer, make_windows
 from transformers import AutoModelForCausalLM
 
 from secateurs.api import MethodPruner
+from secateurs.config import RunConfig
 from secateurs.core.model import find_blocks, find_linears, find_mlp_groups, weight_matrix
 from secateurs.core.patterns import parse_pattern
 from secateurs.evaluate.perplexity import check_sparsity, perplexity
-from secateurs.jobs.prune import PruneConfig, load_eval_windows, run_prune
+from secateurs.jobs.prune import run_prune
+from secateurs.jobs.session import load_eval_windows
 
 UNSEEN = ("gemma3", "mistral", "phi3")
 PATTERNS = [
@@ -33,7 +35,7 @@ def test_prune_save_reload(arch, sparsity_type, scope, variant, tmp_path, text_d
     make_model(arch).save_pretrained(folder)
     make_tokenizer().save_pretrained(folder)
     saved = tmp_path / "pruned"
-    cfg = PruneConfig(
+    cfg = RunConfig.from_flags(
         model=str(folder),
         dataset=str(text_dir),
         nsamples=4,

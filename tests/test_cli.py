@@ -6,7 +6,7 @@ from conftest import invoke, invoke_prune
 from transformers import AutoModelForCausalLM
 
 from secateurs.core.model import iter_prunable, weight_matrix
-from secateurs.jobs import prune as runner
+from secateurs.jobs import session
 
 
 @pytest.fixture
@@ -16,7 +16,7 @@ def no_model_load(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(runner, "load_model", forbidden)
+    monkeypatch.setattr(session, "load_model", forbidden)
 
 
 def test_help_teaches_the_flags():
@@ -129,7 +129,7 @@ def test_interrupted_run_leaves_no_output(tmp_path, tiny_model_dir, text_dir, mo
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("secateurs.jobs.prune.write_json", interrupt)
+    monkeypatch.setattr("secateurs.jobs.result.write_json", interrupt)
     saved = tmp_path / "pruned"
     result = invoke_prune(
         tiny_model_dir,
@@ -145,7 +145,7 @@ def test_interrupted_run_leaves_no_output(tmp_path, tiny_model_dir, text_dir, mo
 
 
 def test_help_names_the_default_idf_form(monkeypatch):
-    from secateurs.methods.idf import DEFAULT_IDF_FORM
+    from secateurs.methods.selectivity import DEFAULT_IDF_FORM
 
     monkeypatch.setenv("COLUMNS", "400")  # one line per option, so the phrase is not wrapped
     result = invoke("prune", "--help")
@@ -155,15 +155,16 @@ def test_help_names_the_default_idf_form(monkeypatch):
 def test_guard_findings_reach_the_output_json_and_log(
     tmp_path, tiny_model_dir, text_dir, monkeypatch
 ):
-    from secateurs.methods import registry as scores
+    from secateurs.methods import registry
+    from secateurs.methods.wanda import wanda_score
 
     def kill_busiest(weight, stats):
-        score = scores.wanda_score(weight, stats)
+        score = wanda_score(weight, stats)
         score[:, stats.sq_norm.argsort(descending=True)[: score.shape[1] // 4]] = 0.0
         return score
 
-    broken = scores.Method("wanda", kill_busiest, "row", True, "zeroes the busiest channels")
-    monkeypatch.setitem(scores.METHODS, "wanda", broken)
+    broken = registry.Method("wanda", "zeroes the busiest channels", kill_busiest, scope="row")
+    monkeypatch.setitem(registry.METHODS, "wanda", broken)
     report, log = tmp_path / "run.json", tmp_path / "run.log"
     result = invoke_prune(
         tiny_model_dir, text_dir, "--nsamples", "4", "--save_json", report, "--save_log", log

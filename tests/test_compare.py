@@ -5,14 +5,14 @@ import pytest
 from conftest import VOCAB
 from test_cli import invoke
 
+from secateurs.config import RunConfig
 from secateurs.errors import SecateursError
-from secateurs.jobs import compare
-from secateurs.jobs import prune as runner
+from secateurs.jobs import compare, session
 from secateurs.jobs.compare import plan_runs, run_compare, run_key
-from secateurs.jobs.prune import PruneConfig
 
 
-def base_config(model_dir, text_dir, **overrides) -> PruneConfig:
+def base_config(model_dir, text_dir, **overrides) -> dict:
+    """The base flags of a comparison (each run adds its method, pattern and ratio)."""
     settings = {
         "model": str(model_dir),
         "dataset": str(text_dir),
@@ -22,7 +22,11 @@ def base_config(model_dir, text_dir, **overrides) -> PruneConfig:
         "progress": False,
         "neuronrank_max_classes": VOCAB // 4,
     }
-    return PruneConfig(**(settings | overrides))
+    return settings | overrides
+
+
+def key(flags: dict) -> str:
+    return run_key(RunConfig.from_flags(**flags))
 
 
 def compare_cli(model_dir, text_dir, tmp_path, *args):
@@ -33,7 +37,10 @@ def compare_cli(model_dir, text_dir, tmp_path, *args):
 def test_plan_runs_n_m_once_at_its_ratio_and_checks_everything(tiny_model_dir, text_dir):
     base = base_config(tiny_model_dir, text_dir)
     runs = plan_runs(base, ["wanda", "magnitude"], ["unstructured", "2:4"], [0.3, 0.6])
-    assert [(r.prune_method, r.sparsity_type, r.sparsity_ratio) for r in runs] == [
+    assert all(isinstance(r, RunConfig) for r in runs)
+    assert [
+        (r.method.prune_method, r.sparsity.sparsity_type, r.sparsity.sparsity_ratio) for r in runs
+    ] == [
         ("wanda", "unstructured", 0.3),
         ("magnitude", "unstructured", 0.3),
         ("wanda", "unstructured", 0.6),
@@ -49,9 +56,13 @@ def test_plan_runs_n_m_once_at_its_ratio_and_checks_everything(tiny_model_dir, t
 
 def test_run_key_ignores_only_what_cannot_change_results(tiny_model_dir, text_dir):
     base = base_config(tiny_model_dir, text_dir)
-    assert run_key(base) == run_key(PruneConfig(**(vars(base) | {"progress": True})))
-    assert run_key(base) != run_key(PruneConfig(**(vars(base) | {"seed": 1})))
-    assert run_key(base) != run_key(PruneConfig(**(vars(base) | {"idf_clip": 5.0})))
+    assert key(base) == key(base | {"progress": True})
+    assert key(base) != key(base | {"seed": 1})
+    idf = base | {"prune_method": "wanda_idf"}
+    assert key(idf) != key(idf | {"idf_clip": 5.0})
+    assert key(base) == key(base | {"idf_clip": 5.0})  # wanda reads no IDF
+    fisher = base | {"prune_method": "neuronrank_fisher"}
+    assert key(fisher) != key(fisher | {"neuronrank_max_classes": 8})
 
 
 def test_compare_writes_table_csv_json_plot_and_resumes(
@@ -86,9 +97,13 @@ def test_compare_writes_table_csv_json_plot_and_resumes(
     (out / "runs" / f"{run_key(plan_runs(base, ['magnitude'], ['2:4'], [0.5])[0])}.json").unlink()
     ran = []
     original = compare._one_run
-    monkeypatch.setattr(compare, "_one_run", lambda cfg, p: ran.append(cfg) or original(cfg, p))
+    monkeypatch.setattr(
+        compare, "_one_run", lambda plan, p: ran.append(plan.config) or original(plan, p)
+    )
     resumed = run_compare(base, methods, ["unstructured", "2:4"], [0.5], out, log=lambda _m: None)
-    assert [(c.prune_method, c.sparsity_type) for c in ran] == [("magnitude", "2:4")]
+    assert [(c.method.prune_method, c.sparsity.sparsity_type) for c in ran] == [
+        ("magnitude", "2:4")
+    ]
     assert [r["ppl_test"] for r in resumed.rows] == pytest.approx(
         [r["ppl_test"] for r in first.rows]
     )
@@ -100,7 +115,7 @@ def test_compare_command_fails_before_loading_anything(
     def forbidden(*_args, **_kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(runner, "load_model", forbidden)
+    monkeypatch.setattr(session, "load_model", forbidden)
     result = compare_cli(
         tiny_model_dir,
         text_dir,
@@ -140,11 +155,11 @@ def test_idf_forms_multiply_only_the_methods_that_read_the_idf(tiny_model_dir, t
     base = base_config(tiny_model_dir, text_dir)
     forms = ["seed", "relative"]
     runs = plan_runs(base, ["wanda", "wanda_idf", "wanda_spiky"], ["2:4"], [0.5], forms)
-    assert [(r.prune_method, r.idf_form) for r in runs] == [
-        ("wanda", base.idf_form),
+    assert [(r.method.prune_method, getattr(r.method.options, "idf_form", None)) for r in runs] == [
+        ("wanda", None),  # wanda and wanda_spiky read no IDF, so they run once
         ("wanda_idf", "seed"),
         ("wanda_idf", "relative"),
-        ("wanda_spiky", base.idf_form),
+        ("wanda_spiky", None),
     ]
     assert [compare.run_label(r, forms) for r in runs] == [
         "wanda",
@@ -159,8 +174,8 @@ def test_idf_forms_multiply_only_the_methods_that_read_the_idf(tiny_model_dir, t
 def test_run_key_holds_the_idf_form_only_where_it_is_read(tiny_model_dir, text_dir):
     for method, matters in (("wanda", False), ("wanda_spiky", False), ("wanda_select", True)):
         base = base_config(tiny_model_dir, text_dir, prune_method=method)
-        seed = PruneConfig(**(vars(base) | {"idf_form": "seed"}))
-        assert (run_key(base) != run_key(seed)) == matters, method
+        seed = base | {"idf_form": "seed"}
+        assert (key(base) != key(seed)) == matters, method
 
 
 def test_compare_runs_sparsegpt_and_ria(tiny_model_dir, text_dir, tmp_path):

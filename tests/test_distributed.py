@@ -46,7 +46,7 @@ def _masks(case: str, parallel=None) -> dict[str, torch.Tensor]:
         progress=False,
         redistributor=redistributor,
         parallel=parallel,
-        classes=8,
+        options={"neuronrank_max_classes": 8},
     )
     pruner.prune(make_windows(WINDOWS, 16), 0.5)
     return {name: weight_matrix(layer).clone() for name, layer in iter_prunable(model)}

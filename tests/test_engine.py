@@ -18,7 +18,7 @@ from secateurs.core.stats import ActivationStats, StatsRequest
 from secateurs.errors import SecateursError
 from secateurs.formats.shrink import shrink_mlps
 from secateurs.methods.recovery import LeastSquaresStrategy, WeightRedistributor
-from secateurs.methods.registry import wanda_score
+from secateurs.methods.wanda import wanda_score
 
 
 def zero_masks(model) -> dict[str, torch.Tensor]:
@@ -234,9 +234,9 @@ def test_report_times_every_phase():
 @pytest.mark.parametrize("method", ["wanda", "neuronrank_fisher", "magnitude"])
 def test_neuron_pruning_equals_removing_the_neurons(arch, method):
     model = make_model(arch)
-    report = MethodPruner(model, method, classes=8, progress=False).prune(
-        make_windows(), 0.5, "neuron"
-    )
+    report = MethodPruner(
+        model, method, options={"neuronrank_max_classes": 8}, progress=False
+    ).prune(make_windows(), 0.5, "neuron")
     mlp_names = {
         n for g in find_mlp_groups(find_linears(find_blocks(model)[1][0])) for n in g.names
     }
@@ -277,9 +277,9 @@ SELECTIVE = ["wanda_idf", "wanda_spiky", "wanda_select", "neuronrank_fisher"]
 )
 def test_every_method_runs_with_every_pattern(method, sparsity_type, use_variant):
     model = make_model("qwen2")
-    report = MethodPruner(model, method, classes=16, progress=False).prune(
-        make_windows(), 0.5, sparsity_type, use_variant=use_variant
-    )
+    report = MethodPruner(
+        model, method, options={"neuronrank_max_classes": 16}, progress=False
+    ).prune(make_windows(), 0.5, sparsity_type, use_variant=use_variant)
     assert report.layers
     for record in report.layers:
         tolerance = 0.05 if use_variant else 1e-9

@@ -75,7 +75,7 @@ def test_write_failure_during_save_leaves_nothing(tmp_path, tiny_model_dir, text
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("secateurs.jobs.prune.write_log", disk_full)
+    monkeypatch.setattr("secateurs.jobs.result.write_log", disk_full)
     result = invoke_prune(
         tiny_model_dir, text_dir, "--nsamples", "2", "--save_log", tmp_path / "r.log"
     )
@@ -117,7 +117,7 @@ def test_a_real_bug_is_exit_1_with_its_traceback_only_under_debug(
     def bug(*args, **kwargs):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr("secateurs.cli.run_prune", bug)
+    monkeypatch.setattr("secateurs.jobs.prune.run_prune", bug)
     result = invoke_prune(tiny_model_dir, text_dir)
     assert result.exit_code == 1
     assert "unexpected ZeroDivisionError" in result.output and "--debug" in result.output

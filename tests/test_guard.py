@@ -8,8 +8,9 @@ from secateurs.core.engine import prune_sequential
 from secateurs.core.guard import ChannelCollapseWarning, alarm_message, check_channels, written_off
 from secateurs.core.model import weight_matrix
 from secateurs.core.patterns import parse_pattern
-from secateurs.core.stats import ActivationStats, SelectivityOptions, StatsRequest
-from secateurs.methods.registry import wanda_idf_score, wanda_score
+from secateurs.core.stats import ActivationStats, StatsRequest
+from secateurs.methods.selectivity import SelectivityOptions, channel_idf, wanda_idf_score
+from secateurs.methods.wanda import wanda_score
 
 
 def outlier_layer(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -23,11 +24,11 @@ def outlier_layer(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return weight, x
 
 
-def layer_stats(x: torch.Tensor, form: str) -> ActivationStats:
+def layer_stats(x: torch.Tensor, form: str) -> tuple[ActivationStats, SelectivityOptions]:
     options = SelectivityOptions(exact=True, idf_form=form)
-    stats = ActivationStats(x.shape[-1], request=StatsRequest(selectivity=options))
+    stats = ActivationStats(x.shape[-1], request=StatsRequest(selectivity=options.thresholds()))
     stats.add_batch(x)
-    return stats
+    return stats, options
 
 
 def test_a_zeroed_high_energy_channel_raises_the_alarm():
@@ -60,14 +61,15 @@ def test_one_surviving_weight_keeps_a_channel():
 
 def test_seed_idf_on_outlier_channels_alarms_and_plain_wanda_does_not():
     weight, x = outlier_layer()
-    seed = layer_stats(x, "seed")
-    assert float(seed.idf[3]) == 0.0 and float(seed.idf[7]) == 0.0
-    alarm = check_channels(wanda_idf_score(weight, seed), seed.sq_norm)
+    seed, seed_options = layer_stats(x, "seed")
+    idf = channel_idf(seed, seed_options)
+    assert float(idf[3]) == 0.0 and float(idf[7]) == 0.0
+    alarm = check_channels(wanda_idf_score(weight, seed, seed_options), seed.sq_norm)
     assert alarm is not None and set(alarm.channels) == {3, 7}
     assert alarm.energy_share > 0.9
     assert check_channels(wanda_score(weight, seed), seed.sq_norm) is None
-    safe = layer_stats(x, "smooth")
-    assert check_channels(wanda_idf_score(weight, safe), safe.sq_norm) is None
+    safe, safe_options = layer_stats(x, "smooth")
+    assert check_channels(wanda_idf_score(weight, safe, safe_options), safe.sq_norm) is None
 
 
 def test_alarm_message_names_the_layers():

@@ -1,9 +1,14 @@
 import pytest
 import torch
 
-from secateurs.core.stats import SelectivityOptions
 from secateurs.errors import SecateursError
-from secateurs.methods.idf import DEFAULT_IDF_FORM, IDF_FORMS, check_idf_form, idf_values
+from secateurs.methods.selectivity import (
+    DEFAULT_IDF_FORM,
+    IDF_FORMS,
+    SelectivityOptions,
+    check_idf_form,
+    idf_values,
+)
 
 # active shares from never to always, the relative share independent of them
 ACTIVE = torch.tensor([0.0, 1e-6, 0.05, 0.4, 0.9, 1.0], dtype=torch.float64)

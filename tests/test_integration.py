@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
+from secateurs.config import RunConfig
 from secateurs.core.model import iter_prunable, load_model, weight_matrix
 from secateurs.data import assets
-from secateurs.jobs.prune import PruneConfig, run_prune
+from secateurs.jobs.prune import run_prune
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +36,7 @@ def test_wiki_sample_is_clean_and_split_deterministically():
 def results():
     quiet = lambda _m: None  # noqa: E731
     return {
-        method: run_prune(PruneConfig(prune_method=method, **SMALL), log=quiet)
+        method: run_prune(RunConfig.from_flags(prune_method=method, **SMALL), log=quiet)
         for method in ("wanda", "magnitude")
     }
 
@@ -54,7 +55,7 @@ def test_wanda_beats_magnitude_and_hits_the_target(results):
 def test_saved_model_reloads_with_the_same_zeros_and_perplexity(tmp_path):
     saved = tmp_path / "smol-2-4"
     result = run_prune(
-        PruneConfig(sparsity_type="2:4", eval_dense=False, save_model=str(saved), **SMALL),
+        RunConfig.from_flags(sparsity_type="2:4", eval_dense=False, save_model=str(saved), **SMALL),
         log=lambda _m: None,
     )
     stored = json.loads((saved / "secateurs.json").read_text())
@@ -65,7 +66,7 @@ def test_saved_model_reloads_with_the_same_zeros_and_perplexity(tmp_path):
         groups = (weight == 0).view(weight.shape[0], -1, 4).sum(-1)
         assert bool((groups >= 2).all())
     again = run_prune(
-        PruneConfig(
+        RunConfig.from_flags(
             **(SMALL | {"model": str(saved)}), prune_method="magnitude", sparsity_ratio=0.0
         ),
         log=lambda _m: None,
@@ -77,7 +78,9 @@ def test_saved_model_reloads_with_the_same_zeros_and_perplexity(tmp_path):
 def test_neuron_pruned_smollm2_saves_narrower_with_the_same_perplexity(tmp_path):
     saved = tmp_path / "smol-neurons"
     result = run_prune(
-        PruneConfig(sparsity_type="neuron", eval_dense=False, save_model=str(saved), **SMALL),
+        RunConfig.from_flags(
+            sparsity_type="neuron", eval_dense=False, save_model=str(saved), **SMALL
+        ),
         log=lambda _m: None,
     )
     assert result["saved_model"]["width_after"] == 768
@@ -86,7 +89,7 @@ def test_neuron_pruned_smollm2_saves_narrower_with_the_same_perplexity(tmp_path)
     assert model.config.intermediate_size == 768
     assert sum(p.numel() for p in model.parameters()) == result["saved_model"]["parameters_after"]
     again = run_prune(
-        PruneConfig(
+        RunConfig.from_flags(
             **(SMALL | {"model": str(saved)}), prune_method="magnitude", sparsity_ratio=0.0
         ),
         log=lambda _m: None,

@@ -18,7 +18,7 @@ from secateurs.methods.recovery import (
     output_error,
     relative_output_error,
 )
-from secateurs.methods.registry import wanda_score
+from secateurs.methods.wanda import wanda_score
 
 
 def problem(rows=24, cols=32, tokens=400, seed=0, offset=0.7):

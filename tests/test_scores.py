@@ -1,24 +1,23 @@
 import pytest
 import torch
 
-from secateurs.core.stats import ActivationStats, SelectivityOptions, StatsRequest
+from secateurs.core.stats import ActivationStats, StatsRequest
 from secateurs.errors import SecateursError
-from secateurs.methods.registry import (
-    METHODS,
-    check_classes,
-    check_ria_alpha,
-    fisher_score,
-    get_method,
-    magnitude_score,
-    ria_score,
-    sparsegpt_saliency,
+from secateurs.methods.fisher import FisherOptions, check_classes, fisher_score
+from secateurs.methods.magnitude import magnitude_score
+from secateurs.methods.registry import METHODS, get_method
+from secateurs.methods.ria import RiaOptions, check_ria_alpha, ria_score
+from secateurs.methods.selectivity import (
+    SelectivityOptions,
+    channel_idf,
     wanda_idf_score,
-    wanda_score,
     wanda_select_score,
     wanda_spiky_score,
 )
+from secateurs.methods.sparsegpt import sparsegpt_saliency
+from secateurs.methods.wanda import wanda_score
 
-FULL = StatsRequest(selectivity=SelectivityOptions(exact=True), classes=3, gram=True)
+FULL = StatsRequest(selectivity=SelectivityOptions(exact=True).thresholds(), classes=3, gram=True)
 
 
 def full_stats(columns: int, seed: int = 0) -> ActivationStats:
@@ -49,7 +48,8 @@ def test_scores_keep_the_weight_shape_and_are_nonnegative():
     stats = full_stats(10)
     gradients = torch.rand(6, 10)
     for method in METHODS.values():
-        score = method.score(weight, gradients if "gradients" in method.needs else stats)
+        inputs = gradients if method.gradients else stats
+        score = method.compute(weight, inputs, method.make_options(), "model.layers.0.mlp.up_proj")
         assert score.shape == weight.shape
         assert bool((score >= 0).all())
 
@@ -59,12 +59,15 @@ def test_registry_defaults_match_the_reference():
     assert get_method("magnitude").scope == "layer" and not get_method("magnitude").calibrated
 
 
+OPTS = SelectivityOptions()
+
+
 @pytest.mark.parametrize(
     ("score", "factors"),
     [
-        (wanda_idf_score, ("idf",)),
+        (lambda w, s: wanda_idf_score(w, s, OPTS), ("idf",)),
         (wanda_spiky_score, ("spikiness",)),
-        (wanda_select_score, ("idf", "spikiness")),
+        (lambda w, s: wanda_select_score(w, s, OPTS), ("idf", "spikiness")),
         (fisher_score, ("fisher",)),
     ],
 )
@@ -73,19 +76,50 @@ def test_selective_scores_scale_wanda_per_input_channel(score, factors):
     stats = full_stats(9, seed=1)
     expected = wanda_score(weight, stats)
     for factor in factors:
-        expected = expected * getattr(stats, factor).unsqueeze(0)
+        value = channel_idf(stats, OPTS) if factor == "idf" else getattr(stats, factor)
+        expected = expected * value.unsqueeze(0)
     torch.testing.assert_close(score(weight, stats), expected)
 
 
+@pytest.mark.parametrize(
+    ("name", "factors"),
+    [
+        ("wanda_idf", ("idf",)),
+        ("wanda_spiky", ("spikiness",)),
+        ("wanda_select", ("idf", "spikiness")),
+        ("neuronrank_fisher", ("fisher",)),
+    ],
+)
+def test_registered_selective_methods_pass_their_options(name, factors):
+    method = get_method(name)
+    weight = torch.randn(4, 9)
+    stats = full_stats(9, seed=1)
+    options = method.make_options({"idf_form": "smooth"})
+    expected = wanda_score(weight, stats)
+    for factor in factors:
+        value = channel_idf(stats, options) if factor == "idf" else getattr(stats, factor)
+        expected = expected * value.unsqueeze(0)
+    torch.testing.assert_close(method.compute(weight, stats, options), expected)
+
+
 def test_methods_name_the_statistics_they_need():
-    assert get_method("wanda_select").needs == {"selectivity", "idf"}
-    assert get_method("neuronrank_fisher").needs == {"classes"}
-    assert not get_method("wanda").needs
+    select = get_method("wanda_select")
+    opts = SelectivityOptions(tau_percentile=0.7)
+    assert select.request(opts).selectivity == opts.thresholds()
+    assert select.request(opts).classes == 0 and not select.request(opts).gram
+    assert hasattr(select.make_options(), "idf_form")  # the score reads the IDF
+    spiky = get_method("wanda_spiky")
+    assert spiky.request(spiky.make_options()).selectivity is not None
+    assert not hasattr(spiky.make_options(), "idf_form")  # spikiness alone: no IDF
+    fisher = get_method("neuronrank_fisher")
+    request = fisher.request(FisherOptions(classes=7))
+    assert request.classes == 7 and request.selectivity is None and not request.gram
+    assert get_method("wanda").request(None) == StatsRequest()
 
 
 def test_a_score_without_its_statistics_says_so():
     with pytest.raises(ValueError, match="gathered without selectivity"):
-        wanda_idf_score(torch.ones(2, 3), ActivationStats(3))
+        wanda_idf_score(torch.ones(2, 3), ActivationStats(3), OPTS)
     with pytest.raises(ValueError, match="needs activation statistics"):
         fisher_score(torch.ones(2, 3), None)
 
@@ -115,15 +149,20 @@ def test_ria_against_a_direct_computation(alpha):
 
 def test_ria_is_registered_with_its_alpha_and_both_scopes():
     ria = get_method("ria")
-    assert ria.options == {"alpha"} and ria.scope == "row" and ria.calibrated
+    assert ria.options is RiaOptions and ria.scope == "row" and ria.calibrated
+    assert ria.make_options({"ria_alpha": 0.25}).alpha == 0.25
     for bad in (-0.1, float("nan"), float("inf")):
         with pytest.raises(SecateursError, match="ria_alpha"):
             check_ria_alpha(bad)
+        with pytest.raises(SecateursError, match="ria_alpha"):
+            RiaOptions(alpha=bad)
 
 
 def test_sparsegpt_is_a_solver_with_a_diagonal_saliency():
     sparsegpt = get_method("sparsegpt")
-    assert sparsegpt.solver is not None and sparsegpt.needs == {"gram"}
+    assert sparsegpt.solver is not None and sparsegpt.updates_weights
+    request = sparsegpt.request(sparsegpt.make_options())
+    assert request == StatsRequest(gram=True)
     weight = torch.randn(3, 4)
     stats = ActivationStats(4, request=StatsRequest(gram=True))
     x = torch.randn(2, 9, 4)

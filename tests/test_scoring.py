@@ -1,7 +1,6 @@
 """The safety workflow end to end on a tiny LLaMA: score files, wandg, set difference, attack."""
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from secateurs.api import MethodPruner, TablePruner
+from secateurs.config import RunConfig
 from secateurs.core.model import iter_prunable, weight_matrix
 from secateurs.core.stats import ActivationStats
 from secateurs.data.prompts import encode_pairs, load_pairs
@@ -261,8 +261,12 @@ def test_a_large_set_difference_warns():
     ],
 )
 def test_score_files_follow_the_data_each_method_scores_on(method, prune_data, expected):
-    cfg = SimpleNamespace(
-        prune_data=prune_data, dataset="wiki-sample", utility_data="utility", save="run"
+    cfg = RunConfig.from_flags(
+        prune_method=method,
+        prune_data=prune_data,
+        dataset="wiki-sample",
+        utility_data="utility",
+        save="run",
     )
     files = score_files(cfg, get_method(method))
     assert {role: path.stem for role, path in files.items()} == expected

@@ -10,9 +10,10 @@ from secateurs.core.patterns import NMSparsity, Unstructured, layer_mask, nm_mas
 from secateurs.core.stats import ActivationStats, StatsRequest
 from secateurs.errors import SecateursError
 from secateurs.evaluate.perplexity import check_sparsity
+from secateurs.methods.magnitude import magnitude_score
 from secateurs.methods.recovery import LeastSquaresStrategy, WeightRedistributor, output_error
-from secateurs.methods.registry import magnitude_score, wanda_score
 from secateurs.methods.sparsegpt import sparsegpt_prune
+from secateurs.methods.wanda import wanda_score
 
 
 def layer_problem(rows=32, cols=256, tokens=1024, seed=0):

@@ -4,11 +4,12 @@ import torch
 from secateurs.core.stats import (
     ActivationStats,
     MagnitudeHistogram,
-    SelectivityOptions,
+    SelectivityThresholds,
     StatsRequest,
     token_classes,
 )
 from secateurs.errors import SecateursError
+from secateurs.methods.selectivity import SelectivityOptions, channel_idf
 
 
 def test_sq_norm_is_mean_over_windows_of_window_sums():
@@ -78,7 +79,7 @@ def test_exact_selectivity_matches_a_direct_computation():
         [[0.0, 1.0, -4.0], [0.5, -1.0, 0.0], [0.1, 2.0, 0.0], [-0.2, 1.0, 0.0], [0.3, -3.0, 8.0]]
     )  # 5 tokens, 3 channels
     seed = SelectivityOptions(exact=True, idf_form="seed")
-    stats = ActivationStats(3, request=StatsRequest(selectivity=seed))
+    stats = ActivationStats(3, request=StatsRequest(selectivity=seed.thresholds()))
     stats.add_batch(x[:2].unsqueeze(0))
     stats.add_batch(x[2:].unsqueeze(0))
     magnitudes = x.abs()
@@ -86,7 +87,7 @@ def test_exact_selectivity_matches_a_direct_computation():
     assert stats._selectivity.tau == pytest.approx(float(tau))
     active = (magnitudes > tau).float().mean(dim=0)
     expected_idf = torch.log(1 / (active + 1e-10)).clamp(0, 10)
-    torch.testing.assert_close(stats.idf, expected_idf)
+    torch.testing.assert_close(channel_idf(stats, seed), expected_idf)
     torch.testing.assert_close(stats.active_rate, active)
     relative = (magnitudes > magnitudes.mean(dim=0)).float().mean(dim=0)
     torch.testing.assert_close(stats.relative_rate, relative)
@@ -97,17 +98,15 @@ def test_exact_selectivity_matches_a_direct_computation():
 
 def test_selectivity_options_change_the_statistics():
     x = torch.randn(1, 400, 4) * torch.tensor([0.1, 1.0, 3.0, 10.0])
-    loose = ActivationStats(
-        4, request=StatsRequest(selectivity=SelectivityOptions(idf_clip=0.5, idf_form="seed"))
-    )
+    loose_options = SelectivityOptions(idf_clip=0.5, idf_form="seed")
+    loose = ActivationStats(4, request=StatsRequest(selectivity=loose_options.thresholds()))
     loose.add_batch(x)
-    assert float(loose.idf.max()) <= 0.5
-    strict = ActivationStats(
-        4,
-        request=StatsRequest(selectivity=SelectivityOptions(tau_percentile=0.95, idf_form="seed")),
-    )
+    loose_idf = channel_idf(loose, loose_options)
+    assert float(loose_idf.max()) <= 0.5
+    strict_options = SelectivityOptions(tau_percentile=0.95, idf_form="seed")
+    strict = ActivationStats(4, request=StatsRequest(selectivity=strict_options.thresholds()))
     strict.add_batch(x)
-    assert bool((strict.idf >= loose.idf).all())
+    assert bool((channel_idf(strict, strict_options) >= loose_idf).all())
 
 
 @pytest.mark.parametrize(
@@ -126,6 +125,20 @@ def test_selectivity_options_change_the_statistics():
 def test_bad_selectivity_options_are_refused(options, message):
     with pytest.raises(SecateursError, match=message):
         SelectivityOptions(**options)
+
+
+@pytest.mark.parametrize(
+    ("thresholds", "message"),
+    [
+        ({"tau_percentile": 1.0}, "tau_percentile"),
+        ({"top_quantile": 0.0}, "top_quantile"),
+        ({"spiky_clip": 0.5}, "spiky_clip"),
+        ({"eps": 0.0}, "eps"),
+    ],
+)
+def test_bad_selectivity_thresholds_are_refused(thresholds, message):
+    with pytest.raises(SecateursError, match=message):
+        SelectivityThresholds(**thresholds)
 
 
 DISTRIBUTIONS = {
@@ -148,9 +161,9 @@ def test_streaming_selectivity_is_within_the_stated_bound_of_exact(name):
     channels = 48
     seed = SelectivityOptions(idf_form="seed")
     exact = ActivationStats(
-        channels, request=StatsRequest(selectivity=SelectivityOptions(exact=True, idf_form="seed"))
+        channels, request=StatsRequest(selectivity=SelectivityThresholds(exact=True))
     )
-    streamed = ActivationStats(channels, request=StatsRequest(selectivity=seed))
+    streamed = ActivationStats(channels, request=StatsRequest(selectivity=seed.thresholds()))
     for _ in range(8):
         x = DISTRIBUTIONS[name](generator, 2048, channels).reshape(4, 512, channels)
         exact.add_batch(x)
@@ -158,7 +171,8 @@ def test_streaming_selectivity_is_within_the_stated_bound_of_exact(name):
     rate_exact, rate_streamed = exact.active_rate, streamed.active_rate
     assert float((rate_exact - rate_streamed).abs().max()) < 0.002
     common = rate_exact > 0.01
-    assert float((exact.idf - streamed.idf)[common].abs().max()) < 0.05
+    idf_gap = channel_idf(exact, seed) - channel_idf(streamed, seed)
+    assert float(idf_gap[common].abs().max()) < 0.05
     relative = (exact.spikiness - streamed.spikiness).abs() / exact.spikiness
     assert float(relative.max()) < 0.002
     # the share above the channel's own mean comes from the 1/8 token sample: ~2k tokens
@@ -166,7 +180,7 @@ def test_streaming_selectivity_is_within_the_stated_bound_of_exact(name):
 
 
 def test_streaming_memory_does_not_grow_with_tokens():
-    stats = ActivationStats(16, request=StatsRequest(selectivity=SelectivityOptions()))
+    stats = ActivationStats(16, request=StatsRequest(selectivity=SelectivityThresholds()))
     held = stats._selectivity._histogram.counts
     shape = held.shape
     for _ in range(5):
@@ -242,10 +256,10 @@ def test_token_classes_rank_only_the_counted_tokens():
 
 def test_requests_merge_to_everything_asked_for():
     merged = StatsRequest(mean=True, gram=True, gram_fraction=0.25).merge(
-        StatsRequest(selectivity=SelectivityOptions(), classes=4)
+        StatsRequest(selectivity=SelectivityThresholds(), classes=4)
     )
     assert merged.mean and merged.gram and merged.gram_fraction == 0.25
-    assert merged.selectivity == SelectivityOptions() and merged.classes == 4
+    assert merged.selectivity == SelectivityThresholds() and merged.classes == 4
     assert (
         StatsRequest(gram=True, gram_fraction=0.25).merge(StatsRequest(gram=True)).gram_fraction
         == 1.0

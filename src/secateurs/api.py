@@ -11,7 +11,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from secateurs.core.engine import BlockStore, DataParallel, MetricFn, PruneReport, prune_sequential
+from secateurs.core.engine import (
+    BlockStore,
+    DataParallel,
+    MetricFn,
+    PruneReport,
+    Solver,
+    prune_sequential,
+)
 from secateurs.core.model import choose_seqlen, iter_prunable, load_model, weight_matrix
 from secateurs.core.patterns import (
     NMSparsity,
@@ -21,14 +28,14 @@ from secateurs.core.patterns import (
     effective_ratio,
     parse_pattern,
 )
-from secateurs.core.stats import ActivationStats, SelectivityOptions, StatsRequest
+from secateurs.core.stats import ActivationStats, StatsRequest
 from secateurs.data import text as data
 from secateurs.data.prompts import PromptBatch, text_batch
 from secateurs.errors import SecateursError
 from secateurs.methods.allocation import allocate, check_allocation
 from secateurs.methods.gradients import gradient_magnitudes
 from secateurs.methods.recovery import WeightRedistributor
-from secateurs.methods.registry import Method, Solver, check_classes, check_ria_alpha, get_method
+from secateurs.methods.registry import Method, get_method
 
 
 def as_windows(dataloader: Any) -> torch.Tensor | None:
@@ -212,44 +219,42 @@ def prune_with_pattern(
 
 
 class MethodPruner(BasePruner):
-    """A pruner for any method of the registry in :mod:`secateurs.methods.registry`.
+    """A pruner for any method of the registry (:mod:`secateurs.methods`).
 
-    ``selectivity`` tunes the IDF and spikiness statistics; ``classes`` is how many of the
-    most frequent calibration tokens serve as classes for the Fisher ratio; ``ria_alpha`` is
-    RIA's activation exponent.
+    ``options`` are the method's own settings: an instance of its options class (such as
+    :class:`secateurs.methods.selectivity.SelectivityOptions`), or a dict of flag values
+    (``{"ria_alpha": 0.3}``; flags the method does not read are ignored), or None for the
+    defaults.
     """
 
     def __init__(
         self,
         model: nn.Module,
         method: str | Method = "wanda",
-        selectivity: SelectivityOptions | None = None,
-        classes: int = 128,
-        ria_alpha: float = 0.5,
+        options: Any = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(model, **kwargs)
         self.method = method if isinstance(method, Method) else get_method(method)
         self.default_scope = self.method.scope
         self.calibrated = self.method.calibrated
-        self.solver = self.method.solver
-        options = {"alpha": check_ria_alpha(ria_alpha)}
-        self.score_options = {k: v for k, v in options.items() if k in self.method.options}
-        self.selectivity = selectivity or SelectivityOptions()
-        self.classes = check_classes(classes)
+        if options is None or isinstance(options, dict):
+            options = self.method.make_options(options)
+        elif self.method.options is None or not isinstance(options, self.method.options):
+            expected = "no options" if self.method.options is None else self.method.options.__name__
+            raise TypeError(f"{self.method.name} takes {expected}, not {type(options).__name__}")
+        self.options = options
+        self.solver = self.method.bound_solver(options)
+        self._names = {id(layer): name for name, layer in iter_prunable(model)}
 
     def stats_request(self) -> StatsRequest:
-        needs = self.method.needs
-        return StatsRequest(
-            selectivity=self.selectivity if "selectivity" in needs else None,
-            classes=self.classes if "classes" in needs else 0,
-            gram="gram" in needs,
-        )
+        return self.method.request(self.options)
 
     def compute_pruning_metric(
         self, layer: nn.Module, activation_stats: ActivationStats | None
     ) -> torch.Tensor:
-        return self.method.score(weight_matrix(layer), activation_stats, **self.score_options)
+        name = self._names.get(id(layer), "")
+        return self.method.compute(weight_matrix(layer), activation_stats, self.options, name)
 
     def scores(
         self, dataloader: Any = None, token_mask: torch.Tensor | None = None
@@ -263,7 +268,7 @@ class MethodPruner(BasePruner):
         if prompt_batch is not None:
             dataloader, token_mask = prompt_batch.input_ids, prompt_batch.token_mask
         windows = as_windows(dataloader)
-        if "gradients" in self.method.needs:
+        if self.method.gradients:
             if windows is None:
                 raise ValueError("a gradient method needs prompt/response data or text windows")
             batch = prompt_batch or (
@@ -273,7 +278,7 @@ class MethodPruner(BasePruner):
                 self.model, batch, self.device, self.progress, self.batch_size
             )
             return {
-                name: self.method.score(weight_matrix(layer), gradients[name])
+                name: self.method.compute(weight_matrix(layer), gradients[name], self.options, name)
                 for name, layer in iter_prunable(self.model)
             }
         names = {id(layer): name for name, layer in iter_prunable(self.model)}
@@ -310,7 +315,7 @@ class MethodPruner(BasePruner):
         token_mask: torch.Tensor | None = None,
         negate: bool = False,
     ) -> PruneReport:
-        if "gradients" not in self.method.needs:
+        if not self.method.gradients:
             return super().prune(
                 dataloader,
                 sparsity_ratio,
@@ -375,7 +380,7 @@ def prune(
     sparsity_allocation: str = "uniform",
     owl_threshold: float = 5.0,
     owl_lambda: float = 0.08,
-    ria_alpha: float = 0.5,
+    options: Any = None,
     window_bos: str = "auto",
 ) -> Pruned:
     """Load (if given a name), calibrate and prune a model in one call.
@@ -384,7 +389,8 @@ def prune(
     :func:`secateurs.data.text.window_bos_token`).
 
     ``sparsity_allocation`` is ``uniform``, ``owl`` (per-block ratios from outlier ratios,
-    ``owl_threshold`` and ``owl_lambda``) or a file of per-block ratios.
+    ``owl_threshold`` and ``owl_lambda``) or a file of per-block ratios. ``options`` are the
+    method's own settings (see :class:`MethodPruner`).
     """
     pattern = parse_pattern(sparsity_type, get_method(method).scope)
     check_allocation(sparsity_allocation, pattern, owl_threshold, owl_lambda)
@@ -400,7 +406,7 @@ def prune(
         batch_size=batch_size,
         progress=progress,
         redistributor=redistributor,
-        ria_alpha=ria_alpha,
+        options=options,
     )
     windows = None
     if pruner.calibrated or redistributor is not None or sparsity_allocation == "owl":

@@ -1,32 +1,40 @@
-"""The ``secateurs`` command: a thin layer over :mod:`secateurs.jobs.prune`."""
+"""The ``secateurs`` command: a thin layer over :mod:`secateurs.jobs`.
+
+``prune`` and ``compare`` are generated from the run configuration's fields
+(:mod:`secateurs.config` and each method's options class), so every flag, default and help
+line is written once, beside the code that reads it, and lands in its help panel.
+"""
 
 from __future__ import annotations
 
+import inspect
+import re
 import time
+import typing
 import warnings
-from dataclasses import fields
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import typer.rich_utils
+from rich.table import Table
 from typer.core import TyperGroup
 
+from secateurs import __version__
+from secateurs.config import DTYPES, SPECS, EvaluationSpec, RunConfig, check_dtype
+from secateurs.core.spec import flagged_fields
 from secateurs.errors import SecateursError
 from secateurs.evaluate.zeroshot import DEFAULT_TASKS
 from secateurs.jobs.compare import DEFAULT_METHODS
-from secateurs.jobs.prune import (
-    DTYPES,
-    PruneConfig,
-    check_device,
-    check_dtype,
-    check_eval_args,
-    load_eval_windows,
-    run_prune,
-)
-from secateurs.methods.idf import DEFAULT_IDF_FORM, IDF_FORMS
-from secateurs.methods.registry import METHODS
+from secateurs.jobs.plan import check_device, zero_shot_planned
+from secateurs.jobs.session import load_eval_windows
+from secateurs.methods import METHODS
+from secateurs.methods.registry import option_classes
+from secateurs.methods.selectivity import DEFAULT_IDF_FORM, IDF_FORMS
 
-_ZERO_SHOT_FLAGS = ("--eval_zero_shot", "--eval-zero-shot")
+_ZERO_SHOT_FLAGS = ("--eval_zero_shot",)
+_DASHED = re.compile(r"^--[a-z0-9]+(?:-[a-z0-9]+)+(?==|$)")
 
 
 def default_zero_shot(args: list[str]) -> list[str]:
@@ -39,11 +47,36 @@ def default_zero_shot(args: list[str]) -> list[str]:
     return out
 
 
+def underscored(args: list[str]) -> list[str]:
+    """Flags spelled with dashes (--sparsity-ratio) as the reference spells them
+    (--sparsity_ratio), so both work while help lists one name per flag."""
+    return [_DASHED.sub(lambda m: "--" + m.group(0)[2:].replace("-", "_"), arg) for arg in args]
+
+
+class _HelpTable(Table):
+    """Typer's help tables with flag names that never shrink: only the help text wraps, so no
+    flag name is cut at 80 columns (rich would shrink the widest columns alike)."""
+
+    def add_row(self, *renderables, **kwargs) -> None:
+        super().add_row(*renderables, **kwargs)
+        for column in self.columns[:-1]:
+            column.no_wrap = True
+
+
+typer.rich_utils.Table = _HelpTable
+
+
 class _Commands(TyperGroup):
-    """The command group; lets --eval_zero_shot stand without a value."""
+    """The command group; takes dashed flag spellings and a bare --eval_zero_shot."""
 
     def parse_args(self, ctx, args):
-        return super().parse_args(ctx, default_zero_shot(args))
+        return super().parse_args(ctx, default_zero_shot(underscored(args)))
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"secateurs {__version__}")
+        raise typer.Exit()
 
 
 app = typer.Typer(
@@ -60,142 +93,131 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-_DEFAULTS = {f.name: f.default for f in fields(PruneConfig)}
-_METHODS_HELP = "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print the version and exit.", callback=_show_version, is_eager=True
+        ),
+    ] = False,
+) -> None:
+    """Prune large language models by weights and activations."""
 
 
-def _flag(name: str, help_text: str):
-    """An option spelled as the reference scripts do (--sparsity_ratio), dashes accepted too."""
-    dashed = name.replace("_", "-")
-    names = [f"--{name}"] + ([f"--{dashed}"] if dashed != name else [])
-    return typer.Option(*names, help=help_text)
+def _flag(name: str, help_text: str, panel: str | None = None):
+    """An option spelled as the reference scripts do (--sparsity_ratio); dashes work too."""
+    return typer.Option(f"--{name}", help=help_text, rich_help_panel=panel)
 
 
-ModelOpt = Annotated[
-    str,
-    _flag("model", "Hub id, local folder, or built-in name (smollm2-135m, gemma3-270m: offline)."),
-]
-SeqlenOpt = Annotated[
-    int | None, _flag("seqlen", "Tokens per window; default 2048 capped by the model's context.")
-]
-DeviceOpt = Annotated[str, _flag("device", "Compute device; the model stays on the CPU.")]
-DtypeOpt = Annotated[str, _flag("dtype", f"Weights dtype: {', '.join(DTYPES)}.")]
-CacheOpt = Annotated[str | None, _flag("cache_dir", "Hugging Face download cache folder.")]
-LimitOpt = Annotated[
-    int | None, _flag("eval_limit", "Evaluate only the first N windows (quick runs).")
-]
-EvalBatchOpt = Annotated[int, _flag("eval_batch_size", "Windows per evaluation forward pass.")]
-RemoteOpt = Annotated[
-    bool, _flag("trust_remote_code", "Run model code from the hub (off unless you trust it).")
-]
-DatasetOpt = Annotated[
-    str,
-    _flag("dataset", "Calibration text: wiki-sample (built in), wikitext2, c4, ptb, a path."),
-]
-NsamplesOpt = Annotated[int, _flag("nsamples", "Calibration windows.")]
-SeedOpt = Annotated[int, _flag("seed", "Seed for drawing calibration windows.")]
-BatchOpt = Annotated[
-    int | None,
-    _flag(
-        "batch_size",
-        "Calibration windows per forward pass through a block (default 8; 1 when streaming "
-        "from disk, where it holds less at the same speed).",
-    ),
-]
+def _option(name: str, annotation: Any, default: Any, help_text: str, panel: str):
+    """One generated command parameter (a bool that defaults to True gets --no_NAME)."""
+    if annotation is bool and default is True:
+        info = typer.Option(f"--{name}/--no_{name}", help=help_text, rich_help_panel=panel)
+    else:
+        info = _flag(name, help_text, panel)
+    kind = inspect.Parameter.KEYWORD_ONLY
+    return inspect.Parameter(name, kind, default=default, annotation=Annotated[annotation, info])
+
+
+def settings_classes() -> list[type]:
+    """The run's settings classes in help order: each spec, method options after the method."""
+    classes: list[type] = []
+    for spec in SPECS.values():
+        classes.append(spec)
+        if spec.PANEL == "Method":
+            classes.extend(option_classes())
+    return classes
+
+
+def spec_parameters(skip: Iterable[str] = ()) -> list[inspect.Parameter]:
+    """A parameter for every flag of the run configuration, once each, in panel order."""
+    skipped, params = set(skip), {}
+    for cls in settings_classes():
+        hints = typing.get_type_hints(cls)
+        panel = getattr(cls, "PANEL", "Method")
+        for field, flag in flagged_fields(cls):
+            if flag.name not in skipped and flag.name not in params:
+                params[flag.name] = _option(
+                    flag.name, hints[field.name], field.default, flag.help, panel
+                )
+    return list(params.values())
+
+
+def spec_option(name: str) -> Any:
+    """The annotated type of one configuration flag, for hand-written commands."""
+    for cls in settings_classes():
+        for field, flag in flagged_fields(cls):
+            if flag.name == name:
+                return Annotated[typing.get_type_hints(cls)[field.name], _flag(name, flag.help)]
+    raise KeyError(name)
+
+
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
 DebugOpt = Annotated[
     bool, typer.Option("--debug", help="Show the full traceback of an unexpected error.")
 ]
-VariantOpt = Annotated[
-    bool,
-    _flag(
-        "use_variant",
-        "Wanda variant: per-row counts from a cumulative-score threshold (unstructured only).",
-    ),
-]
-ClassesOpt = Annotated[
-    int,
-    _flag(
-        "neuronrank_max_classes",
-        "neuronrank_fisher: the K most frequent calibration tokens are the classes (K > 0).",
-    ),
-]
-TauOpt = Annotated[
-    float, _flag("tau_percentile", "Selectivity: |x| percentile that counts as active.")
-]
-TopOpt = Annotated[
-    float, _flag("top_quantile", "Spikiness: mean of |x| above this quantile over the mean.")
-]
-IdfClipOpt = Annotated[float, _flag("idf_clip", "IDF is clipped to [0, this].")]
-SpikyClipOpt = Annotated[float, _flag("spiky_clip", "Spikiness is clipped to [1, this].")]
-WindowBosOpt = Annotated[
-    str,
-    _flag(
-        "window_bos",
-        "Start every calibration and evaluation window with BOS: auto (for families that need "
-        "it, such as Gemma; LLaMA/OPT-style models keep the reference windows), always, never. "
-        "A window stays --seqlen tokens, BOS included.",
-    ),
-]
-IdfFormOpt = Annotated[
-    str,
-    _flag(
-        "idf_form",
-        f"IDF formula for wanda_idf and wanda_select (default {DEFAULT_IDF_FORM}): "
-        "smooth = 1 + log(1/p); tempered = smooth ** idf_power; normalized = IDF / mean IDF, "
-        "floored at idf_floor; relative = 1 + log(1/r), r the share of tokens above the "
-        "channel's own mean |x|; seed = log(1/p) as written, which zeroes the always-active "
-        "outlier channels and collapses the model.",
-    ),
-]
-IdfPowerOpt = Annotated[float, _flag("idf_power", "Exponent of --idf_form tempered, > 0.")]
-IdfFloorOpt = Annotated[float, _flag("idf_floor", "Floor of --idf_form normalized, > 0.")]
-ExactOpt = Annotated[
-    bool,
-    _flag(
-        "exact_selectivity",
-        "Exact quantiles (keeps every activation: small runs only); default streams a histogram.",
-    ),
-]
-
-ZeroShotOpt = Annotated[
-    str | None,
-    _flag(
-        "eval_zero_shot",
-        "Zero-shot accuracy through lm-evaluation-harness, comma-separated tasks: wiki-cloze "
-        "(built in, offline) or lm-eval task names (their data come from the hub). Without a "
-        f"value: {','.join(DEFAULT_TASKS)} (the Wanda paper's seven).",
-    ),
-]
-ZeroShotLimitOpt = Annotated[
-    int | None, _flag("zero_shot_limit", "Zero-shot: only the first N examples of each task.")
-]
-ZeroShotBatchOpt = Annotated[
-    int, _flag("zero_shot_batch_size", "Zero-shot: requests per forward pass.")
-]
-
-SaveFormatOpt = Annotated[
-    str,
-    _flag(
-        "save_format",
-        "How --save_model stores weights: dense (plain safetensors, loads anywhere) or "
-        "compressed (lossless: each sparse weight as a bitmask plus its nonzeros, every value "
-        "byte-coded; a 50% SmolLM2 in fp16 is 0.54x the dense fp16 file; loads with "
-        "transformers' from_pretrained after `import secateurs`, and in secateurs eval).",
-    ),
-]
-
-RiaAlphaOpt = Annotated[
-    float, _flag("ria_alpha", "ria: exponent of the activation norm (0.5 as in the paper).")
-]
 
 
-def _config(values: dict[str, Any]) -> PruneConfig:
-    """A configuration from a command's parameters: those named as its fields, and --quiet."""
-    known = {f.name for f in fields(PruneConfig)}
-    chosen = {k: v for k, v in values.items() if k in known}
-    return PruneConfig(**chosen, progress=not values["quiet"])
+def _common(panel: str = "Execution") -> list[inspect.Parameter]:
+    quiet = typer.Option("--quiet", help="No progress bars.", rich_help_panel=panel)
+    debug = typer.Option(
+        "--debug", help="Show the full traceback of an unexpected error.", rich_help_panel=panel
+    )
+    return [
+        inspect.Parameter(
+            "quiet",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=False,
+            annotation=Annotated[bool, quiet],
+        ),
+        inspect.Parameter(
+            "debug",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=False,
+            annotation=Annotated[bool, debug],
+        ),
+    ]
 
+
+def generated(params: list[inspect.Parameter]) -> Callable:
+    """Give ``fn(values)`` the signature ``params``: typer reads its options from them."""
+
+    def wrap(fn: Callable[[dict[str, Any]], None]) -> Callable[..., None]:
+        def command(**values: Any) -> None:
+            fn(values)
+
+        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        command.__doc__ = fn.__doc__
+        command.__name__ = fn.__name__
+        return command
+
+    return wrap
+
+
+def config_from(values: dict[str, Any], **overrides: Any) -> RunConfig:
+    """A run configuration from a generated command's values (--quiet turns progress off)."""
+    flags = {k: v for k, v in values.items() if k not in ("quiet", "debug")}
+    return RunConfig.from_flags(**(flags | overrides), progress=not values["quiet"])
+
+
+ModelOpt = spec_option("model")
+SeqlenOpt = spec_option("seqlen")
+DeviceOpt = spec_option("device")
+DtypeOpt = spec_option("dtype")
+CacheOpt = spec_option("cache_dir")
+LimitOpt = spec_option("eval_limit")
+EvalBatchOpt = spec_option("eval_batch_size")
+RemoteOpt = spec_option("trust_remote_code")
+DatasetOpt = spec_option("dataset")
+SeedOpt = spec_option("seed")
+WindowBosOpt = spec_option("window_bos")
+ZeroShotOpt = spec_option("eval_zero_shot")
+ZeroShotLimitOpt = spec_option("zero_shot_limit")
+ZeroShotBatchOpt = spec_option("zero_shot_batch_size")
+SaveFormatOpt = spec_option("save_format")
+_DEFAULTS = {f.name: f.default for spec in SPECS.values() for f, _ in flagged_fields(spec)}
 
 _PACKAGE = Path(__file__).resolve().parent
 _PYTHON_SHOW_WARNING = warnings.showwarning
@@ -252,201 +274,24 @@ def _guarded(action, quiet: bool = False, debug: bool = False) -> None:
 
 
 @app.command()
-def prune(
-    model: ModelOpt = _DEFAULTS["model"],
-    prune_method: Annotated[str, _flag("prune_method", _METHODS_HELP)] = _DEFAULTS["prune_method"],
-    sparsity_ratio: Annotated[
-        float, _flag("sparsity_ratio", "Fraction of weights to remove, in [0, 1).")
-    ] = _DEFAULTS["sparsity_ratio"],
-    sparsity_type: Annotated[
-        str,
-        _flag(
-            "sparsity_type",
-            "unstructured; N:M such as 2:4 or 4:8 (ratio = N/M); neuron (whole MLP neurons).",
-        ),
-    ] = _DEFAULTS["sparsity_type"],
-    scope: Annotated[
-        str | None,
-        _flag("scope", "Unstructured comparison group: row or layer (default: the method's)."),
-    ] = None,
-    dataset: DatasetOpt = _DEFAULTS["dataset"],
-    eval_dataset: Annotated[
-        str | None, _flag("eval_dataset", "Evaluation text (default: the test split of --dataset).")
-    ] = None,
-    nsamples: NsamplesOpt = _DEFAULTS["nsamples"],
-    seqlen: SeqlenOpt = None,
-    seed: SeedOpt = 0,
-    batch_size: BatchOpt = _DEFAULTS["batch_size"],
-    eval_batch_size: EvalBatchOpt = _DEFAULTS["eval_batch_size"],
-    eval_limit: LimitOpt = None,
-    eval_dense: Annotated[
-        bool, typer.Option("--eval_dense/--no_eval_dense", help="Also evaluate the dense model.")
-    ] = True,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
-    cache_dir: CacheOpt = None,
-    trust_remote_code: RemoteOpt = False,
-    save_model: Annotated[
-        str | None, _flag("save_model", "Write the pruned model here (Hugging Face folder).")
-    ] = None,
-    save_format: SaveFormatOpt = _DEFAULTS["save_format"],
-    save_json: Annotated[str | None, _flag("save_json", "Write the run's result as JSON.")] = None,
-    save_log: Annotated[str | None, _flag("save_log", "Write a readable summary here.")] = None,
-    keep_shape: Annotated[
-        bool,
-        _flag(
-            "keep_shape",
-            "With --sparsity_type neuron, save pruned neurons as zeros instead of cutting them "
-            "out (by default the saved MLPs are narrower: a smaller, faster model).",
-        ),
-    ] = False,
-    use_recovery: Annotated[
-        bool,
-        _flag("use_recovery", "After pruning each layer, give the lost signal to its survivors."),
-    ] = False,
-    recovery: Annotated[
-        str,
-        _flag(
-            "recovery",
-            "inverse_wanda: the seed's first-moment rule, cheap; "
-            "least_squares: minimise the layer's output error (ridge, conjugate gradients), "
-            "stronger.",
-        ),
-    ] = _DEFAULTS["recovery"],
-    inverse_wanda_update_fraction: Annotated[
-        float,
-        _flag("inverse_wanda_update_fraction", "Fraction of survivors per row updated, (0, 1]."),
-    ] = _DEFAULTS["inverse_wanda_update_fraction"],
-    inverse_wanda_max_relative_update: Annotated[
-        float,
-        _flag("inverse_wanda_max_relative_update", "Cap: |dW| <= this x |W|; must be > 0."),
-    ] = _DEFAULTS["inverse_wanda_max_relative_update"],
-    least_squares_damp: Annotated[
-        float, _flag("least_squares_damp", "Ridge damping, relative to the mean Hessian diagonal.")
-    ] = _DEFAULTS["least_squares_damp"],
-    recovery_report_fraction: Annotated[
-        float,
-        _flag(
-            "recovery_report_fraction",
-            "Share of calibration tokens the error report samples, (0, 1]; 1 = exact "
-            "(least_squares always reports exactly).",
-        ),
-    ] = _DEFAULTS["recovery_report_fraction"],
-    use_variant: VariantOpt = False,
-    neuronrank_max_classes: ClassesOpt = _DEFAULTS["neuronrank_max_classes"],
-    tau_percentile: TauOpt = _DEFAULTS["tau_percentile"],
-    top_quantile: TopOpt = _DEFAULTS["top_quantile"],
-    idf_clip: IdfClipOpt = _DEFAULTS["idf_clip"],
-    spiky_clip: SpikyClipOpt = _DEFAULTS["spiky_clip"],
-    exact_selectivity: ExactOpt = False,
-    idf_form: IdfFormOpt = _DEFAULTS["idf_form"],
-    idf_power: IdfPowerOpt = _DEFAULTS["idf_power"],
-    idf_floor: IdfFloorOpt = _DEFAULTS["idf_floor"],
-    ria_alpha: RiaAlphaOpt = _DEFAULTS["ria_alpha"],
-    sparsity_allocation: Annotated[
-        str,
-        _flag(
-            "sparsity_allocation",
-            "Sparsity per decoder block: uniform; owl (blocks with more outlier scores keep "
-            "more weights; one extra pass over the dense model; unstructured only); or a file "
-            "with one ratio per block (JSON list or one number per line).",
-        ),
-    ] = _DEFAULTS["sparsity_allocation"],
-    owl_threshold: Annotated[
-        float, _flag("owl_threshold", "OWL: a score above this x its block's mean is an outlier.")
-    ] = _DEFAULTS["owl_threshold"],
-    owl_lambda: Annotated[
-        float, _flag("owl_lambda", "OWL: block ratios span target +- this, in [0, 0.5).")
-    ] = _DEFAULTS["owl_lambda"],
-    window_bos: WindowBosOpt = _DEFAULTS["window_bos"],
-    prune_data: Annotated[
-        str | None,
-        _flag(
-            "prune_data",
-            "Prompt/response scoring data instead of --dataset: align (HarmBench prompts with "
-            "refusals, scoring half), utility (wiki-sample pairs), or a .jsonl/.csv file.",
-        ),
-    ] = None,
-    utility_data: Annotated[
-        str, _flag("utility_data", "wandg_set_difference: the utility prompt/response data.")
-    ] = _DEFAULTS["utility_data"],
-    entangle_prompt_feat: Annotated[
-        bool,
-        _flag("entangle_prompt_feat", "Count prompt tokens too (default: response tokens only)."),
-    ] = False,
-    save: Annotated[
-        str | None, _flag("save", "Folder for score files and attack responses.")
-    ] = None,
-    dump_wanda_score: Annotated[
-        bool,
-        _flag("dump_wanda_score", "Write the raw scores under --save and stop without pruning."),
-    ] = False,
-    load_wanda_score: Annotated[
-        bool, _flag("load_wanda_score", "Prune from scores dumped under --save (no calibration).")
-    ] = False,
-    neg_prune: Annotated[
-        bool, _flag("neg_prune", "Prune the highest scores instead of the lowest.")
-    ] = False,
-    p: Annotated[
-        float, _flag("p", "wandg_set_difference: top fraction by utility score that is kept.")
-    ] = _DEFAULTS["p"],
-    q: Annotated[
-        float, _flag("q", "wandg_set_difference: top fraction by safety score considered.")
-    ] = _DEFAULTS["q"],
-    eval_attack: Annotated[
-        bool, _flag("eval_attack", "ASR on the held-out half of align after pruning.")
-    ] = False,
-    save_attack_res: Annotated[
-        bool, _flag("save_attack_res", "Save the attack responses as JSONL under --save.")
-    ] = False,
-    attack_max_new_tokens: Annotated[
-        int, _flag("attack_max_new_tokens", "Tokens generated per attack prompt.")
-    ] = _DEFAULTS["attack_max_new_tokens"],
-    attack_batch_size: Annotated[
-        int, _flag("attack_batch_size", "Prompts per generation batch.")
-    ] = _DEFAULTS["attack_batch_size"],
-    attack_limit: Annotated[
-        int | None, _flag("attack_limit", "Attack only the first N held-out prompts.")
-    ] = None,
-    offload: Annotated[
-        str,
-        _flag(
-            "offload",
-            "Where the weights wait: none (all in memory); disk (a skeleton in memory, each "
-            "block read from the safetensors shards when reached, written to --save_model when "
-            "pruned, then freed; needs --save_model); auto (disk when the weights exceed "
-            "--max_memory).",
-        ),
-    ] = _DEFAULTS["offload"],
-    max_memory: Annotated[
-        str | None,
-        _flag("max_memory", "Memory the weights may take, e.g. 8GB; more streams from disk."),
-    ] = None,
-    eval_zero_shot: ZeroShotOpt = None,
-    zero_shot_limit: ZeroShotLimitOpt = None,
-    zero_shot_batch_size: ZeroShotBatchOpt = _DEFAULTS["zero_shot_batch_size"],
-    save_plot: Annotated[
-        str | None,
-        _flag(
-            "save_plot",
-            "Write a PNG of per-layer sparsity (and recovery error) by block and sublayer.",
-        ),
-    ] = None,
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
-) -> None:
-    """Prune a model, then print dense and pruned perplexity and the sparsity check."""
-    cfg = _config(locals())
+@generated(spec_parameters() + _common())
+def prune(values: dict[str, Any]) -> None:
+    """Prune a model, then print dense and pruned perplexity and the sparsity check.
+
+    The options come in the stages of a run; `secateurs methods` lists the methods.
+    """
 
     def action() -> None:
+        from secateurs.jobs.prune import run_prune
         from secateurs.jobs.report import summary_lines
 
-        log = (lambda _m: None) if quiet else (lambda m: typer.echo(m, err=True))
+        cfg = config_from(values)
+        log = (lambda _m: None) if values["quiet"] else (lambda m: typer.echo(m, err=True))
         result = run_prune(cfg, log=log)
         if "rank" not in result:  # the other ranks of a torchrun launch report nothing
             typer.echo("\n".join(summary_lines(result)))
 
-    _guarded(action, quiet, debug)
+    _guarded(action, values["quiet"], values["debug"])
 
 
 @app.command("eval")
@@ -481,23 +326,21 @@ def evaluate(
         from secateurs.evaluate.zeroshot import evaluate_zero_shot
         from secateurs.evaluate.zeroshot import summary_lines as zero_shot_lines
         from secateurs.io import ensure_free
-        from secateurs.jobs.prune import zero_shot_planned
         from secateurs.jobs.report import versions, write_json
 
-        check_eval_args(
-            PruneConfig(eval_limit=eval_limit, eval_batch_size=eval_batch_size, dtype=dtype)
+        spec = EvaluationSpec(
+            eval_batch_size=eval_batch_size,
+            eval_limit=eval_limit,
+            eval_zero_shot=eval_zero_shot,
+            zero_shot_limit=zero_shot_limit,
+            zero_shot_batch_size=zero_shot_batch_size,
         )
+        check_dtype(dtype)
         target = check_device(device)
         check_window_bos(window_bos)
         resolve_source(dataset)
         ensure_free(save_json, "--save_json")
-        plan = zero_shot_planned(
-            PruneConfig(
-                eval_zero_shot=eval_zero_shot,
-                zero_shot_limit=zero_shot_limit,
-                zero_shot_batch_size=zero_shot_batch_size,
-            )
-        )
+        plan = zero_shot_planned(RunConfig(evaluation=spec))
         config = load_config(model, cache_dir, trust_remote_code)
         length = choose_seqlen(config, seqlen)
         tokenizer = load_tokenizer(model, cache_dir, trust_remote_code)
@@ -545,80 +388,107 @@ def _split(text: str, convert=str) -> list:
         raise SecateursError(f"could not read the list '{text}': {exc}") from exc
 
 
-@app.command()
-def compare(
-    model: ModelOpt = _DEFAULTS["model"],
-    methods: Annotated[
-        str, _flag("methods", f"Comma-separated methods; any of {', '.join(METHODS)}.")
-    ] = ",".join(DEFAULT_METHODS),
-    sparsity_ratios: Annotated[
-        str, _flag("sparsity_ratios", "Comma-separated ratios for unstructured and neuron runs.")
-    ] = "0.5",
-    sparsity_types: Annotated[
-        str, _flag("sparsity_types", "Comma-separated: unstructured, N:M (run at N/M), neuron.")
-    ] = "unstructured,2:4",
-    dataset: DatasetOpt = _DEFAULTS["dataset"],
-    nsamples: NsamplesOpt = _DEFAULTS["nsamples"],
-    seqlen: SeqlenOpt = None,
-    seed: SeedOpt = 0,
-    batch_size: BatchOpt = _DEFAULTS["batch_size"],
-    eval_batch_size: EvalBatchOpt = _DEFAULTS["eval_batch_size"],
-    eval_limit: LimitOpt = None,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
-    cache_dir: CacheOpt = None,
-    trust_remote_code: RemoteOpt = False,
-    out: Annotated[
-        str, _flag("out", "Folder for the table, CSV, JSON, plot and the per-run cache.")
-    ] = "compare-out",
-    use_variant: VariantOpt = False,
-    neuronrank_max_classes: ClassesOpt = _DEFAULTS["neuronrank_max_classes"],
-    tau_percentile: TauOpt = _DEFAULTS["tau_percentile"],
-    top_quantile: TopOpt = _DEFAULTS["top_quantile"],
-    idf_clip: IdfClipOpt = _DEFAULTS["idf_clip"],
-    spiky_clip: SpikyClipOpt = _DEFAULTS["spiky_clip"],
-    exact_selectivity: ExactOpt = False,
-    idf_forms: Annotated[
-        str,
-        _flag(
+# What a comparison sweeps (its own list flags) or does not do (save, stream, attack).
+_NOT_COMPARED = (
+    "prune_method",
+    "sparsity_ratio",
+    "sparsity_type",
+    "idf_form",
+    "eval_dense",
+    "eval_zero_shot",
+    "zero_shot_limit",
+    "zero_shot_batch_size",
+    *(flag.name for _, flag in flagged_fields(SPECS["output"])),
+    "offload",
+    "max_memory",
+    "save",
+    "dump_wanda_score",
+    "load_wanda_score",
+    "eval_attack",
+    "save_attack_res",
+    "attack_max_new_tokens",
+    "attack_batch_size",
+    "attack_limit",
+)
+
+
+def _compare_parameters() -> list[inspect.Parameter]:
+    own = [
+        ("methods", ", ".join(DEFAULT_METHODS), f"Comma-separated; any of {', '.join(METHODS)}."),
+        (
+            "sparsity_types",
+            "unstructured,2:4",
+            "Comma-separated: unstructured, N:M (run at N/M), neuron.",
+        ),
+        ("sparsity_ratios", "0.5", "Comma-separated ratios for unstructured and neuron runs."),
+        (
             "idf_forms",
+            DEFAULT_IDF_FORM,
             f"Comma-separated IDF forms to compare ({', '.join(IDF_FORMS)}); each runs "
             "wanda_idf and wanda_select once.",
         ),
-    ] = DEFAULT_IDF_FORM,
-    idf_power: IdfPowerOpt = _DEFAULTS["idf_power"],
-    idf_floor: IdfFloorOpt = _DEFAULTS["idf_floor"],
-    ria_alpha: RiaAlphaOpt = _DEFAULTS["ria_alpha"],
-    window_bos: WindowBosOpt = _DEFAULTS["window_bos"],
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
-) -> None:
+        ("out", "compare-out", "Folder for the table, CSV, JSON, plot and the per-run cache."),
+    ]
+    sweep = [_option(name, str, default, text, "Comparison") for name, default, text in own]
+    return sweep + spec_parameters(_NOT_COMPARED) + _common()
+
+
+@app.command()
+@generated(_compare_parameters())
+def compare(values: dict[str, Any]) -> None:
     """Run several methods on one model with one calibration set; table, CSV, JSON and plot.
 
     Finished runs are cached in OUT/runs by their whole configuration: rerun the same
     command to continue a sweep that stopped, or add methods and ratios to extend it.
     """
-    base = _config(locals())
 
     def action() -> None:
         from secateurs.jobs.compare import run_compare
         from secateurs.jobs.report import comparison_table
 
-        log = (lambda _m: None) if quiet else (lambda m: typer.echo(m, err=True))
+        own = ("methods", "sparsity_types", "sparsity_ratios", "idf_forms", "out")
+        base = {k: v for k, v in values.items() if k not in (*own, "quiet", "debug")}
+        log = (lambda _m: None) if values["quiet"] else (lambda m: typer.echo(m, err=True))
         result = run_compare(
-            base,
-            _split(methods),
-            _split(sparsity_types),
-            _split(sparsity_ratios, float),
-            out,
+            base | {"progress": not values["quiet"]},
+            _split(values["methods"]),
+            _split(values["sparsity_types"]),
+            _split(values["sparsity_ratios"], float),
+            values["out"],
             log=log,
-            idf_forms=_split(idf_forms),
+            idf_forms=_split(values["idf_forms"]),
         )
         typer.echo(comparison_table(result.rows, result.dense_ppl))
         for name, path in result.files.items():
             typer.echo(f"{name:<6} {path}")
 
-    _guarded(action, quiet, debug)
+    _guarded(action, values["quiet"], values["debug"])
+
+
+@app.command("methods")
+def methods_command() -> None:
+    """The pruning methods, what each scores, and what each of them supports."""
+    for method in METHODS.values():
+        typer.echo(f"{method.name}")
+        typer.echo(f"  {method.summary}")
+        kinds = ", ".join(sorted(method.patterns))
+        notes = [
+            f"patterns: {kinds}",
+            f"compares per {method.scope}",
+            "calibrated" if method.calibrated else "no calibration",
+        ]
+        if method.gradients:
+            notes.append("gradient pass over the whole model")
+        if method.updates_weights:
+            notes.append("updates surviving weights")
+        if not method.streamable:
+            notes.append("not streamable")
+        if not method.parallel_safe:
+            notes.append("one process only")
+        typer.echo("  " + "; ".join(notes))
+        if method.options is not None:
+            flags = ", ".join(f"--{flag.name}" for _, flag in flagged_fields(method.options))
+            typer.echo(f"  options: {flags}")
 
 
 @app.command("attack")
@@ -726,7 +596,7 @@ def finetune(
         from secateurs.formats.checkpoint import check_save_format
         from secateurs.io import ensure_free
         from secateurs.jobs.finetune import LoraOptions, finetune, training_batch
-        from secateurs.jobs.prune import load_eval_windows, save_pruned_model
+        from secateurs.jobs.result import save_pruned_model
 
         options = LoraOptions(rank, alpha, lr, steps, batch_size, seed)
         names = _split(data) if data else []

@@ -32,12 +32,17 @@ from secateurs.core.model import (
 )
 from secateurs.core.patterns import SparsityPattern
 from secateurs.core.profiling import give_back_memory
+from secateurs.core.recovery import LayerRecovery, WeightRedistributor
 from secateurs.core.stats import ActivationStats, StatsRequest, token_classes
 from secateurs.errors import SecateursError
-from secateurs.methods.recovery import LayerRecovery, WeightRedistributor
-from secateurs.methods.registry import Solver, wanda_score
 
 MetricFn = Callable[[nn.Module, "ActivationStats | None"], torch.Tensor]
+# (weight, statistics, pattern, ratio, layer name) -> (new weight, prune mask)
+Solver = Callable[
+    [torch.Tensor, ActivationStats, SparsityPattern, float, str], tuple[torch.Tensor, torch.Tensor]
+]
+# (weight, statistics) -> score, for the outlier pass
+LayerScore = Callable[[torch.Tensor, ActivationStats], torch.Tensor]
 
 
 @dataclass
@@ -518,12 +523,13 @@ def block_outlier_ratios(
     model: nn.Module,
     windows: torch.Tensor,
     threshold: float,
+    score: LayerScore,
     device: torch.device | str = "cpu",
     batch_size: int = 8,
     progress: bool = True,
     token_mask: torch.Tensor | None = None,
 ) -> list[float]:
-    """Every block's share of Wanda scores above ``threshold`` times the block's mean score.
+    """Every block's share of ``score`` (Wanda's) above ``threshold`` times its mean score.
 
     One pass through the dense model (OWL, Yin et al. 2024): each block's statistics and
     outputs come from the same forward pass of the unpruned block, so it costs about one
@@ -551,7 +557,7 @@ def block_outlier_ratios(
             index=index,
             token_mask=token_mask,
         )
-        scores = [wanda_score(weight_matrix(layer), stats[n]) for n, layer in layers.items()]
+        scores = [score(weight_matrix(layer), stats[n]) for n, layer in layers.items()]
         total = sum(float(score.sum(dtype=torch.float64)) for score in scores)
         count = sum(score.numel() for score in scores)
         cut = threshold * total / count

@@ -133,6 +133,7 @@ class SparsityPattern(ABC):
     """
 
     structured = False
+    kind = "custom"  # what methods declare they support: unstructured, nm, variant, neuron
 
     @abstractmethod
     def create_mask(self, metric: torch.Tensor, sparsity_ratio: float) -> torch.Tensor:
@@ -147,6 +148,8 @@ class SparsityPattern(ABC):
 
 class Unstructured(SparsityPattern):
     """Any weight may go; scores compete within a row or within the whole layer."""
+
+    kind = "unstructured"
 
     def __init__(self, scope: str = "row") -> None:
         if scope not in SCOPES:
@@ -164,6 +167,8 @@ class Unstructured(SparsityPattern):
 class Variant(SparsityPattern):
     """Unstructured, with the Wanda variant's adaptive per-row counts (``--use_variant``)."""
 
+    kind = "variant"
+
     def create_mask(self, metric: torch.Tensor, sparsity_ratio: float) -> torch.Tensor:
         return variant_mask(metric, sparsity_ratio)
 
@@ -178,6 +183,8 @@ class NeuronSparsity(SparsityPattern):
     consumer (down): the MLP becomes narrower, which speeds up any runtime.
     """
 
+    kind = "neuron"
+
     structured = True
 
     def create_mask(self, metric: torch.Tensor, sparsity_ratio: float) -> torch.Tensor:
@@ -190,6 +197,8 @@ class NeuronSparsity(SparsityPattern):
 
 class NMSparsity(SparsityPattern):
     """N of every M consecutive input columns pruned in each row (2:4 runs fast on GPUs)."""
+
+    kind = "nm"
 
     def __init__(self, n: int, m: int) -> None:
         if m <= 0 or n <= 0 or n >= m:
@@ -222,6 +231,8 @@ class SetDifference(SparsityPattern):
     Its metric is the two scores stacked, ``(2, out, in)``: safety first, then utility. The
     ratio is ignored (the set sizes decide the sparsity) and so is ``--neg_prune``.
     """
+
+    kind = "set_difference"
 
     def __init__(self, p: float, q: float) -> None:
         for flag, value in (("--p", p), ("--q", q)):

@@ -12,45 +12,32 @@ from dataclasses import dataclass, replace
 import torch
 
 from secateurs.errors import SecateursError
-from secateurs.methods.idf import DEFAULT_IDF_FORM, check_idf_form, idf_values
 
 
 @dataclass(frozen=True)
-class SelectivityOptions:
-    """Hyperparameters of the IDF and spikiness statistics (thresholds and clips as the seed).
+class SelectivityThresholds:
+    """Thresholds of the selectivity statistics (as the seed): the activity percentile ``tau``,
+    the spikiness quantile and clip; ``exact`` keeps every activation instead of a histogram.
 
-    ``idf_form`` picks the IDF formula (see :mod:`secateurs.methods.idf`); ``idf_power`` tempers the
-    ``tempered`` form, ``idf_floor`` floors the ``normalized`` one.
+    The IDF forms built on these rates are the selectivity methods' own
+    (:mod:`secateurs.methods.selectivity`).
     """
 
     tau_percentile: float = 0.6
     top_quantile: float = 0.9
-    idf_clip: float = 10.0
     spiky_clip: float = 10.0
     eps: float = 1e-10
     exact: bool = False
-    idf_form: str = DEFAULT_IDF_FORM
-    idf_power: float = 0.5
-    idf_floor: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("tau_percentile", "top_quantile"):
             value = getattr(self, name)
             if not 0.0 < value < 1.0:
                 raise SecateursError(f"{name} must be in (0, 1), got {value}")
-        if not self.idf_clip > 0:  # written so that NaN is refused too
-            raise SecateursError(f"idf_clip must be > 0, got {self.idf_clip}")
         if not self.spiky_clip >= 1:
             raise SecateursError(f"spiky_clip must be >= 1, got {self.spiky_clip}")
         if self.eps <= 0:
             raise SecateursError(f"eps must be > 0, got {self.eps}")
-        check_idf_form(self.idf_form)
-        if self.idf_power <= 0:
-            raise SecateursError(f"idf_power must be > 0, got {self.idf_power}")
-        if self.idf_floor <= 0:
-            raise SecateursError(
-                f"idf_floor must be > 0 (0 would allow zeroed channels), got {self.idf_floor}"
-            )
 
 
 @dataclass(frozen=True)
@@ -60,7 +47,7 @@ class StatsRequest:
     mean: bool = False
     gram: bool = False
     gram_fraction: float = 1.0
-    selectivity: SelectivityOptions | None = None
+    selectivity: SelectivityThresholds | None = None
     classes: int = 0
 
     def merge(self, other: StatsRequest) -> StatsRequest:
@@ -153,14 +140,14 @@ def _quantiles(counts: torch.Tensor, edges: torch.Tensor, q: float | torch.Tenso
 
 
 class SelectivityStats:
-    """Per-channel IDF and spikiness of a layer's input, streamed or, if exact, from all values.
+    """Per-channel active rates and spikiness of a layer's input, streamed or, if exact, from all
+    values.
 
     ``tau`` is the ``tau_percentile`` quantile of ``|x|`` over all tokens and channels,
-    ``p_j`` the share of tokens with ``|x_j| > tau``, ``IDF_j = log(1 / p_j)`` clipped to
-    ``[0, idf_clip]`` in the seed's form (other forms in :mod:`secateurs.methods.idf`), ``r_j`` the
-    share of tokens with ``|x_j|`` above the channel's own mean ``|x_j|``; ``R_j`` is the mean
-    of the top ``1 - top_quantile`` of ``|x_j|`` over tokens divided by the mean of ``|x_j|``,
-    clipped to ``[1, spiky_clip]``.
+    ``p_j`` the share of tokens with ``|x_j| > tau`` (the IDF forms of
+    :mod:`secateurs.methods.selectivity` read it), ``r_j`` the share of tokens with ``|x_j|``
+    above the channel's own mean ``|x_j|``; ``R_j`` is the mean of the top ``1 - top_quantile``
+    of ``|x_j|`` over tokens divided by the mean of ``|x_j|``, clipped to ``[1, spiky_clip]``.
 
     Streamed, the first batch fixes provisional thresholds (the global ``tau`` and each
     channel's top quantile) and every batch adds exact per-channel sums against them: the
@@ -176,7 +163,7 @@ class SelectivityStats:
     CHUNK_ROWS = 512
 
     def __init__(
-        self, channels: int, options: SelectivityOptions, device: torch.device | str = "cpu"
+        self, channels: int, options: SelectivityThresholds, device: torch.device | str = "cpu"
     ) -> None:
         self.options = options
         self.tokens = 0
@@ -277,19 +264,17 @@ class SelectivityStats:
         return active, tau, top_sum / k, relative
 
     def result(self) -> tuple[torch.Tensor, ...]:
-        """``(idf, spikiness, p, r)``, each (channels,) float32: ``p_j`` active share above the
-        global ``tau``, ``r_j`` above the channel's own mean."""
+        """``(spikiness, p, r)``, each (channels,): ``p_j`` active share above the global
+        ``tau``, ``r_j`` above the channel's own mean; the rates as computed (fp64 or fp32)."""
         if self._result is None:
             if self.tokens == 0:
                 raise ValueError("no tokens were seen")
-            opts = self.options
             active, _, top, relative = (
                 self._exact() if self._histogram is None else self._estimated()
             )
-            idf = idf_values(active, relative, opts)
             mean = self._abs_sum / self.tokens
-            spikiness = (top / (mean + opts.eps)).clamp(1.0, opts.spiky_clip)
-            self._result = (idf, spikiness.float(), active.float(), relative.float())
+            spikiness = (top / (mean + self.options.eps)).clamp(1.0, self.options.spiky_clip)
+            self._result = (spikiness.float(), active, relative)
         return self._result
 
     @property
@@ -534,24 +519,25 @@ class ActivationStats:
         return self._needs(self._gram, "gram")
 
     @property
-    def idf(self) -> torch.Tensor:
-        """Per-channel IDF in the configured form: high for channels that are rarely active."""
-        return self._needs(self._selectivity, "selectivity").result()[0]
+    def selectivity_rates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(p, r)`` as computed, for the IDF forms: see :class:`SelectivityStats`."""
+        _, active, relative = self._needs(self._selectivity, "selectivity").result()
+        return active, relative
 
     @property
     def active_rate(self) -> torch.Tensor:
         """Per-channel ``p_j``, the share of tokens with ``|x_j|`` above the global ``tau``."""
-        return self._needs(self._selectivity, "selectivity").result()[2]
+        return self.selectivity_rates[0].float()
 
     @property
     def relative_rate(self) -> torch.Tensor:
         """Per-channel ``r_j``, the share of tokens with ``|x_j|`` above its own mean."""
-        return self._needs(self._selectivity, "selectivity").result()[3]
+        return self.selectivity_rates[1].float()
 
     @property
     def spikiness(self) -> torch.Tensor:
         """Per-channel top-quantile mean over mean of ``|x_j|``: high for peaked channels."""
-        return self._needs(self._selectivity, "selectivity").result()[1]
+        return self._needs(self._selectivity, "selectivity").result()[0]
 
     @property
     def fisher(self) -> torch.Tensor:

@@ -181,6 +181,24 @@ def window_nll(model: nn.Module, batch: torch.Tensor, rows: HeadRows | None = No
     return nll
 
 
+class PerplexityAccumulator:
+    """``exp(sum_w seqlen * nll_w / (windows * seqlen))`` over the per-window NLL added."""
+
+    def __init__(self, seqlen: int) -> None:
+        self.seqlen = seqlen
+        self.total = 0.0
+        self.windows = 0
+
+    def add(self, nll: torch.Tensor) -> None:
+        """Add one batch's mean NLL per window, shape (batch,)."""
+        self.total += float((nll * self.seqlen).double().sum())
+        self.windows += nll.shape[0]
+
+    def value(self) -> float:
+        """The perplexity of every window added so far."""
+        return float(torch.exp(torch.tensor(self.total / (self.windows * self.seqlen))))
+
+
 def perplexity(
     model: nn.Module,
     windows: torch.Tensor,
@@ -193,19 +211,18 @@ def perplexity(
     device = torch.device(device)
     home = next(model.parameters()).device
     model.to(device)
-    seqlen = windows.shape[1]
-    total = 0.0
+    accumulator = PerplexityAccumulator(windows.shape[1])
     try:
         with torch.no_grad():
             bar = tqdm(total=windows.shape[0], desc=desc, disable=not progress, unit="win")
             for start in range(0, windows.shape[0], batch_size):
                 batch = windows[start : start + batch_size].to(device)
-                total += float((window_nll(model, batch) * seqlen).double().sum())
+                accumulator.add(window_nll(model, batch))
                 bar.update(batch.shape[0])
             bar.close()
     finally:
         model.to(home)
-    return float(torch.exp(torch.tensor(total / (windows.shape[0] * seqlen))))
+    return accumulator.value()
 
 
 @dataclass

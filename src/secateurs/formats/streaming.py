@@ -38,6 +38,7 @@ from secateurs.core.profiling import give_back_memory
 from secateurs.errors import SecateursError
 from secateurs.evaluate.perplexity import (
     HeadRows,
+    PerplexityAccumulator,
     SparsityCheck,
     block_mlp_roles,
     layer_violation,
@@ -509,7 +510,7 @@ def streamed_perplexity(
     The hidden states of every window are held (two buffers of windows x seqlen x width);
     then the model's own forward runs once more per batch with the blocks replaced by
     stand-ins that return those states, so the final norm and head are the model's own and
-    the formula is :func:`secateurs.evaluate.perplexity.perplexity`'s.
+    the formula is :class:`secateurs.evaluate.perplexity.PerplexityAccumulator`'s.
     """
     store = DiskBlocks(model, folder, dtype)
     blocks = store.blocks
@@ -525,8 +526,7 @@ def streamed_perplexity(
     replay = _Replay(originals[0])
     for index, original in enumerate(originals):
         blocks[index] = replay if index == 0 else _Pass(original)
-    seqlen = windows.shape[1]
-    total = 0.0
+    accumulator = PerplexityAccumulator(windows.shape[1])
     store.load_outer(windows)
     try:
         _move_outer(store, device)
@@ -535,12 +535,12 @@ def streamed_perplexity(
             for start in range(0, windows.shape[0], batch_size):
                 batch = windows[start : start + batch_size].to(device)
                 replay.hidden = inputs.hidden[start : start + batch.shape[0]]
-                total += float((window_nll(model, batch, rows) * seqlen).double().sum())
+                accumulator.add(window_nll(model, batch, rows))
     finally:
         for index, original in enumerate(originals):
             blocks[index] = original
         store.free_outer()
-    return float(torch.exp(torch.tensor(total / (windows.shape[0] * seqlen))))
+    return accumulator.value()
 
 
 def _move_outer(store: DiskBlocks, device: torch.device) -> None:

@@ -10,28 +10,20 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from secateurs.config import DTYPES, RunConfig
 from secateurs.core.patterns import NMSparsity, parse_pattern
+from secateurs.core.spec import to_flags
 from secateurs.errors import SecateursError
 from secateurs.evaluate.perplexity import check_sparsity
 from secateurs.io import atomic_write_text, ensure_writable
-from secateurs.jobs.prune import (
-    Prepared,
-    PruneConfig,
-    check_config,
-    evaluate_model,
-    load,
-    needs_calibration,
-    prepare,
-    prune_loaded,
-    with_batch_size,
-)
+from secateurs.jobs.plan import Plan, check_device, check_run, needs_calibration, with_batch_size
 from secateurs.jobs.report import versions
-from secateurs.methods.idf import DEFAULT_IDF_FORM, check_idf_form
-from secateurs.methods.registry import METHODS
+from secateurs.jobs.session import Prepared, evaluate_model, load, prepare, prune_loaded
+from secateurs.methods.selectivity import DEFAULT_IDF_FORM, check_idf_form
 
 DEFAULT_METHODS = ("wanda", "wanda_idf", "wanda_spiky", "wanda_select", "magnitude")
 # Settings that do not change a run's numbers, left out of its cache key.
@@ -63,59 +55,67 @@ class Comparison:
     files: dict[str, str]
 
 
-# IDF settings, which change only the runs of methods that read the IDF.
-_IDF_SETTINGS = ("idf_form", "idf_power", "idf_floor")
-
-
-def _reads_idf(cfg: PruneConfig) -> bool:
-    method = METHODS.get(cfg.prune_method)
-    return method is not None and "idf" in method.needs
+def _reads_idf(cfg: RunConfig) -> bool:
+    """Whether the run's method reads the IDF, so that its form matters."""
+    return hasattr(cfg.method.options, "idf_form")
 
 
 def plan_runs(
-    base: PruneConfig,
+    base: dict[str, Any],
     methods: list[str],
     patterns: list[str],
     ratios: list[float],
     idf_forms: list[str] | None = None,
-):
-    """Every configuration to run, checked up front; N:M patterns run once, at N/M.
+) -> list[RunConfig]:
+    """Every configuration to run, from the base flags, checked up front; N:M patterns run
+    once, at N/M.
 
-    Methods that read the IDF run once per form in ``idf_forms`` (default: ``base``'s form).
+    Methods that read the IDF run once per form in ``idf_forms`` (default: the base's form).
     """
     if not methods or not patterns or not ratios or idf_forms == []:
         raise SecateursError(
             "give at least one method, one sparsity type, one ratio and one IDF form"
         )
-    forms = [check_idf_form(form) for form in idf_forms or [base.idf_form]]
-    base = with_batch_size(base)
+    forms = [check_idf_form(form) for form in idf_forms or [base.get("idf_form", DEFAULT_IDF_FORM)]]
     runs = []
     for sparsity_type in patterns:
-        pattern = parse_pattern(sparsity_type, use_variant=base.use_variant)
+        pattern = parse_pattern(sparsity_type, use_variant=base.get("use_variant", False))
         wanted = [pattern.ratio] if isinstance(pattern, NMSparsity) else ratios
         for ratio in wanted:
             for method in methods:
-                cfg = replace(
-                    base, prune_method=method, sparsity_type=sparsity_type, sparsity_ratio=ratio
-                )
-                for form in forms if _reads_idf(cfg) else [base.idf_form]:
-                    runs.append(replace(cfg, idf_form=form))
-                    check_config(runs[-1])
+                flags = base | {
+                    "prune_method": method,
+                    "sparsity_type": sparsity_type,
+                    "sparsity_ratio": ratio,
+                }
+                cfg = with_batch_size(RunConfig.from_flags(**flags))
+                for form in forms if _reads_idf(cfg) else [None]:
+                    runs.append(cfg if form is None else cfg.replace(idf_form=form))
+                    check_run(runs[-1])
     return runs
 
 
-def run_key(cfg: PruneConfig) -> str:
+def _key(settings: dict[str, Any]) -> str:
+    kept = {k: v for k, v in settings.items() if k not in _NOT_IN_KEY}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_key(cfg: RunConfig) -> str:
     """A short digest of every setting that can change a run's result."""
-    ignored = _NOT_IN_KEY if _reads_idf(cfg) else _NOT_IN_KEY + _IDF_SETTINGS
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ignored}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return _key(cfg.flags())
 
 
-def run_label(cfg: PruneConfig, forms: list[str]) -> str:
+def _dense_settings(cfg: RunConfig) -> dict[str, Any]:
+    """What the dense model's perplexity depends on: the model, the data and the evaluation."""
+    return to_flags(cfg.model) | to_flags(cfg.data) | to_flags(cfg.evaluation)
+
+
+def run_label(cfg: RunConfig, forms: list[str]) -> str:
     """The method's name, with its IDF form when several forms are compared or not the default."""
-    if _reads_idf(cfg) and (len(forms) > 1 or cfg.idf_form != DEFAULT_IDF_FORM):
-        return f"{cfg.prune_method}[{cfg.idf_form}]"
-    return cfg.prune_method
+    name = cfg.method.prune_method
+    if _reads_idf(cfg) and (len(forms) > 1 or cfg.method.options.idf_form != DEFAULT_IDF_FORM):
+        return f"{name}[{cfg.method.options.idf_form}]"
+    return name
 
 
 def _cached(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -126,18 +126,24 @@ def _cached(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]
     return value
 
 
-def _one_run(cfg: PruneConfig, prepared: Prepared) -> dict[str, Any]:
-    method, pattern, ratio = check_config(cfg)
-    model = load(cfg, prepared)
-    report, memory = prune_loaded(model, cfg, prepared, method, ratio)
-    check = check_sparsity(model, pattern, ratio, report.block_ratios)
+def _plan(cfg: RunConfig, device) -> Plan:
+    """A run of the comparison: in memory, on the device checked once for all runs."""
+    method, pattern, ratio = check_run(cfg)
+    return Plan(cfg, method, pattern, ratio, device, DTYPES[cfg.model.dtype], "memory")
+
+
+def _one_run(plan: Plan, prepared: Prepared) -> dict[str, Any]:
+    model = load(plan, prepared)
+    report, memory = prune_loaded(model, plan, prepared)
+    check = check_sparsity(model, plan.pattern, plan.ratio, report.block_ratios)
     start = time.perf_counter()
-    ppl = evaluate_model(model, cfg, prepared, cfg.prune_method)
+    name = plan.method.name
+    ppl = evaluate_model(model, plan, prepared, name)
     return {
-        "method": cfg.prune_method,
-        "sparsity_type": cfg.sparsity_type,
-        "pattern": pattern.describe(),
-        "target_sparsity": ratio,
+        "method": name,
+        "sparsity_type": plan.config.sparsity.sparsity_type,
+        "pattern": plan.pattern.describe(),
+        "target_sparsity": plan.ratio,
         "actual_sparsity": check.overall,
         "pattern_met": check.ok,
         "ppl_test": ppl,
@@ -163,7 +169,7 @@ def _add_changes(rows: list[dict[str, Any]]) -> None:
 
 
 def run_compare(
-    base: PruneConfig,
+    base: dict[str, Any],
     methods: list[str],
     patterns: list[str],
     ratios: list[float],
@@ -171,49 +177,53 @@ def run_compare(
     log: Callable[[str], None] = print,
     idf_forms: list[str] | None = None,
 ) -> Comparison:
-    """Run (or reuse) every configuration and write the table, CSV, JSON and plot."""
-    base = with_batch_size(base)
+    """Run (or reuse) every configuration (``base`` flags with each method, pattern and
+    ratio) and write the table, CSV, JSON and plot."""
     runs = plan_runs(base, methods, patterns, ratios, idf_forms)
-    forms = sorted({cfg.idf_form for cfg in runs if _reads_idf(cfg)})
+    forms = sorted({cfg.method.options.idf_form for cfg in runs if _reads_idf(cfg)})
     out = Path(out_dir)
     cache = out / "runs"
     ensure_writable(cache, "--out")
     cache.mkdir(parents=True, exist_ok=True)
-    prepared = prepare(base, any(needs_calibration(cfg) for cfg in runs))
+    device = check_device(runs[0].execution.device)
+    plans = [_plan(cfg, device) for cfg in runs]
+    calibrate = any(needs_calibration(plan.config, plan.method) for plan in plans)
+    prepared = prepare(plans[0], calibrate)
 
     def dense() -> dict[str, Any]:
         log("evaluating the dense model")
-        return {"ppl_test": evaluate_model(load(base, prepared), base, prepared, "dense")}
+        return {"ppl_test": evaluate_model(load(plans[0], prepared), plans[0], prepared, "dense")}
 
-    dense_key = run_key(replace(base, prune_method="dense", sparsity_ratio=0.0))
+    dense_key = _key(_dense_settings(runs[0]))
     dense_ppl = _cached(cache / f"dense-{dense_key}.json", dense)["ppl_test"]
     rows = []
-    for index, cfg in enumerate(runs, 1):
+    for index, plan in enumerate(plans, 1):
+        cfg = plan.config
         name = run_label(cfg, forms)
-        label = f"{name} {cfg.sparsity_type} {cfg.sparsity_ratio}"
+        label = f"{name} {cfg.sparsity.sparsity_type} {cfg.sparsity.sparsity_ratio}"
         path = cache / f"{run_key(cfg)}.json"
         log(f"[{index}/{len(runs)}] {label}" + (" (cached)" if path.exists() else ""))
-        row = _cached(path, lambda cfg=cfg: _one_run(cfg, prepared))
-        idf_form = cfg.idf_form if _reads_idf(cfg) else None
+        row = _cached(path, lambda plan=plan: _one_run(plan, prepared))
+        idf_form = cfg.method.options.idf_form if _reads_idf(cfg) else None
         rows.append(row | {"method": name, "idf_form": idf_form})
     _add_changes(rows)
-    files = write_outputs(out, base, prepared, dense_ppl, rows)
+    files = write_outputs(out, runs[0], prepared, dense_ppl, rows)
     return Comparison(dense_ppl, rows, files)
 
 
 def write_outputs(
-    out: Path, base: PruneConfig, prepared: Prepared, dense_ppl: float, rows: list[dict]
+    out: Path, base: RunConfig, prepared: Prepared, dense_ppl: float, rows: list[dict]
 ) -> dict[str, str]:
     from secateurs.jobs.report import comparison_csv, comparison_table, plot_comparison
 
-    settings = asdict(base) | {"seqlen": prepared.seqlen}
+    settings = base.flags() | {"seqlen": prepared.seqlen}
     for key in ("prune_method", "sparsity_type", "sparsity_ratio", "idf_form", *_NOT_IN_KEY):
-        settings.pop(key)
+        settings.pop(key, None)
     result = {
         "settings": settings,
         "versions": versions(),
         "eval_windows": int(prepared.eval_windows.shape[0]),
-        "window_bos": prepared.window_bos(base.window_bos),
+        "window_bos": prepared.window_bos(base.data.window_bos),
         "dense_ppl": dense_ppl,
         "rows": rows,
     }
@@ -226,5 +236,7 @@ def write_outputs(
     atomic_write_text(files["table"], comparison_table(rows, dense_ppl) + "\n")
     atomic_write_text(files["csv"], comparison_csv(rows))
     atomic_write_text(files["json"], json.dumps(result, indent=2) + "\n")
-    plot_comparison(rows, dense_ppl, files["plot"], title=f"{base.model} on {base.dataset}")
+    plot_comparison(
+        rows, dense_ppl, files["plot"], title=f"{base.model.model} on {base.data.dataset}"
+    )
     return {name: str(path) for name, path in files.items()}

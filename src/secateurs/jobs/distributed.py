@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 import torch
 import torch.distributed as dist
@@ -89,9 +89,9 @@ class Launch:
     def local(self, cfg, log: Callable[[str], None]):
         """The configuration as this rank runs it, and its log; the ranks' configurations
         must agree first. Only rank 0 logs and shows progress."""
-        text = json.dumps(asdict(cfg), sort_keys=True, default=str)
+        text = json.dumps(cfg.flags(), sort_keys=True, default=str)
         self.check_agreement("the configuration (command line)", text.encode())
-        cfg = replace(cfg, device=str(self.device), progress=cfg.progress and self.leader)
+        cfg = cfg.replace(device=str(self.device), progress=cfg.execution.progress and self.leader)
         return cfg, (log if self.leader else lambda _m: None)
 
     def calibration(self, prepared, batch_size: int) -> DataParallel | None:
@@ -200,29 +200,3 @@ def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
 
 def _scalar(key: str, value: torch.Tensor):
     return int(value) if key in ("windows", "tokens", "gram_tokens") else value
-
-
-def check_parallel(cfg, method) -> None:
-    """Refuse, before any work, what a data-parallel run cannot reproduce bit for bit."""
-    if world_size() <= 1:
-        return
-    reason = None
-    if "selectivity" in method.needs:
-        reason = f"{method.name}'s selectivity statistics fix thresholds on the first batch"
-    elif not method.calibrated and method.solver is None:
-        reason = f"{method.name} does not calibrate block by block"
-    elif cfg.dump_wanda_score or cfg.load_wanda_score:
-        reason = "score files are written and read by one process"
-    elif cfg.sparsity_allocation == "owl":
-        reason = "OWL's outlier pass is not split across processes"
-    elif cfg.use_recovery and cfg.recovery_report_fraction < 1.0:
-        reason = (
-            "the recovery report samples tokens in one sequence (add "
-            "--recovery_report_fraction 1 for an exact report)"
-        )
-    if reason is not None:
-        raise SecateursError(
-            f"this run was launched on {world_size()} processes, but {reason}; launch it as "
-            "one process (python -m secateurs ...), or choose wanda, ria, neuronrank_fisher "
-            "or sparsegpt"
-        )

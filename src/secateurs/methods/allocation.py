@@ -24,6 +24,7 @@ from secateurs.core.engine import block_outlier_ratios
 from secateurs.core.model import find_blocks, find_linears, weight_matrix
 from secateurs.core.patterns import NMSparsity, SparsityPattern
 from secateurs.errors import SecateursError
+from secateurs.methods.wanda import wanda_score
 
 NAMED = ("uniform", "owl")
 
@@ -176,7 +177,7 @@ def allocate(
         raise SecateursError("OWL needs calibration windows for its outlier ratios")
     start = time.perf_counter()
     outliers = block_outlier_ratios(
-        model, windows, threshold, device, batch_size, progress, token_mask
+        model, windows, threshold, wanda_score, device, batch_size, progress, token_mask
     )
     seconds = time.perf_counter() - start
     ratios = owl_ratios(outliers, parameters, target, lam)

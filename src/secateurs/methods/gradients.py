@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from secateurs.core.model import iter_prunable, per_window, weight_matrix
 from secateurs.data.prompts import PromptBatch
+from secateurs.methods.registry import Method, register
 
 
 class _PerSampleAbsGrad:
@@ -143,3 +144,37 @@ def gradient_magnitudes(
             param.requires_grad_(flag)
         model.to(home)
     return {name: total.contiguous() for name, total in recorder.sums.items()}
+
+
+def wandg_score(weight: torch.Tensor, gradient: torch.Tensor | None) -> torch.Tensor:
+    """``|W_ij| * sum_s |dL_s/dW_ij|``, the SNIP-style score of Wei et al. (ICML 2024).
+
+    ``gradient`` is the per-sample-absolute gradient sum of :func:`gradient_magnitudes`.
+    """
+    if gradient is None:
+        raise ValueError("the wandg score needs the summed gradient magnitudes")
+    return weight.abs().float() * gradient.to(weight.device)
+
+
+register(
+    Method(
+        "wandg",
+        "|W| * sum of |dL/dW| over samples (needs the LM loss; use --prune_data)",
+        wandg_score,
+        calibrated=False,
+        gradients=True,
+        streamable=False,
+    )
+)
+register(
+    Method(
+        "wandg_set_difference",
+        "prune top-q wandg on --prune_data (safety) minus top-p on --utility_data, per matrix",
+        wandg_score,
+        scope="layer",
+        calibrated=False,
+        gradients=True,
+        set_difference=True,
+        streamable=False,
+    )
+)

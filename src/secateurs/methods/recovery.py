@@ -1,52 +1,24 @@
-"""Recovery: after a layer is pruned, give the lost signal back to the surviving weights.
+"""Recovery strategies: after a layer is pruned, give the lost signal back to the survivors.
 
-Strategies are pure: dense weight, prune mask, scores and input statistics in, new weight out,
-with every pruned weight exactly zero. :class:`WeightRedistributor` applies one inside the
-engine, before the block's outputs are propagated, and reports the layer's relative output
-error on the calibration activations before and after.
+Each strategy is pure (see :class:`secateurs.core.recovery.RecoveryStrategy`); the engine
+applies it through :class:`secateurs.core.recovery.WeightRedistributor`.
 """
 
 from __future__ import annotations
 
-import math
-from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
 
-from secateurs.core.stats import ActivationStats, StatsRequest
+from secateurs.core.recovery import (
+    LayerRecovery,
+    RecoveryStrategy,
+    WeightRedistributor,
+    output_error,
+    relative_output_error,
+)
+from secateurs.core.stats import StatsRequest
 from secateurs.errors import SecateursError
-
-
-def output_error(delta: torch.Tensor, gram: torch.Tensor) -> float:
-    """``||delta X||_F^2`` from the Gram matrix ``X^T X``, without the activations."""
-    delta = delta.to(gram.dtype)
-    return float(((delta @ gram) * delta).sum(dtype=torch.float64).clamp_min(0))
-
-
-def relative_output_error(dense: torch.Tensor, new: torch.Tensor, gram: torch.Tensor) -> float:
-    """``||W_new X - W_dense X|| / ||W_dense X||`` on the calibration activations."""
-    reference = output_error(dense, gram)
-    if reference == 0:
-        return 0.0
-    return math.sqrt(output_error(new.float() - dense.float(), gram) / reference)
-
-
-class RecoveryStrategy(ABC):
-    """Computes new weights for the survivors of a pruned layer."""
-
-    name: str = "recovery"
-    request: StatsRequest = StatsRequest()
-
-    @abstractmethod
-    def recover(
-        self,
-        dense: torch.Tensor,
-        mask: torch.Tensor,
-        score: torch.Tensor,
-        stats: ActivationStats,
-    ) -> torch.Tensor:
-        """The recovered weight (out, in); True in ``mask`` means pruned and must stay zero."""
 
 
 def _ranks(values: torch.Tensor) -> torch.Tensor:
@@ -161,62 +133,15 @@ class LeastSquaresStrategy(RecoveryStrategy):
         return (weight + update).masked_fill(mask, 0).to(dense.dtype)
 
 
-@dataclass
-class LayerRecovery:
-    """What recovery did to one layer."""
-
-    pruned: int
-    total: int
-    relative_error_before: float
-    relative_error_after: float
-
-
-class WeightRedistributor:
-    """Applies a recovery strategy to each pruned layer and keeps its error report.
-
-    The before/after error report needs ``X^T X``. A strategy that solves with it gets the
-    exact matrix; for the others the report estimates it from a seeded random
-    ``report_fraction`` of the calibration tokens (a sixteenth by default: about a thousand
-    tokens in the benchmark, enough for a report), because the full product costs about as
-    much as a forward pass through the block.
-    """
-
-    def __init__(self, strategy: RecoveryStrategy, report_fraction: float = 0.0625) -> None:
-        if not 0.0 < report_fraction <= 1.0:
-            raise SecateursError(
-                f"report_fraction must be in (0, 1], got {report_fraction}; "
-                "1.0 reports exact errors, 0.0625 estimates them from a sixteenth of the tokens"
-            )
-        self.strategy = strategy
-        self.report_fraction = report_fraction
-
-    @property
-    def request(self) -> StatsRequest:
-        """The statistics the strategy and the error report need."""
-        report = StatsRequest(gram=True, gram_fraction=self.report_fraction)
-        return self.strategy.request.merge(report)
-
-    def apply(
-        self,
-        weight: torch.Tensor,
-        mask: torch.Tensor,
-        score: torch.Tensor,
-        stats: ActivationStats,
-    ) -> LayerRecovery:
-        """Prune ``weight`` in place with recovery; report errors against the dense weight."""
-        dense = weight.clone()
-        pruned = dense.masked_fill(mask, 0)
-        new = self.strategy.recover(dense, mask, score, stats)
-        if not torch.isfinite(new).all():
-            raise FloatingPointError(f"{self.strategy.name} produced non-finite weights")
-        weight.copy_(new)
-        gram = stats.gram
-        return LayerRecovery(
-            pruned=int(mask.sum()),
-            total=mask.numel(),
-            relative_error_before=relative_output_error(dense, pruned, gram),
-            relative_error_after=relative_output_error(dense, new, gram),
-        )
-
-
 STRATEGIES = {"inverse_wanda": InverseWandaStrategy, "least_squares": LeastSquaresStrategy}
+
+__all__ = [
+    "STRATEGIES",
+    "InverseWandaStrategy",
+    "LayerRecovery",
+    "LeastSquaresStrategy",
+    "RecoveryStrategy",
+    "WeightRedistributor",
+    "output_error",
+    "relative_output_error",
+]

@@ -11,11 +11,16 @@ Cholesky factor of ``H^-1``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from secateurs.core.patterns import SCOPES, NMSparsity, SparsityPattern, Unstructured, _lowest
-from secateurs.core.stats import ActivationStats
+from secateurs.core.spec import setting
+from secateurs.core.stats import ActivationStats, StatsRequest
 from secateurs.errors import SecateursError
+from secateurs.methods.registry import Method, register
+from secateurs.methods.wanda import require_stats
 
 BLOCK_SIZE = 128
 DAMP = 0.01
@@ -125,18 +130,70 @@ def sparsegpt_prune(
     return w.to(weight.dtype), mask
 
 
+@dataclass(frozen=True)
+class SparseGPTOptions:
+    """SparseGPT's column block size and relative dampening (the reference's defaults)."""
+
+    block_size: int = setting(
+        BLOCK_SIZE,
+        "sparsegpt: columns per block of OBS updates (128 as the reference).",
+        flag="sparsegpt_blocksize",
+    )
+    damp: float = setting(
+        DAMP,
+        "sparsegpt: dampening of the Hessian, a share of its mean diagonal (0.01 as the "
+        "reference; raised tenfold automatically where a layer's Hessian is singular).",
+        flag="sparsegpt_damp",
+    )
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise SecateursError(f"--sparsegpt_blocksize must be at least 1, got {self.block_size}")
+        if not self.damp > 0:  # NaN refused too
+            raise SecateursError(
+                f"--sparsegpt_damp must be > 0, got {self.damp}; 0.01 is the reference's value"
+            )
+
+
 def solve(
     weight: torch.Tensor,
     stats: ActivationStats,
     pattern: SparsityPattern,
     ratio: float,
     layer: str,
+    options: SparseGPTOptions | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The engine's entry: SparseGPT on one layer with its statistics' Gram as the Hessian."""
+    options = options or SparseGPTOptions()
+    common = {"block_size": options.block_size, "damp": options.damp, "layer": layer}
     if isinstance(pattern, NMSparsity):
-        return sparsegpt_prune(weight, stats.gram, nm=(pattern.n, pattern.m), layer=layer)
+        return sparsegpt_prune(weight, stats.gram, nm=(pattern.n, pattern.m), **common)
     if type(pattern) is not Unstructured:
         raise SecateursError(
             f"sparsegpt prunes unstructured or N:M sparsity, not {pattern.describe()}"
         )
-    return sparsegpt_prune(weight, stats.gram, ratio, scope=pattern.scope, layer=layer)
+    return sparsegpt_prune(weight, stats.gram, ratio, scope=pattern.scope, **common)
+
+
+def sparsegpt_saliency(weight: torch.Tensor, stats: ActivationStats | None) -> torch.Tensor:
+    """SparseGPT's saliency with a diagonal Hessian, ``W_ij^2 * (X^T X)_jj``.
+
+    The solver picks the real masks from the inverse Hessian as it sweeps the columns; this
+    score is what a caller asking for a score alone (``compute_pruning_metric``) gets.
+    """
+    gram = require_stats(stats, "sparsegpt").gram
+    return weight.float().square() * torch.diagonal(gram).to(weight.device).unsqueeze(0)
+
+
+register(
+    Method(
+        "sparsegpt",
+        "second-order (OBS) masks and updates of the survivors, columns in blocks of 128",
+        sparsegpt_saliency,
+        scope="layer",
+        options=SparseGPTOptions,
+        statistics=lambda options: StatsRequest(gram=True),
+        solver=solve,
+        patterns=frozenset({"unstructured", "nm"}),
+    )
+)
