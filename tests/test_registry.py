@@ -28,7 +28,7 @@ OPTIONS = {"neuronrank_max_classes": VOCAB // 8}
 
 def _cases():
     for name, method in METHODS.items():
-        if method.set_difference:  # two score tables: a run-level job (tests/test_scoring.py)
+        if method.set_difference:  # two score tables: a run-level job (tests/jobs/test_scoring.py)
             continue
         for kind in sorted(method.patterns):
             yield name, kind
