@@ -9,7 +9,7 @@ STAMP := $(VENV)/.secateurs-installed
 PEER_VENV ?= .venv-peer
 PEER_STAMP := $(PEER_VENV)/.peer-installed
 
-.PHONY: setup demo test test-fast lint bench peer-venv peer-bench
+.PHONY: setup demo test test-fast lint flags bench peer-venv peer-bench
 
 setup: $(STAMP)
 
@@ -38,6 +38,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/lint-imports --no-cache
+
+# The command line reads the configuration's flags from src/secateurs/flags.json (so --help
+# needs no torch); rewrite it after changing a setting or adding a method.
+flags: $(STAMP)
+	$(PY) -c "from secateurs.config import write_flag_schema; write_flag_schema()"
 
 bench: $(STAMP)
 	$(PY) benchmarks/prune_bench.py

@@ -1,6 +1,9 @@
 """The typed run configuration and the command line generated from it."""
 
 import dataclasses
+import json
+import subprocess
+import sys
 
 import pytest
 from conftest import invoke
@@ -8,7 +11,7 @@ from typer.testing import CliRunner
 
 from secateurs import __version__
 from secateurs.cli import app
-from secateurs.config import PANELS, SPECS, RunConfig
+from secateurs.config import FLAGS_FILE, PANELS, SPECS, RunConfig, flag_schema
 from secateurs.errors import SecateursError
 from secateurs.jobs import prune as prune_job
 from secateurs.methods.selectivity import SelectivityOptions
@@ -220,3 +223,19 @@ def test_specs_are_frozen():
     for name in SPECS:
         with pytest.raises(dataclasses.FrozenInstanceError):
             getattr(cfg, name).x = 1
+
+
+def test_the_command_lines_flag_file_matches_the_code():
+    stored = json.loads(FLAGS_FILE.read_text())
+    assert stored == json.loads(json.dumps(flag_schema())), "flags.json is stale: run `make flags`"
+
+
+def test_help_imports_neither_torch_nor_the_methods():
+    code = (
+        "import sys; from secateurs.cli import app; from typer.testing import CliRunner; "
+        "CliRunner().invoke(app, ['prune', '--help']); "
+        "print(sorted(m for m in ('torch', 'transformers', 'secateurs.methods') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -2,15 +2,18 @@
 
 ``prune`` and ``compare`` are generated from the run configuration's fields
 (:mod:`secateurs.config` and each method's options class), so every flag, default and help
-line is written once, beside the code that reads it, and lands in its help panel.
+line is written once, beside the code that reads it, and lands in its help panel. The
+command line reads those fields from ``flags.json`` (:func:`secateurs.config.flag_schema`,
+kept equal to the code by a test), and everything heavy is imported when a command runs,
+so ``--help`` answers at once.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import re
 import time
-import typing
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -22,16 +25,12 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from secateurs import __version__
-from secateurs.config import DTYPES, SPECS, EvaluationSpec, RunConfig, check_dtype
-from secateurs.core.spec import flagged_fields
 from secateurs.errors import SecateursError
-from secateurs.evaluate.zeroshot import DEFAULT_TASKS
-from secateurs.jobs.compare import DEFAULT_METHODS
-from secateurs.jobs.plan import check_device, zero_shot_planned
-from secateurs.jobs.session import load_eval_windows
-from secateurs.methods import METHODS
-from secateurs.methods.registry import option_classes
-from secateurs.methods.selectivity import DEFAULT_IDF_FORM, IDF_FORMS
+
+SCHEMA = json.loads(Path(__file__).with_name("flags.json").read_text())
+FLAGS: dict[str, dict[str, Any]] = SCHEMA["flags"]
+DTYPES = SCHEMA["dtypes"]
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 
 _ZERO_SHOT_FLAGS = ("--eval_zero_shot",)
 _DASHED = re.compile(r"^--[a-z0-9]+(?:-[a-z0-9]+)+(?==|$)")
@@ -43,7 +42,7 @@ def default_zero_shot(args: list[str]) -> list[str]:
     for i, arg in enumerate(args):
         out.append(arg)
         if arg in _ZERO_SHOT_FLAGS and (i + 1 == len(args) or args[i + 1].startswith("-")):
-            out.append(",".join(DEFAULT_TASKS))
+            out.append(",".join(SCHEMA["default_tasks"]))
     return out
 
 
@@ -121,37 +120,26 @@ def _option(name: str, annotation: Any, default: Any, help_text: str, panel: str
     return inspect.Parameter(name, kind, default=default, annotation=Annotated[annotation, info])
 
 
-def settings_classes() -> list[type]:
-    """The run's settings classes in help order: each spec, method options after the method."""
-    classes: list[type] = []
-    for spec in SPECS.values():
-        classes.append(spec)
-        if spec.PANEL == "Method":
-            classes.extend(option_classes())
-    return classes
+def _annotation(name: str) -> Any:
+    """The Python type of a flag, from its schema entry (``int?``: an int or None)."""
+    kind = FLAGS[name]["type"]
+    base = _TYPES[kind.rstrip("?")]
+    return base | None if kind.endswith("?") else base
 
 
 def spec_parameters(skip: Iterable[str] = ()) -> list[inspect.Parameter]:
     """A parameter for every flag of the run configuration, once each, in panel order."""
-    skipped, params = set(skip), {}
-    for cls in settings_classes():
-        hints = typing.get_type_hints(cls)
-        panel = getattr(cls, "PANEL", "Method")
-        for field, flag in flagged_fields(cls):
-            if flag.name not in skipped and flag.name not in params:
-                params[flag.name] = _option(
-                    flag.name, hints[field.name], field.default, flag.help, panel
-                )
-    return list(params.values())
+    skipped = set(skip)
+    return [
+        _option(name, _annotation(name), entry["default"], entry["help"], entry["panel"])
+        for name, entry in FLAGS.items()
+        if name not in skipped
+    ]
 
 
 def spec_option(name: str) -> Any:
     """The annotated type of one configuration flag, for hand-written commands."""
-    for cls in settings_classes():
-        for field, flag in flagged_fields(cls):
-            if flag.name == name:
-                return Annotated[typing.get_type_hints(cls)[field.name], _flag(name, flag.help)]
-    raise KeyError(name)
+    return Annotated[_annotation(name), _flag(name, FLAGS[name]["help"])]
 
 
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
@@ -196,8 +184,10 @@ def generated(params: list[inspect.Parameter]) -> Callable:
     return wrap
 
 
-def config_from(values: dict[str, Any], **overrides: Any) -> RunConfig:
+def config_from(values: dict[str, Any], **overrides: Any):
     """A run configuration from a generated command's values (--quiet turns progress off)."""
+    from secateurs.config import RunConfig
+
     flags = {k: v for k, v in values.items() if k not in ("quiet", "debug")}
     return RunConfig.from_flags(**(flags | overrides), progress=not values["quiet"])
 
@@ -217,7 +207,7 @@ ZeroShotOpt = spec_option("eval_zero_shot")
 ZeroShotLimitOpt = spec_option("zero_shot_limit")
 ZeroShotBatchOpt = spec_option("zero_shot_batch_size")
 SaveFormatOpt = spec_option("save_format")
-_DEFAULTS = {f.name: f.default for spec in SPECS.values() for f, _ in flagged_fields(spec)}
+_DEFAULTS = {name: entry["default"] for name, entry in FLAGS.items()}
 
 _PACKAGE = Path(__file__).resolve().parent
 _PYTHON_SHOW_WARNING = warnings.showwarning
@@ -320,13 +310,16 @@ def evaluate(
     """Perplexity and sparsity of any model: a hub id, a built-in name, or a saved folder."""
 
     def action() -> None:
+        from secateurs.config import DTYPES, EvaluationSpec, RunConfig, check_dtype
         from secateurs.core.model import choose_seqlen, load_config, load_model, load_tokenizer
         from secateurs.data.text import check_window_bos, resolve_source, window_bos_token
         from secateurs.evaluate.perplexity import check_sparsity, perplexity
         from secateurs.evaluate.zeroshot import evaluate_zero_shot
         from secateurs.evaluate.zeroshot import summary_lines as zero_shot_lines
         from secateurs.io import ensure_free
+        from secateurs.jobs.plan import check_device, zero_shot_planned
         from secateurs.jobs.report import versions, write_json
+        from secateurs.jobs.session import load_eval_windows
 
         spec = EvaluationSpec(
             eval_batch_size=eval_batch_size,
@@ -398,7 +391,7 @@ _NOT_COMPARED = (
     "eval_zero_shot",
     "zero_shot_limit",
     "zero_shot_batch_size",
-    *(flag.name for _, flag in flagged_fields(SPECS["output"])),
+    *(name for name, entry in FLAGS.items() if entry["panel"] == "Output"),
     "offload",
     "max_memory",
     "save",
@@ -414,7 +407,11 @@ _NOT_COMPARED = (
 
 def _compare_parameters() -> list[inspect.Parameter]:
     own = [
-        ("methods", ", ".join(DEFAULT_METHODS), f"Comma-separated; any of {', '.join(METHODS)}."),
+        (
+            "methods",
+            ", ".join(SCHEMA["compare_methods"]),
+            f"Comma-separated; any of {', '.join(SCHEMA['methods'])}.",
+        ),
         (
             "sparsity_types",
             "unstructured,2:4",
@@ -423,8 +420,8 @@ def _compare_parameters() -> list[inspect.Parameter]:
         ("sparsity_ratios", "0.5", "Comma-separated ratios for unstructured and neuron runs."),
         (
             "idf_forms",
-            DEFAULT_IDF_FORM,
-            f"Comma-separated IDF forms to compare ({', '.join(IDF_FORMS)}); each runs "
+            SCHEMA["default_idf_form"],
+            f"Comma-separated IDF forms to compare ({', '.join(SCHEMA['idf_forms'])}); each runs "
             "wanda_idf and wanda_select once.",
         ),
         ("out", "compare-out", "Folder for the table, CSV, JSON, plot and the per-run cache."),
@@ -468,6 +465,9 @@ def compare(values: dict[str, Any]) -> None:
 @app.command("methods")
 def methods_command() -> None:
     """The pruning methods, what each scores, and what each of them supports."""
+    from secateurs.core.spec import flagged_fields
+    from secateurs.methods import METHODS
+
     for method in METHODS.values():
         typer.echo(f"{method.name}")
         typer.echo(f"  {method.summary}")
@@ -515,9 +515,11 @@ def attack_command(
     """Greedy answers to harmful (or harmless) prompts, with and without a system prompt; ASR."""
 
     def action() -> None:
+        from secateurs.config import check_dtype
         from secateurs.core.model import load_model
         from secateurs.evaluate.attack import attack, attack_prompts, save_responses
         from secateurs.io import ensure_free
+        from secateurs.jobs.plan import check_device
 
         for value, flag in ((limit, "--limit"), (max_new_tokens, "--max_new_tokens")):
             if value is not None and value <= 0:
@@ -596,7 +598,9 @@ def finetune(
         from secateurs.formats.checkpoint import check_save_format
         from secateurs.io import ensure_free
         from secateurs.jobs.finetune import LoraOptions, finetune, training_batch
+        from secateurs.jobs.plan import check_device
         from secateurs.jobs.result import save_pruned_model
+        from secateurs.jobs.session import load_eval_windows
 
         options = LoraOptions(rank, alpha, lr, steps, batch_size, seed)
         names = _split(data) if data else []
@@ -647,6 +651,7 @@ def convert(
     """Rewrite a saved model folder as a compressed or dense checkpoint, one shard at a time."""
 
     def action() -> None:
+        from secateurs.config import check_dtype
         from secateurs.formats.checkpoint import convert_folder
         from secateurs.formats.streaming import model_folder
         from secateurs.jobs.report import fmt_bytes

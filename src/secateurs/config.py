@@ -15,7 +15,10 @@ into a plan.
 from __future__ import annotations
 
 import dataclasses
+import json
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -30,13 +33,19 @@ from secateurs.core.spec import (
 )
 from secateurs.data.text import check_window_bos
 from secateurs.errors import SecateursError
+from secateurs.evaluate.zeroshot import DEFAULT_TASKS
 from secateurs.formats.checkpoint import check_save_format
 from secateurs.methods import METHODS, get_method
 from secateurs.methods.registry import option_classes
+from secateurs.methods.selectivity import DEFAULT_IDF_FORM, IDF_FORMS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 OFFLOAD_MODES = ("auto", "none", "disk")
 RECOVERIES = ("inverse_wanda", "least_squares")
+# What `secateurs compare` runs without --methods.
+COMPARE_METHODS = ("wanda", "wanda_idf", "wanda_spiky", "wanda_select", "magnitude")
+# The command line's view of the flags, written by `make flags` (see flag_schema).
+FLAGS_FILE = Path(__file__).with_name("flags.json")
 
 
 def check_dtype(name: str) -> torch.dtype:
@@ -381,3 +390,57 @@ def all_flags() -> dict[str, tuple[type, Any]]:
         for f, flag in flagged_fields(spec):
             out.setdefault(flag.name, (spec, f))
     return out
+
+
+def settings_classes() -> list[type]:
+    """The run's settings classes in help order: each spec, method options after the method."""
+    classes: list[type] = []
+    for spec in SPECS.values():
+        classes.append(spec)
+        if spec.PANEL == "Method":
+            classes.extend(option_classes())
+    return classes
+
+
+def _type_name(hint: Any) -> str:
+    """``str``, ``int``, ``float`` or ``bool``, with ``?`` where None is allowed."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if args else hint
+    return base.__name__ + ("?" if args else "")
+
+
+def flag_schema() -> dict[str, Any]:
+    """What the command line shows of the configuration: every flag's type, default, help and
+    panel, in help order, and the lists that help texts name.
+
+    The command line reads it from ``flags.json`` so that ``--help`` needs neither torch nor
+    the methods; a test keeps the file equal to this (``make flags`` writes it).
+    """
+    flags: dict[str, dict[str, Any]] = {}
+    for cls in settings_classes():
+        hints = typing.get_type_hints(cls)
+        panel = getattr(cls, "PANEL", "Method")
+        for f, flag in flagged_fields(cls):
+            flags.setdefault(
+                flag.name,
+                {
+                    "type": _type_name(hints[f.name]),
+                    "default": f.default,
+                    "help": flag.help,
+                    "panel": panel,
+                },
+            )
+    return {
+        "flags": flags,
+        "methods": sorted(METHODS),
+        "compare_methods": list(COMPARE_METHODS),
+        "idf_forms": list(IDF_FORMS),
+        "default_idf_form": DEFAULT_IDF_FORM,
+        "default_tasks": list(DEFAULT_TASKS),
+        "dtypes": list(DTYPES),
+    }
+
+
+def write_flag_schema(path: Path = FLAGS_FILE) -> None:
+    """Write :func:`flag_schema` where the command line reads it."""
+    path.write_text(json.dumps(flag_schema(), indent=1) + "\n")

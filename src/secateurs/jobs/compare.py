@@ -25,7 +25,6 @@ from secateurs.jobs.report import versions
 from secateurs.jobs.session import Prepared, evaluate_model, load, prepare, prune_loaded
 from secateurs.methods.selectivity import DEFAULT_IDF_FORM, check_idf_form
 
-DEFAULT_METHODS = ("wanda", "wanda_idf", "wanda_spiky", "wanda_select", "magnitude")
 # Settings that do not change a run's numbers, left out of its cache key.
 _NOT_IN_KEY = (
     "save_model",
