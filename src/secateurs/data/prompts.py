@@ -9,12 +9,15 @@ causal, so padding after a sample's last token never changes what its own tokens
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -87,25 +90,170 @@ def utility_pairs(split: str = "train") -> list[Pair]:
     return pairs
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+class _CsvReader(Protocol):
+    """What a ``csv.reader`` gives: rows, and the number of lines read so far."""
+
+    line_num: int
+
+    def __next__(self) -> list[str]: ...
+
+    def __iter__(self) -> Iterator[list[str]]: ...
+
+
+_FIELDS = ("prompt", "response")
+_JSONL_EXAMPLE = '{"prompt": "...", "response": "..."}'
+_FIX_RECORD = "give it text, or remove the record"
+
+
+def _read_text(path: Path) -> str:
+    """A prompt file's text, newlines as written (a CSV value may hold a CRLF) and no BOM."""
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            text = handle.read()
+    except UnicodeDecodeError as exc:
+        raise SecateursError(
+            f"'{path}' is not UTF-8 text (byte {exc.start} cannot be decoded); save it as UTF-8, "
+            "or convert it with: iconv -t UTF-8"
+        ) from exc
+    except OSError as exc:
+        raise SecateursError(
+            f"cannot read '{path}' ({exc.strerror or exc}); check the path and its permissions"
+        ) from exc
+    if "\x00" in text:
+        raise SecateursError(f"'{path}' holds NUL bytes, so it is binary; give a text file")
+    return text
+
+
+def _json_kind(value: object) -> str:
+    """JSON's name for a decoded value's type, as the file's author wrote it."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {dict: "object", list: "list", str: "string"}.get(type(value), type(value).__name__)
+
+
+def _field_text(where: str, row: dict[str, object], field: str) -> str:
+    """The non-empty text of one field of a record, or an error naming what is wrong."""
+    value = row[field]
+    if value is None:
+        raise SecateursError(f"{where}: '{field}' is null; {_FIX_RECORD}")
+    if not isinstance(value, str):
+        raise SecateursError(
+            f"{where}: '{field}' is a {_json_kind(value)} ({value!r:.40}), not text; write it "
+            "as a string in double quotes"
+        )
+    if not value:
+        raise SecateursError(f"{where}: '{field}' is empty; {_FIX_RECORD}")
+    if not value.strip():
+        raise SecateursError(f"{where}: '{field}' holds only whitespace; {_FIX_RECORD}")
+    return value
+
+
+def _pair(where: str, row: dict[str, object]) -> Pair:
+    """A record's pair; a missing field is named before any value is judged."""
+    for field in _FIELDS:
+        if field not in row:
+            raise SecateursError(
+                f"{where}: no '{field}' field; every record needs the fields 'prompt' and "
+                "'response', each with text"
+            )
+    return Pair(*(_field_text(where, row, field) for field in _FIELDS))
+
+
+def _read_jsonl(path: Path) -> list[Pair]:
+    """One JSON object per non-blank line; fields besides prompt and response are ignored."""
+    pairs = []
+    for number, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
+        where = f"{path}, line {number}"
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise SecateursError(f"{path}, line {number}: not valid JSON ({exc.msg})") from exc
-    return rows
+            raise SecateursError(
+                f"{where}: not valid JSON ({exc.msg}); write one object per line, like "
+                f"{_JSONL_EXAMPLE}"
+            ) from exc
+        if not isinstance(row, dict):
+            raise SecateursError(
+                f"{where}: a JSON {_json_kind(row)} where an object with 'prompt' and 'response' "
+                f"is needed; write one object per line, like {_JSONL_EXAMPLE}"
+            )
+        pairs.append(_pair(where, row))
+    return pairs
 
 
-def _read_csv(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8", newline="") as handle:
-        return list(csv.DictReader(handle))
+def _csv_header(path: Path, reader: _CsvReader) -> list[str]:
+    """The header row, which must name a prompt and a response column (others are ignored)."""
+    header = _csv_row(path, reader, 1)
+    if header is None:
+        return []
+    for field in _FIELDS:
+        if field not in header:
+            raise SecateursError(
+                f"{path}, line 1: the header ({', '.join(header) or 'empty'}) has no '{field}' "
+                "column; the first line must name the columns, e.g. prompt,response"
+            )
+    return header
+
+
+def _csv_row(path: Path, reader: _CsvReader, start: int) -> list[str] | None:
+    """The next record (it may span lines), None at the end; strict parsing, so a stray or
+    unclosed quote is an error here instead of text silently swallowed into one value."""
+    try:
+        return next(reader)
+    except StopIteration:
+        return None
+    except csv.Error as exc:
+        if "unexpected end of data" in str(exc):
+            raise SecateursError(
+                f"{path}, line {start}: a quoted value opened here is never closed; close it "
+                'with a double quote (a quote inside a quoted value is written "")'
+            ) from exc
+        raise SecateursError(
+            f"{path}, line {reader.line_num}: not valid CSV ({exc}); put a value holding commas, "
+            'quotes or line breaks in double quotes, and write a quote inside it as ""'
+        ) from exc
+
+
+def _csv_record(where: str, header: list[str], values: list[str]) -> dict[str, str]:
+    """A row as a mapping; exactly one value per header column."""
+    if len(values) > len(header):
+        raise SecateursError(
+            f"{where}: {len(values)} values, but the header names {len(header)} columns; put a "
+            'value that holds a comma in double quotes ("like, this")'
+        )
+    if len(values) < len(header):
+        raise SecateursError(
+            f"{where}: no value for '{header[len(values)]}' (the header names {len(header)} "
+            f"columns, this row has {len(values)}); give every column a value, or remove the row"
+        )
+    return dict(zip(header, values, strict=True))
+
+
+def _read_csv(path: Path) -> list[Pair]:
+    """A header naming prompt and response, then one value per column in every row."""
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""), strict=True)
+    header = _csv_header(path, reader)
+    pairs: list[Pair] = []
+    while header:
+        start = reader.line_num + 1  # a record may span lines: name the one it starts on
+        values = _csv_row(path, reader, start)
+        if values is None:
+            return pairs
+        if values:  # a blank line holds no record
+            where = f"{path}, line {start}"
+            pairs.append(_pair(where, _csv_record(where, header, values)))
+    return pairs
 
 
 def read_pairs(path: str | Path) -> list[Pair]:
-    """Pairs from a ``.jsonl`` or ``.csv`` file with ``prompt`` and ``response`` fields."""
+    """Pairs from a ``.jsonl`` or ``.csv`` file with ``prompt`` and ``response`` fields.
+
+    Every record must give both as non-empty text; the first that does not stops the read
+    with its file, line and fix, as does any CSV that is not strictly well formed.
+    """
     path = Path(path)
     readers = {".jsonl": _read_jsonl, ".csv": _read_csv}
     if path.suffix not in readers:
@@ -113,15 +261,12 @@ def read_pairs(path: str | Path) -> list[Pair]:
             f"prompt/response file '{path}' must end in .jsonl or .csv (with fields prompt and "
             "response)"
         )
-    pairs = []
-    for number, row in enumerate(readers[path.suffix](path), 1):
-        if not isinstance(row, dict) or not {"prompt", "response"} <= set(row):
-            raise SecateursError(
-                f"{path}, record {number}: needs the fields 'prompt' and 'response'"
-            )
-        pairs.append(Pair(str(row["prompt"]), str(row["response"])))
+    pairs = readers[path.suffix](path)
     if not pairs:
-        raise SecateursError(f"{path} holds no prompt/response records")
+        raise SecateursError(
+            f"{path} holds no prompt/response records; give at least one, e.g. a line "
+            f"{_JSONL_EXAMPLE} (.jsonl) or a row after the header prompt,response (.csv)"
+        )
     return pairs
 
 
@@ -129,12 +274,23 @@ BUILTIN_PROMPT_DATA = ("align", "utility")
 
 
 def check_prompt_data(name: str) -> str:
-    """A built-in prompt/response set or an existing file; a clear error otherwise."""
-    if name in BUILTIN_PROMPT_DATA or Path(name).expanduser().is_file():
+    """A built-in prompt/response set, or a file read and validated whole; a clear error else.
+
+    The plan runs this before any weights load, so a bad record costs no model load.
+    """
+    if name in BUILTIN_PROMPT_DATA:
         return name
+    read_pairs(_prompt_file(name))
+    return name
+
+
+def _prompt_file(name: str) -> Path:
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
     raise SecateursError(
-        f"unknown --prune_data '{name}': use {' or '.join(BUILTIN_PROMPT_DATA)} (built in) or "
-        "a .jsonl/.csv file with prompt and response fields"
+        f"unknown prompt/response data '{name}': use {' or '.join(BUILTIN_PROMPT_DATA)} (built "
+        "in) or the path of a .jsonl/.csv file with prompt and response fields"
     )
 
 
@@ -145,12 +301,11 @@ def data_label(name: str) -> str:
 
 def load_pairs(name: str) -> list[Pair]:
     """The scoring pairs of a built-in set (``align``: its scoring half) or of a file."""
-    check_prompt_data(name)
     if name == "align":
         return align_split("score")
     if name == "utility":
         return utility_pairs()
-    return read_pairs(Path(name).expanduser())
+    return read_pairs(_prompt_file(name))
 
 
 def sample_pairs(pairs: list[Pair], nsamples: int, seed: int = 0) -> list[Pair]:

@@ -1,8 +1,9 @@
 """Calibration and evaluation text: the built-in sample, Hugging Face datasets, local files.
 
-A text source yields documents for a split. Calibration draws ``nsamples`` random windows of
-``seqlen`` tokens with ``random.seed(seed)`` as the reference code does; evaluation joins the
-split with ``"\\n\\n"`` and tokenizes it once.
+A text source yields documents for a split; a local text without its own ``train.txt`` and
+``test.txt`` is cut so that its last tenth is the test split (:func:`hold_out`). Calibration
+draws ``nsamples`` random windows of ``seqlen`` tokens with ``random.seed(seed)`` as the
+reference code does; evaluation joins the split with ``"\\n\\n"`` and tokenizes it once.
 
 Windows may start with a beginning-of-sequence token (see :func:`window_bos_token`): a window
 is then BOS followed by ``seqlen - 1`` tokens of text, so its length stays ``seqlen``.
@@ -12,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +54,8 @@ class TextSource:
     # C4 calibration samples one document at a time instead of windows of the joined text.
     per_document_calibration: bool = False
     max_eval_windows: int | None = None
+    # The test split is the held-out last tenth of a local text (see ``_local``).
+    held_out: bool = False
 
 
 def _hub_dataset(path: str, config: str | None, split: str, field: str, **kwargs) -> list[str]:
@@ -107,26 +112,94 @@ def read_text_file(path: Path) -> str:
     return text
 
 
-def _local(path: Path) -> Callable[[str], list[str]]:
-    """A file is used for every split; a folder uses ``<split>.txt`` if present, else all .txt."""
+# A local text without its own train.txt and test.txt holds out its last tenth for evaluation.
+HELD_OUT_SHARE = 10
+# Where a local text may be cut, coarsest first: a blank line (between paragraphs), a line
+# break, whitespace (between words). The coarsest with at least HELD_OUT_SHARE units is used,
+# so the held-out tenth is at least one whole unit. A cut starts at its newline (a pattern
+# that starts with a literal is scanned for over ten times faster): the spaces before it stay
+# at the end of the train part, which is stripped.
+_CUTS = (
+    re.compile(r"\n[^\S\n]*\n\s*"),
+    re.compile(r"\n\s*"),
+    re.compile(r"\s+"),
+)
+
+
+def hold_out(text: str) -> tuple[str, str]:
+    """``text`` cut into (train, test): the test part is its last tenth of whole units.
+
+    A unit is a paragraph (text between blank lines) when there are at least ten, else a line
+    when there are at least ten, else a word; the test part is the last ``ceil(units / 10)``
+    units, the train part all before them. The cut is a slice of ``text`` (only the whitespace
+    around it and at the ends is dropped), so no unit is in both parts. A single word cannot
+    be cut: its test part is empty.
+    """
+    start, end = len(text) - len(text.lstrip()), len(text.rstrip())
+    pattern, count = _coarsest_cuts(text, start, end)
+    if count == 0:
+        return text[start:end], ""
+    units = count + 1
+    held_out = -(-units // HELD_OUT_SHARE)
+    # the cut before the first held-out unit
+    cut = next(itertools.islice(pattern.finditer(text, start, end), units - held_out - 1, None))
+    return text[start : cut.start()].rstrip(), text[cut.end() : end]
+
+
+def _coarsest_cuts(text: str, start: int, end: int) -> tuple[re.Pattern[str], int]:
+    """The coarsest kind of cut that gives ``text[start:end]`` ten units, and how many cuts it
+    has there (word cuts, however few, where none does)."""
+    count = 0
+    for pattern in _CUTS:
+        # counted, not listed: a long one-line text has millions of word cuts
+        count = sum(1 for _ in pattern.finditer(text, start, end))
+        if count + 1 >= HELD_OUT_SHARE:
+            return pattern, count
+    return _CUTS[-1], count
+
+
+def _local_text(path: Path) -> str:
+    """A file's text, or a folder's .txt files (sorted by path) joined as paragraphs."""
+    if path.is_file():
+        return read_text_file(path)
+    if not path.is_dir():
+        raise SecateursError(f"'{path}' is neither a text file nor a folder of .txt files")
+    try:
+        files = sorted(path.rglob("*.txt"))
+    except OSError as exc:
+        raise SecateursError(f"cannot list the folder '{path}' ({exc.strerror or exc})") from exc
+    if not files:
+        raise SecateursError(f"the folder '{path}' holds no .txt files to read text from")
+    return "\n\n".join(read_text_file(f) for f in files)
+
+
+def _local(path: Path) -> TextSource:
+    """A local text file or folder, read now so that bad text stops a run at its plan.
+
+    A folder holding both ``train.txt`` and ``test.txt`` uses them as its splits, unchanged.
+    Any other file or folder (its .txt files in path order, each starting a paragraph) is one
+    text cut by :func:`hold_out`: evaluation reads only its last tenth of paragraphs (of lines
+    or of words where there are fewer than ten paragraphs), calibration only the text before,
+    so perplexity is never measured on calibration text. The cut is the same in every run and
+    for every flag that names the text (``--dataset``, ``--eval_dataset``, ``eval --dataset``).
+    """
+    if all((path / f"{split}.txt").is_file() for split in ("train", "test")):
+        parts = {split: [read_text_file(path / f"{split}.txt")] for split in ("train", "test")}
+        return TextSource(str(path), lambda split: list(parts[_check_split(split)]))
+    train, test = hold_out(_local_text(path))
 
     def load(split: str) -> list[str]:
-        if path.is_file():
-            return [read_text_file(path)]
-        if not path.is_dir():
-            raise SecateursError(f"'{path}' is neither a text file nor a folder of .txt files")
-        named = path / f"{split}.txt"
-        try:
-            files = [named] if named.is_file() else sorted(path.rglob("*.txt"))
-        except OSError as exc:
+        if _check_split(split) == "train":
+            return [train]
+        if not test:
             raise SecateursError(
-                f"cannot list the folder '{path}' ({exc.strerror or exc})"
-            ) from exc
-        if not files:
-            raise SecateursError(f"the folder '{path}' holds no .txt files to read text from")
-        return [read_text_file(f) for f in files]
+                f"'{path}' is a single word, too short to hold out evaluation text (a local text "
+                "keeps its last tenth from calibration for evaluation); give a longer text, or "
+                "evaluation text of its own with --eval_dataset"
+            )
+        return [test]
 
-    return load
+    return TextSource(str(path), load, held_out=True)
 
 
 BUILTIN_SOURCES: dict[str, TextSource] = {
@@ -150,7 +223,7 @@ def resolve_source(name: str) -> TextSource:
         return BUILTIN_SOURCES[name]
     path = Path(name).expanduser()
     if path.exists():
-        return TextSource(str(path), _local(path))
+        return _local(path)
     raise SecateursError(
         f"unknown dataset '{name}': use one of {', '.join(BUILTIN_SOURCES)} "
         "(wiki-sample is built in and works offline) or the path of a text file or folder"
@@ -266,7 +339,7 @@ def calibration_windows(
         raise SecateursError(f"--nsamples must be at least 1, got {nsamples}")
     docs = source.load("train")
     if not docs:
-        raise SecateursError(f"the train split of '{source.name}' holds no text")
+        raise SecateursError(f"{_train_label(source)} holds no text")
     rng = random.Random(seed)
     length = seqlen - (bos is not None)
     if source.per_document_calibration:
@@ -276,17 +349,37 @@ def calibration_windows(
     available = ids.numel() // length if ids.numel() > length else 0
     if available == 0:
         raise SecateursError(
-            f"the train split of '{source.name}' has {ids.numel()} tokens, too few for one "
+            f"{_train_label(source)} has {ids.numel()} tokens, too few for one "
             f"window of {seqlen}; lower --seqlen or use a longer text"
         )
     if available < nsamples:
         raise SecateursError(
-            f"the train split of '{source.name}' has {ids.numel()} tokens, room for {available} "
+            f"{_train_label(source)} has {ids.numel()} tokens, room for {available} "
             f"windows of {seqlen}; lower --nsamples to at most {max(available, 1)} or --seqlen, "
             "or use a longer text"
         )
     starts = [rng.randint(0, ids.numel() - length - 1) for _ in range(nsamples)]
     return _with_bos(torch.stack([ids[s : s + length] for s in starts]), bos)
+
+
+def _train_label(source: TextSource) -> str:
+    """How messages name a source's calibration text: a local text's is not all of it."""
+    label = f"the train split of '{source.name}'"
+    return f"{label} (its last tenth is held out for evaluation)" if source.held_out else label
+
+
+def _evaluation_too_short(tokens: int, seqlen: int, source: TextSource | None) -> str:
+    """The refusal of an evaluation text shorter than one window, with the fixes that apply."""
+    if source is None or not source.held_out:
+        return (
+            f"the evaluation text has {tokens} tokens, fewer than one window of {seqlen}; "
+            "lower --seqlen or use a longer text"
+        )
+    return (
+        f"the evaluation text (the last tenth of '{source.name}', held out from calibration) "
+        f"has {tokens} tokens, fewer than one window of {seqlen}; lower --seqlen, use a longer "
+        "text, or evaluate on other text with --eval_dataset"
+    )
 
 
 def _windows_from_documents(
@@ -326,10 +419,7 @@ def evaluation_windows(
     length = seqlen - (bos is not None)
     count = ids.numel() // length
     if count == 0:
-        raise SecateursError(
-            f"the evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}; "
-            "lower --seqlen or use a longer text"
-        )
+        raise SecateursError(_evaluation_too_short(ids.numel(), seqlen, source))
     for cap in (limit, source.max_eval_windows if source else None):
         if cap is not None:
             count = min(count, cap)
