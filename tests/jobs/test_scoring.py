@@ -170,6 +170,34 @@ def test_score_file_errors(chat_model_dir, pairs_files, tmp_path):
     assert no_save.exit_code == 2 and "--save" in no_save.output
 
 
+def test_score_files_follow_the_model_not_the_path_it_was_given_by(
+    chat_model_dir, pairs_files, tmp_path, monkeypatch
+):
+    safety, _ = pairs_files
+    monkeypatch.chdir(tmp_path)
+    name = chat_model_dir.name
+
+    def prune(model: str, *args):
+        # a string, not a Path: Path("./x") would print as "x"
+        return invoke(
+            "prune", "--model", model, "--dataset", tmp_path / "text", "--seqlen", "32",
+            "--quiet", "--nsamples", "8", "--eval_limit", "2", "--prune_method", "wanda",
+            "--prune_data", safety, "--save", tmp_path / "run", *args,
+        )  # fmt: skip
+
+    dumped = prune(name, "--dump_wanda_score")
+    assert dumped.exit_code == 0, dumped.output
+    same = prune(f"./{name}", "--load_wanda_score")
+    assert same.exit_code == 0, same.output
+    # another model with the very same layers, saved where the first one was
+    make_model("llama", seed=1).save_pretrained(chat_model_dir)
+    out = tmp_path / "pruned"
+    other = prune(name, "--load_wanda_score", "--save_model", out)
+    assert other.exit_code == 2, other.output
+    assert "computed on other weights" in other.output
+    assert not out.exists()
+
+
 def test_set_difference_end_to_end_with_attack(chat_model_dir, pairs_files, tmp_path):
     safety, utility = pairs_files
     save = tmp_path / "run"

@@ -22,8 +22,10 @@ from secateurs.core.guard import ChannelAlarm, ChannelCollapseWarning, alarm_mes
 from secateurs.core.model import (
     BlockInputs,
     StopForward,
+    all_finite,
     block_output,
     capture_block_inputs,
+    describe_non_finite,
     find_blocks,
     find_linears,
     find_mlp_groups,
@@ -236,25 +238,54 @@ def check_pattern_fits(model: nn.Module, pattern: SparsityPattern) -> None:
         )
 
 
+def require_finite(tensor: torch.Tensor, what: str, layer: str) -> None:
+    """Stop the run at ``layer`` if ``tensor`` (its ``what``) holds NaN or Inf.
+
+    A mask chosen from such scores is arbitrary (NaN sorts last), and the run would go on to
+    report and save a broken model. The weights were checked when loaded, so the cause is
+    overflowing activations or a method's arithmetic.
+    """
+    if not all_finite(tensor):
+        raise SecateursError(
+            f"pruning stopped at {layer}: its {what} are not finite "
+            f"({describe_non_finite(tensor)}); the activations overflow or hold NaN: run with "
+            "--dtype float32 (float16 overflows easily), or check the model and the "
+            "calibration data"
+        )
+
+
+def _score(
+    metric_fn: MetricFn, layer: nn.Module, stats: ActivationStats | None, name: str
+) -> torch.Tensor:
+    score = metric_fn(layer, stats)
+    require_finite(score, "scores", name)
+    return score
+
+
 def _layer_masks(
     layers: dict[str, nn.Module],
     stats: dict[str, ActivationStats],
     metric_fn: MetricFn,
     pattern: SparsityPattern,
     ratio: float,
+    prefix: str,
 ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
     """``(name, score, mask)`` of every layer the pattern prunes, in block order.
 
     A structured pattern masks each MLP consumer's columns, and the same neurons' rows of
-    its producers; the other layers are left dense.
+    its producers; the other layers are left dense. Every score is checked finite before
+    any mask is made from it.
     """
     if not pattern.structured:
         for name, layer in layers.items():
-            score = metric_fn(layer, stats.get(name))
+            score = _score(metric_fn, layer, stats.get(name), f"{prefix}.{name}")
             yield name, score, pattern.create_mask(score, ratio)
         return
     for group in find_mlp_groups(layers):
-        scores = {name: metric_fn(layers[name], stats.get(name)) for name in group.names}
+        scores = {
+            name: _score(metric_fn, layers[name], stats.get(name), f"{prefix}.{name}")
+            for name in group.names
+        }
         consumer_mask = pattern.create_mask(scores[group.consumer], ratio)
         for name in group.producers:
             rows = group.producer_rows(name, consumer_mask[0])  # every fused part's row
@@ -283,10 +314,18 @@ def _solved_layers(
     ratio: float,
     prefix: str,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Let ``solver`` prune and update every layer in place; ``(name, mask)`` in block order."""
+    """Let ``solver`` prune and update every layer in place; ``(name, mask)`` in block order.
+
+    A solver has no scores to check, so its statistics are checked before it runs (any
+    non-finite activation makes the sum of squares non-finite) and its weights before they
+    replace the layer's.
+    """
     for name, layer in layers.items():
         weight = weight_matrix(layer)
-        new, mask = solver(weight, stats[name], pattern, ratio, f"{prefix}.{name}")
+        full = f"{prefix}.{name}"
+        require_finite(stats[name].sq_norm, "activation statistics", full)
+        new, mask = solver(weight, stats[name], pattern, ratio, full)
+        require_finite(new, "weights from the solver", full)
         weight.copy_(new)
         yield name, mask
 
@@ -397,7 +436,7 @@ def prune_block(
         give_back_memory()  # the forward's activations
     prefix = f"{step.stack_name}.{index}"
     ratio = step.ratios[index]
-    masks = _layer_masks(layers, stats, step.metric_fn, step.pattern, ratio)
+    masks = _layer_masks(layers, stats, step.metric_fn, step.pattern, ratio, prefix)
     if step.solver is not None:
         masks = ()
         start = time.perf_counter()
@@ -538,7 +577,7 @@ def block_outlier_ratios(
     statistics to the tokens it marks, as in the pruning pass.
     """
     device = torch.device(device)
-    _, blocks = find_blocks(model)
+    stack_name, blocks = find_blocks(model)
     inputs = capture_block_inputs(model, windows, device, batch_size)
     ratios = []
     for index, block in enumerate(tqdm(blocks, desc="outlier ratios", disable=not progress)):
@@ -558,6 +597,8 @@ def block_outlier_ratios(
             token_mask=token_mask,
         )
         scores = [score(weight_matrix(layer), stats[n]) for n, layer in layers.items()]
+        for name, value in zip(layers, scores, strict=True):
+            require_finite(value, "scores", f"{stack_name}.{index}.{name}")
         total = sum(float(score.sum(dtype=torch.float64)) for score in scores)
         count = sum(score.numel() for score in scores)
         cut = threshold * total / count

@@ -25,10 +25,14 @@ from tqdm.auto import tqdm
 
 from secateurs.core.engine import run_block
 from secateurs.core.model import (
+    all_finite,
     block_kinds,
     capture_block_inputs,
+    check_finite_weights,
+    describe_counts,
     find_blocks,
     find_linears,
+    non_finite_weights,
     resolve_model_path,
     ties_embeddings,
     weight_matrix,
@@ -64,6 +68,11 @@ _STREAM_FIX = (
 )
 _STORED_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 _COPY_CHUNK = 16 * 2**20
+# A tensor read as a view of a shard's mapping is checked for NaN and Inf when read only up to
+# this size (norms, position embeddings): the check would make a larger one (an embedding, an
+# untied head) resident. Those are checked as their rows are read, and whole as they are
+# copied to the output.
+_CHECK_MAPPED_BYTES = 16 * 2**20
 # Logits plus head rows of one vocabulary slice when a streamed model is evaluated: the head
 # is read from its shard a slice at a time (for a small model it is a fifth of the weights).
 STREAMED_HEAD_BYTES = 16 * 2**20
@@ -180,6 +189,7 @@ class DiskBlocks:
         self, model: nn.Module, source: Path, dtype: torch.dtype, out: Path | None = None
     ) -> None:
         self.model = model
+        self.source = source
         self.files = checkpoint_files(source, _STREAM_FIX)
         self.dtype = dtype
         self.out = out
@@ -201,7 +211,7 @@ class DiskBlocks:
         by_shard: dict[Path, list[str]] = {}
         for name in names:
             by_shard.setdefault(self.files[prefix + name], []).append(name)
-        tensors = {}
+        tensors, large_views = {}, set()
         for shard, members in by_shard.items():
             views = self._views(shard, [prefix + n for n in members]) if mapped else {}
             with safe_open(shard, "pt") as handle:
@@ -209,10 +219,19 @@ class DiskBlocks:
                     tensor = views.get(prefix + name)
                     if tensor is None:
                         tensor = handle.get_tensor(prefix + name)
+                    elif tensor.numel() * tensor.element_size() > _CHECK_MAPPED_BYTES:
+                        large_views.add(name)
                     if tensor.is_floating_point():
                         tensor = tensor.to(self.dtype)
                     tensors[name] = tensor
+        self._check(prefix, {n: t for n, t in tensors.items() if n not in large_views})
         return tensors
+
+    def _check(self, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Refuse NaN or Inf in tensors just read, as loading a whole model does."""
+        where = f" in {prefix.rstrip('.')}" if prefix else ""
+        named = ((prefix + name, tensor) for name, tensor in tensors.items())
+        check_finite_weights(str(self.source), named, where)
 
     def _views(self, shard: Path, names: list[str]) -> dict[str, torch.Tensor]:
         """Views of a shard's mapping for the ``names`` stored in ``self.dtype`` and aligned."""
@@ -294,7 +313,9 @@ class DiskBlocks:
             return
         tokens = torch.unique(windows.flatten())
         weight = torch.empty(embedding.weight.shape, dtype=self.dtype)
-        weight[tokens] = _read_rows(self.files[name], name, tokens).to(self.dtype)
+        rows = _read_rows(self.files[name], name, tokens)
+        self._check("", {name: rows})
+        weight[tokens] = rows.to(self.dtype)
         embedding.weight = nn.Parameter(weight, requires_grad=False)
 
     def head_rows(self, device: torch.device) -> HeadRows | None:
@@ -311,6 +332,7 @@ class DiskBlocks:
         def read(start: int, stop: int) -> torch.Tensor:
             with safe_open(shard, "pt") as handle:
                 rows = handle.get_slice(name)[start:stop]
+            self._check("", {name: rows})
             return rows.to(device=device, dtype=self.dtype)
 
         return HeadRows(read, STREAMED_HEAD_BYTES, copies=True)
@@ -400,15 +422,38 @@ class DiskBlocks:
             entry = header[name]
             if entry["dtype"] == _DTYPE_NAMES[tensor.dtype]:
                 begin, end = entry["data_offsets"]
-                with open(source, "rb") as reader:
-                    reader.seek(start + begin)
-                    left = end - begin
-                    while left:
-                        chunk = reader.read(min(_COPY_CHUNK, left))
-                        file.write(chunk)
-                        left -= len(chunk)
+                self._copy_checked(file, source, start + begin, end - begin, name, tensor.dtype)
                 return
         file.write(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+
+    def _copy_checked(
+        self, file, source: Path, offset: int, size: int, name: str, dtype: torch.dtype
+    ) -> None:
+        """Copy ``size`` bytes of tensor ``name`` from ``source`` in chunks, counting its NaN
+        and Inf on the way: a large mapped tensor is checked whole without being resident."""
+        buffer = memoryview(bytearray(min(_COPY_CHUNK, size)))
+        nan = inf = 0
+        with open(source, "rb") as reader:
+            reader.seek(offset)
+            left = size
+            while left:
+                # a buffered reader fills the whole chunk, so a chunk holds whole values
+                got = reader.readinto(buffer[: min(len(buffer), left)])
+                if not got:
+                    raise SecateursError(
+                        f"{source} ends inside tensor '{name}': the file is truncated; "
+                        "download or save the model again"
+                    )
+                file.write(buffer[:got])
+                left -= got
+                if not dtype.is_floating_point:
+                    continue
+                values = torch.frombuffer(buffer[:got], dtype=dtype)
+                if not all_finite(values):
+                    nan += int(torch.isnan(values).sum())
+                    inf += int(torch.isinf(values).sum())
+        if nan or inf:
+            raise non_finite_weights(str(self.source), [(name, describe_counts(nan, inf))])
 
     def _shard_name(self, number: int) -> str:
         return f"model-{number:05d}-of-{self.shards:05d}.safetensors"

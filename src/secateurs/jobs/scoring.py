@@ -1,7 +1,8 @@
 """Runs that score outside the block loop: ``wandg``, score dump/load, set difference, attack.
 
-Every check here needs no model; the score files are opened (and their model compared)
-before any weights load, and their shapes are checked before any weight changes.
+Every check of :func:`check_score_args` needs no model: the score files are opened before
+any weights load. The fingerprint of the model a file was computed on, and its layers'
+shapes, are compared with the loaded model before any weight changes.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ def dump_run(model, cfg: RunConfig, method: Method, batch: Any, seqlen: int, dev
     data = cfg.data.prune_data or cfg.data.dataset
     path = score_files(cfg, method)["scores"]
     scores = compute_scores(model, cfg, method, batch, device, cfg.execution.progress)
-    dump_scores(path, scores, metadata(cfg, method, data, seqlen))
+    dump_scores(path, scores, metadata(cfg, method, data, seqlen), model)
     return path
 
 
