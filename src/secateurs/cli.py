@@ -10,12 +10,15 @@ so ``--help`` answers at once.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import re
+import signal
+import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -226,15 +229,95 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         _PYTHON_SHOW_WARNING(message, category, filename, lineno, file, line)
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread as Python raises Ctrl-C's
+    KeyboardInterrupt: a signal's default action ends the process without unwinding it, so the
+    atomic writers' cleanup never ran and a killed job left its temporary folder behind."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+_STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+@contextlib.contextmanager
+def _stop_signals_unwind() -> Iterator[None]:
+    """While a command runs, SIGTERM and SIGHUP raise :class:`Stopped`; the handlers that
+    were there before come back afterwards (the command may run inside a longer program)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers; elsewhere the defaults stay
+        return
+    received: int | None = None
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal received
+        if received is None:  # a second signal must not cut short the cleanup the first started
+            received = signum
+            raise Stopped(signum)
+
+    previous = {
+        sig: signal.signal(sig, stop)
+        for sig in _STOP_SIGNALS
+        if signal.getsignal(sig) is not signal.SIG_IGN  # nohup asked to ignore hangups
+    }
+    try:
+        yield
+    except Exception as exc:
+        if received is None:
+            raise
+        # C code that calls back into Python may turn the Stopped it met into its own error
+        # (torch makes it a ValueError); the cleanup ran all the same, and the cause was the stop
+        raise Stopped(received) from exc
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else "no message"
+
+
+def _environment_error(exc: Exception) -> str | None:
+    """The message for an error the machine or a damaged input caused rather than the code,
+    else None. Libraries report these in their own types (safetensors, torch), so they are
+    told apart by type name and message, without importing those libraries here."""
+    kinds = {cls.__name__ for cls in type(exc).__mro__}
+    detail = _first_line(exc)
+    if "SafetensorError" in kinds and "while serializing" in detail:
+        return (
+            f"could not write a safetensors file ({detail}); check that its folder is writable "
+            "and the disk has room"
+        )
+    if "SafetensorError" in kinds or "PytorchStreamReader" in detail:
+        return (
+            f"a weights or score file is truncated or corrupt ({detail}); download or save the "
+            "model (or dump the scores) again; --debug shows which file was being read"
+        )
+    if "JSONDecodeError" in kinds:
+        return (
+            f"a JSON file is truncated or corrupt ({detail}); replace it with a whole copy; "
+            "--debug shows which file was being read"
+        )
+    if kinds & {"MemoryError", "OutOfMemoryError"}:
+        return (
+            f"out of memory ({detail}); use smaller batches or fewer samples, a smaller --dtype, "
+            "or (for prune) --offload disk"
+        )
+    return None
+
+
 def _guarded(action, quiet: bool = False, debug: bool = False) -> None:
-    """Run a command: bad input is one red line and exit 2; a bug is exit 1, its traceback
-    shown only with --debug."""
+    """Run a command: bad input or a failing machine is one red line and exit 2; SIGINT,
+    SIGTERM and SIGHUP unwind (removing every temporary) and exit 128 + the signal's number;
+    a bug is exit 1, its traceback shown only with --debug."""
     if quiet:
         from transformers.utils import logging
 
         logging.disable_progress_bar()
     try:
-        with warnings.catch_warnings():
+        with _stop_signals_unwind(), warnings.catch_warnings():
             if not debug:
                 warnings.showwarning = _show_warning
             action()
@@ -242,6 +325,9 @@ def _guarded(action, quiet: bool = False, debug: bool = False) -> None:
         if debug:
             raise
         _fail(str(exc))
+    except Stopped as exc:
+        name = signal.Signals(exc.signum).name
+        _fail(f"stopped by {name}; nothing was left half-written", code=128 + exc.signum)
     except KeyboardInterrupt:
         _fail("interrupted; nothing was left half-written", code=130)
     except OSError as exc:
@@ -255,10 +341,12 @@ def _guarded(action, quiet: bool = False, debug: bool = False) -> None:
     except Exception as exc:
         if debug:
             raise
-        detail = str(exc).splitlines()[0] if str(exc) else "no message"
+        message = _environment_error(exc)
+        if message is not None:
+            _fail(message)
         _fail(
-            f"unexpected {type(exc).__name__}: {detail}\nThis is a bug in secateurs or a "
-            "library it uses; rerun with --debug for the traceback and report it",
+            f"unexpected {type(exc).__name__}: {_first_line(exc)}\nThis is a bug in secateurs "
+            "or a library it uses; rerun with --debug for the traceback and report it",
             code=1,
         )
 
@@ -316,7 +404,7 @@ def evaluate(
         from secateurs.evaluate.perplexity import check_sparsity, perplexity
         from secateurs.evaluate.zeroshot import evaluate_zero_shot
         from secateurs.evaluate.zeroshot import summary_lines as zero_shot_lines
-        from secateurs.io import ensure_free
+        from secateurs.io import check_folder_files, ensure_free
         from secateurs.jobs.plan import check_device, zero_shot_planned
         from secateurs.jobs.report import versions, write_json
         from secateurs.jobs.session import load_eval_windows
@@ -334,6 +422,7 @@ def evaluate(
         resolve_source(dataset)
         ensure_free(save_json, "--save_json")
         plan = zero_shot_planned(RunConfig(evaluation=spec))
+        check_folder_files(model)
         config = load_config(model, cache_dir, trust_remote_code)
         length = choose_seqlen(config, seqlen)
         tokenizer = load_tokenizer(model, cache_dir, trust_remote_code)
@@ -511,6 +600,7 @@ def attack_command(
     cache_dir: CacheOpt = None,
     trust_remote_code: RemoteOpt = False,
     quiet: QuietOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Greedy answers to harmful (or harmless) prompts, with and without a system prompt; ASR."""
 
@@ -541,8 +631,6 @@ def attack_command(
             device=target,
             progress=not quiet,
         )
-        if out:
-            save_responses(out, result.rows)
         typer.echo(f"model        {model}")
         typer.echo(f"prompts      {prompts}: {len(chosen)}, {max_new_tokens} new tokens, greedy")
         for setting, asr in result.asr.items():
@@ -552,8 +640,10 @@ def attack_command(
                 f"blank {blank:.3f}"
             )
         typer.echo(f"time         {time.perf_counter() - start:.1f} s")
+        if out:  # after the numbers are shown, so that a failed write does not cost them
+            save_responses(out, result.rows)
 
-    _guarded(action, quiet)
+    _guarded(action, quiet, debug)
 
 
 @app.command()
@@ -587,6 +677,7 @@ def finetune(
     cache_dir: CacheOpt = None,
     trust_remote_code: RemoteOpt = False,
     quiet: QuietOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """LoRA fine-tuning merged into the weights; weights that were exactly zero stay zero."""
 
@@ -596,7 +687,7 @@ def finetune(
         from secateurs.data.text import resolve_source
         from secateurs.evaluate.perplexity import check_sparsity, perplexity
         from secateurs.formats.checkpoint import check_save_format
-        from secateurs.io import ensure_free
+        from secateurs.io import check_folder_files, ensure_free
         from secateurs.jobs.finetune import LoraOptions, finetune, training_batch
         from secateurs.jobs.plan import check_device
         from secateurs.jobs.result import save_pruned_model
@@ -612,6 +703,7 @@ def finetune(
         if eval_limit is not None and eval_limit <= 0:
             raise SecateursError(f"--eval_limit must be at least 1, got {eval_limit}")
         target = check_device(device)
+        check_folder_files(model)
         loaded, tokenizer = load_model(model, cache_dir, trust_remote_code=trust_remote_code)
         batch = training_batch(tokenizer, names, dataset, nsamples, seqlen, seed)
         windows = load_eval_windows(tokenizer, dataset, seqlen, eval_limit) if eval_limit else None
@@ -619,7 +711,6 @@ def finetune(
         merged, report = finetune(loaded, batch, options, target, not quiet)
         after = perplexity(merged, windows, target, 1, not quiet) if eval_limit else None
         result = {"finetune": report.to_dict(), "perplexity": {"before": before, "after": after}}
-        save_pruned_model(merged, tokenizer, save_model, result, save_format)
         typer.echo(
             f"trained      {names or dataset}: {batch.input_ids.shape[0]} samples, "
             f"{steps} steps, {report.seconds:.1f} s"
@@ -631,9 +722,11 @@ def finetune(
             f"sparsity     {check_sparsity(merged).overall:.4f} "
             f"({report.kept_zeros:,} zero weights kept)"
         )
+        # the training's numbers are shown first: a full disk must not cost them as well
+        save_pruned_model(merged, tokenizer, save_model, result, save_format)
         typer.echo(f"saved        {save_model}")
 
-    _guarded(action, quiet)
+    _guarded(action, quiet, debug)
 
 
 @app.command()
@@ -647,6 +740,7 @@ def convert(
     ] = None,
     cache_dir: CacheOpt = None,
     quiet: QuietOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Rewrite a saved model folder as a compressed or dense checkpoint, one shard at a time."""
 
@@ -654,10 +748,12 @@ def convert(
         from secateurs.config import check_dtype
         from secateurs.formats.checkpoint import convert_folder
         from secateurs.formats.streaming import model_folder
+        from secateurs.io import check_folder_files
         from secateurs.jobs.report import fmt_bytes
 
         cast = check_dtype(dtype) if dtype is not None else None
         source = model_folder(model, cache_dir)
+        check_folder_files(source)
         summary = convert_folder(source, save_model, save_format, cast)
         typer.echo(
             f"converted    {source} -> {save_model} ({save_format}"
@@ -670,4 +766,4 @@ def convert(
             f"({summary.bytes_after / max(summary.bytes_before, 1):.3f}x)"
         )
 
-    _guarded(action, quiet)
+    _guarded(action, quiet, debug)

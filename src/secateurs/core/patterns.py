@@ -41,6 +41,10 @@ def _lowest(score: torch.Tensor, k: int, dim: int) -> torch.Tensor:
         mask = torch.zeros_like(score, dtype=torch.bool)
         order = torch.argsort(score, dim=dim, stable=True)
         return mask.scatter_(dim, order.narrow(dim, 0, k), True)
+    # usually no other entry ties the k-th value: then "at most the k-th" is exactly k entries
+    at_most = score <= kth
+    if bool((at_most.sum(dim=dim, keepdim=True) == k).all()):
+        return at_most
     below = score < kth
     tied = score == kth
     still_needed = k - below.sum(dim=dim, keepdim=True)

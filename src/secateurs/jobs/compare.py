@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,9 +118,23 @@ def run_label(cfg: RunConfig, forms: list[str]) -> str:
     return name
 
 
+def _read_cached(path: Path) -> dict[str, Any] | None:
+    """A finished run's cached result, or None. An entry that does not parse (written by
+    something other than this cache's atomic writes, or damaged since) is run again: it only
+    saves time, so it is never trusted and never fatal."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        warnings.warn(f"the cached run {path} is corrupt ({exc}); running it again", stacklevel=2)
+        return None
+
+
 def _cached(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    if path.exists():
-        return json.loads(path.read_text())
+    cached = _read_cached(path)
+    if cached is not None:
+        return cached
     value = compute()
     atomic_write_text(path, json.dumps(value, indent=2) + "\n")
     return value

@@ -16,12 +16,20 @@ from typing import Any
 from secateurs.config import RunConfig
 from secateurs.core.engine import check_pattern_fits
 from secateurs.data.prompts import check_chat_template
+from secateurs.errors import SecateursError
 from secateurs.evaluate.perplexity import check_sparsity
 from secateurs.formats.shrink import shrink_mlps, width_field
+from secateurs.io import check_folder_files
 from secateurs.jobs import distributed
 from secateurs.jobs.plan import Plan, resolve
 from secateurs.jobs.report import versions, write_json
-from secateurs.jobs.result import config_record, result_record, save_pruned_model, write_reports
+from secateurs.jobs.result import (
+    config_record,
+    model_not_saved,
+    result_record,
+    save_pruned_model,
+    write_reports,
+)
 from secateurs.jobs.scoring import attack_run, dump_run
 from secateurs.jobs.session import Prepared, evaluate_model, load, prepare, prune_loaded
 from secateurs.jobs.session import run_zero_shot as zero_shot_of
@@ -45,6 +53,7 @@ def run_dump(plan: Plan, model, prepared: Prepared, log) -> dict[str, Any]:
 def run_prune(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run a pruning job end to end and return its result (also written where asked)."""
     plan = resolve(cfg)
+    check_folder_files(cfg.model.model)  # a damaged file named now, not a loader's riddle later
     launch = distributed.start(plan.device)
     if launch is not None:
         local, log = launch.local(plan.config, log)
@@ -135,7 +144,10 @@ def run_prune(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, A
         )
     out = cfg.output
     if out.save_model:
-        save_pruned_model(model, prepared.tokenizer, out.save_model, result, out.save_format)
+        try:
+            save_pruned_model(model, prepared.tokenizer, out.save_model, result, out.save_format)
+        except (SecateursError, OSError) as exc:
+            raise model_not_saved(plan, result, out.save_model, exc) from exc
         log(f"saved the pruned model to {out.save_model} ({out.save_format})")
     write_reports(plan, result)
     return result

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from secateurs.core.model import parameter_count
+from secateurs.errors import SecateursError
 from secateurs.formats.checkpoint import rewrite_folder
 from secateurs.io import atomic_dir
 from secateurs.jobs.plan import Plan
@@ -83,3 +84,27 @@ def write_reports(plan: Plan, result: dict[str, Any]) -> None:
         write_log(out.save_log, result)
     if out.save_plot:
         plot_layers(result, out.save_plot)
+
+
+def _report_paths(plan: Plan) -> list[str]:
+    out = plan.config.output
+    return [str(path) for path in (out.save_json, out.save_log, out.save_plot) if path]
+
+
+def model_not_saved(
+    plan: Plan, result: dict[str, Any], path: str, exc: SecateursError | OSError
+) -> SecateursError:
+    """The error for a model that could not be written (a full disk, a folder we may not
+    write), once the run's reports are written anyway: a failed save must not also cost the
+    numbers a long run measured. The JSON result says that the model was not saved."""
+    reason = str(exc) if isinstance(exc, SecateursError) else f"{exc.strerror or exc}"
+    result["model_not_saved"] = {"path": path, "error": reason}
+    message = f"the model was not saved: {reason}"
+    reports = _report_paths(plan)
+    try:
+        write_reports(plan, result)
+    except (SecateursError, OSError) as second:
+        return SecateursError(f"{message}; the results could not be written either: {second}")
+    if reports:
+        message += f". The results were written to {', '.join(reports)}"
+    return SecateursError(message)

@@ -14,9 +14,9 @@ from secateurs.methods.registry import Method, register
 
 def weighted(weight: torch.Tensor, *channel_factors: torch.Tensor) -> torch.Tensor:
     """``|W_ij|`` times per-input-channel factors: the shape of every Wanda-family score."""
-    score = weight.abs().float()
+    score = weight.abs().float()  # a new tensor (abs), so the factors multiply in place
     for factor in channel_factors:
-        score = score * factor.to(weight.device).unsqueeze(0)
+        score.mul_(factor.to(weight.device).unsqueeze(0))
     return score
 
 
