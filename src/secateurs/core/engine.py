@@ -386,7 +386,7 @@ def _apply_masks(
     for name, score, mask in masks:
         weight = weight_matrix(layers[name])
         mask = mask.to(weight.device)
-        record = LayerRecord(prefix, name, tuple(weight.shape), int(mask.sum()))
+        record = LayerRecord(prefix, name, tuple(weight.shape), int(torch.count_nonzero(mask)))
         if name in stats:
             record.alarm = check_channels(score, stats[name].sq_norm)
             record.guarded = True
@@ -442,7 +442,7 @@ def prune_block(
         start = time.perf_counter()
         for name, mask in _solved_layers(layers, stats, step.solver, step.pattern, ratio, prefix):
             shape = tuple(weight_matrix(layers[name]).shape)
-            report.layers.append(LayerRecord(prefix, name, shape, int(mask.sum())))
+            report.layers.append(LayerRecord(prefix, name, shape, int(torch.count_nonzero(mask))))
         report.seconds["solve"] += time.perf_counter() - start
     _apply_masks(step, layers, stats, masks, prefix, report)
     del stats, masks

@@ -41,10 +41,21 @@ def _lowest(score: torch.Tensor, k: int, dim: int) -> torch.Tensor:
         mask = torch.zeros_like(score, dtype=torch.bool)
         order = torch.argsort(score, dim=dim, stable=True)
         return mask.scatter_(dim, order.narrow(dim, 0, k), True)
-    # usually no other entry ties the k-th value: then "at most the k-th" is exactly k entries
+    # usually no other entry ties the k-th value: then "at most the k-th" is exactly k entries;
+    # only the rows where it is not (ties) need the index-order rule
     at_most = score <= kth
-    if bool((at_most.sum(dim=dim, keepdim=True) == k).all()):
+    exact = at_most.sum(dim=dim, keepdim=True) == k
+    if bool(exact.all()):
         return at_most
+    if score.dim() != 2 or dim % 2 != 1:
+        return _with_ties(score, kth, k, dim)
+    rows = (~exact).squeeze(1).nonzero().squeeze(1)
+    at_most[rows] = _with_ties(score[rows], kth[rows], k, dim)
+    return at_most
+
+
+def _with_ties(score: torch.Tensor, kth: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """The ``k`` lowest along ``dim`` given the k-th values, ties taken in index order."""
     below = score < kth
     tied = score == kth
     still_needed = k - below.sum(dim=dim, keepdim=True)
