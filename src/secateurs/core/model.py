@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 
 from secateurs.data import assets
 from secateurs.errors import SecateursError
+from secateurs.io import check_folder_files
 
 DEFAULT_SEQLEN = 2048
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
@@ -85,6 +87,8 @@ def load_model(
     except Exception as exc:
         if not _is_corrupt_weights(exc):
             raise
+        if Path(resolve_model_path(name)).is_dir():
+            check_folder_files(resolve_model_path(name))  # names the damaged file
         raise SecateursError(
             f"the weights of model '{name}' cannot be read ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}): a file is truncated or "

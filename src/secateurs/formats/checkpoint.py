@@ -48,7 +48,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from secateurs.errors import SecateursError
-from secateurs.io import atomic_dir, ensure_free
+from secateurs.io import atomic_dir, check_json, ensure_free
 
 QUANT_METHOD = "secateurs-sparse"
 FORMAT = "bitmask"
@@ -242,6 +242,7 @@ def checkpoint_files(
     """Every tensor name of a safetensors checkpoint folder and the shard that holds it."""
     index = folder / INDEX_FILE
     if index.is_file():
+        check_json(index)
         weight_map = json.loads(index.read_text())["weight_map"]
         return {name: folder / shard for name, shard in weight_map.items()}
     single = folder / SINGLE_FILE

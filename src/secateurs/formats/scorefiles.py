@@ -25,7 +25,7 @@ from torch import nn
 
 from secateurs.core.model import iter_prunable, weight_matrix
 from secateurs.errors import SecateursError
-from secateurs.io import atomic_file, ensure_free
+from secateurs.io import atomic_file, check_safetensors, ensure_free
 
 SCORE_FOLDER = "wanda_score"
 FINGERPRINT_KEY = "fingerprint"
@@ -105,6 +105,7 @@ def dump_scores(
 
 def read_metadata(path: Path) -> dict[str, str]:
     check_loadable(path)
+    check_safetensors(path)
     with safe_open(str(path), framework="pt") as handle:
         return dict(handle.metadata() or {})
 
@@ -136,6 +137,7 @@ def load_scores(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
     Call it before any weight of ``model`` changes: the fingerprint samples its weights.
     """
     check_loadable(path)
+    check_safetensors(path)
     layers = dict(iter_prunable(model))
     with safe_open(str(path), framework="pt") as handle:
         _check_layers(path, layers, handle)

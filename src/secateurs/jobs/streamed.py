@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from secateurs.core.engine import check_pattern_fits
+from secateurs.errors import SecateursError
 from secateurs.formats.streaming import (
     DiskBlocks,
     build_skeleton,
@@ -22,7 +23,7 @@ from secateurs.formats.streaming import (
 )
 from secateurs.io import atomic_dir
 from secateurs.jobs.plan import Plan
-from secateurs.jobs.result import finish_folder, result_record, write_reports
+from secateurs.jobs.result import finish_folder, model_not_saved, result_record, write_reports
 from secateurs.jobs.session import Prepared, prune_loaded
 
 
@@ -56,30 +57,36 @@ def run_streamed(
 
     dense_ppl = evaluate(folder, "dense") if cfg.evaluation.eval_dense else None
     log(f"pruning with {plan.method.name}, {plan.pattern.describe()}, sparsity {plan.ratio}")
-    with atomic_dir(Path(cfg.output.save_model)) as tmp:
-        store = DiskBlocks(model, folder, plan.dtype, tmp)
-        start = time.perf_counter()
-        store.write_outer()
-        report, memory = prune_loaded(model, plan, prepared, log, store=store)
-        store.finish()
-        prepared.tokenizer.save_pretrained(tmp)
-        timings["prune"] = time.perf_counter() - start
-        ratios = report.block_ratios or [plan.ratio] * len(store.blocks)
-        check = store.sparsity(plan.pattern, ratios)
-        pruned_ppl = evaluate(tmp, "pruned")
-        result = result_record(
-            plan,
-            prepared,
-            model,
-            report,
-            offload={"mode": "disk", "source": str(folder), "shards": store.shards},
-            perplexity={"dense": dense_ppl, "pruned": pruned_ppl},
-            sparsity=check.to_dict(),
-            attack=None,
-            timings=timings,
-            memory=memory.to_dict(),
-        )
-        finish_folder(tmp, result, cfg.output.save_format)
+    result: dict[str, Any] | None = None
+    try:
+        with atomic_dir(Path(cfg.output.save_model)) as tmp:
+            store = DiskBlocks(model, folder, plan.dtype, tmp)
+            start = time.perf_counter()
+            store.write_outer()
+            report, memory = prune_loaded(model, plan, prepared, log, store=store)
+            store.finish()
+            prepared.tokenizer.save_pretrained(tmp)
+            timings["prune"] = time.perf_counter() - start
+            ratios = report.block_ratios or [plan.ratio] * len(store.blocks)
+            check = store.sparsity(plan.pattern, ratios)
+            pruned_ppl = evaluate(tmp, "pruned")
+            result = result_record(
+                plan,
+                prepared,
+                model,
+                report,
+                offload={"mode": "disk", "source": str(folder), "shards": store.shards},
+                perplexity={"dense": dense_ppl, "pruned": pruned_ppl},
+                sparsity=check.to_dict(),
+                attack=None,
+                timings=timings,
+                memory=memory.to_dict(),
+            )
+            finish_folder(tmp, result, cfg.output.save_format)
+    except (SecateursError, OSError) as exc:
+        if result is None:  # the blocks were not all written: nothing finished to keep
+            raise
+        raise model_not_saved(plan, result, cfg.output.save_model, exc) from exc
     log(f"saved the pruned model to {cfg.output.save_model} ({cfg.output.save_format})")
     write_reports(plan, result)
     return result
