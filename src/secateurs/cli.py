@@ -406,7 +406,7 @@ def evaluate(
         from secateurs.evaluate.zeroshot import summary_lines as zero_shot_lines
         from secateurs.io import check_folder_files, ensure_free
         from secateurs.jobs.plan import check_device, zero_shot_planned
-        from secateurs.jobs.report import versions, write_json
+        from secateurs.jobs.report import plural, versions, write_json
         from secateurs.jobs.session import load_eval_windows
 
         spec = EvaluationSpec(
@@ -434,7 +434,7 @@ def evaluate(
         check = check_sparsity(loaded)
         typer.echo(f"model        {model}")
         typer.echo(
-            f"evaluation   {dataset}: {windows.shape[0]} windows of {length}"
+            f"evaluation   {dataset}: {plural(windows.shape[0], 'window')} of {length}"
             + (f" (each starts with BOS, token {bos})" if bos is not None else "")
         )
         typer.echo(f"perplexity   {value:.3f}  ({time.perf_counter() - start:.1f} s)")
@@ -690,6 +690,7 @@ def finetune(
         from secateurs.io import check_folder_files, ensure_free
         from secateurs.jobs.finetune import LoraOptions, finetune, training_batch
         from secateurs.jobs.plan import check_device
+        from secateurs.jobs.report import plural
         from secateurs.jobs.result import save_pruned_model
         from secateurs.jobs.session import load_eval_windows
 
@@ -717,7 +718,8 @@ def finetune(
         )
         typer.echo(f"loss         {report.first_loss:.3f} -> {report.last_loss:.3f}")
         if eval_limit:
-            typer.echo(f"perplexity   {before:.3f} -> {after:.3f} ({eval_limit} windows)")
+            windows_text = plural(eval_limit, "window")
+            typer.echo(f"perplexity   {before:.3f} -> {after:.3f} ({windows_text})")
         typer.echo(
             f"sparsity     {check_sparsity(merged).overall:.4f} "
             f"({report.kept_zeros:,} zero weights kept)"

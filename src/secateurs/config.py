@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from secateurs.core.patterns import SCOPES
+from secateurs.core.patterns import DEFAULT_RATIO, SCOPES
 from secateurs.core.spec import (
     flagged_fields,
     from_flags,
@@ -151,7 +151,7 @@ class SparsitySpec:
 
     PANEL: ClassVar[str] = "Sparsity"
 
-    sparsity_ratio: float = setting(0.5, "Fraction of weights to remove, in [0, 1).")
+    sparsity_ratio: float = setting(DEFAULT_RATIO, "Fraction of weights to remove, in [0, 1).")
     sparsity_type: str = setting(
         "unstructured",
         "unstructured; N:M such as 2:4 or 4:8 (ratio = N/M); neuron (whole MLP neurons).",

@@ -27,10 +27,19 @@ SHOWN_TENSORS = 3
 
 
 def resolve_model_path(name: str) -> str:
-    """A built-in model name becomes its cached folder; anything else is passed through."""
+    """A built-in model name becomes its cached folder; anything else is passed through.
+
+    A name written as a path (``./x``, ``../x``, ``/x``, ``~/x``) must be a folder here: it is
+    never a hub id, so the hub's "Repo id must be in the form" would point the wrong way.
+    """
     if name in assets.BUILTIN_MODELS:
         return str(assets.builtin_model_dir(name))
-    return name
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        raise SecateursError(
+            f"no such model folder: '{name}'; give a folder holding config.json and the "
+            "weights, a hub id (org/name), or a built-in model: " + ", ".join(assets.BUILTIN_MODELS)
+        )
+    return str(Path(name).expanduser()) if name.startswith("~") else name
 
 
 def load_config(name: str, cache_dir: str | None = None, trust_remote_code: bool = False):

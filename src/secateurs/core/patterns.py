@@ -14,6 +14,7 @@ import torch
 from secateurs.errors import SecateursError
 
 SCOPES = ("row", "layer")
+DEFAULT_RATIO = 0.5  # --sparsity_ratio's default
 _SORT_BELOW = 16
 
 
@@ -288,8 +289,11 @@ def parse_pattern(
 
 
 def effective_ratio(pattern: SparsityPattern, ratio: float) -> float:
-    """The ratio a pattern really prunes; N:M forces N/M (with a warning if it differs)."""
+    """The ratio a pattern really prunes; N:M forces N/M (with a warning if it differs from a
+    ratio the user chose: the default 0.5 was not chosen, so 2:5 just prunes 0.4)."""
     if isinstance(pattern, NMSparsity) and abs(ratio - pattern.ratio) > 1e-9:
+        if ratio == DEFAULT_RATIO:
+            return pattern.ratio
         warnings.warn(
             f"--sparsity_ratio {ratio} does not match {pattern.describe()}; using {pattern.ratio}",
             stacklevel=2,

@@ -101,8 +101,9 @@ def model_folder(name: str, cache_dir: str | None = None) -> Path:
         return Path(snapshot_download(name, cache_dir=cache_dir, allow_patterns=patterns))
     except Exception as exc:
         raise SecateursError(
-            f"could not find model '{name}' for --offload disk ({type(exc).__name__}); give a "
-            "local model folder, a built-in model or a hub id that can be downloaded"
+            f"could not find the files of model '{name}' ({type(exc).__name__}); give a local "
+            "model folder, a built-in model, or a hub id that can be downloaded (or is in the "
+            "local cache)"
         ) from exc
 
 

@@ -27,6 +27,11 @@ def versions() -> dict[str, str]:
     return found
 
 
+def plural(count: int, noun: str) -> str:
+    """``1 window``, ``2 windows``."""
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
 def fmt_bytes(count: int | None) -> str:
     if count is None:
         return "n/a"
@@ -61,7 +66,8 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         f"method           {cfg['prune_method']}, {result['pattern']}, "
         f"target {cfg['sparsity_ratio']}",
         calibration_line(result),
-        f"evaluation       {ppl['eval_dataset']}: {ppl['windows']} windows of {cfg['seqlen']}",
+        f"evaluation       {ppl['eval_dataset']}: {plural(ppl['windows'], 'window')} of "
+        f"{cfg['seqlen']}",
         f"dense ppl        {fmt_ppl(ppl['dense'])}",
         f"pruned ppl       {fmt_ppl(ppl['pruned'])}",
         f"sparsity         {sp['overall']:.4f} over {len(sp['layers'])} linear layers "
@@ -90,8 +96,8 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     guard = result["prune"].get("guard")
     if guard:
         lines.append(
-            f"WARNING          {len(guard)} layer(s) score whole high-energy input channels "
-            "zero (see guard below / in the JSON): expect a collapsed model"
+            f"WARNING          the scores of {plural(len(guard), 'layer')} are zero on whole "
+            "high-energy input channels (see guard below / in the JSON): expect a collapsed model"
         )
     attack = result.get("attack")
     if attack:
