@@ -658,7 +658,8 @@ def main() -> None:
     result["predictions"] = predict(result, shapes, args)
     save_result(args, result)
     text = table(args, result)
-    replace_marked_section(args.markdown, args.section, text)
+    if args.markdown:
+        replace_marked_section(args.markdown, args.section, text)
     print(text)
     if not args.work and not args.keep:
         shutil.rmtree(work, ignore_errors=True)
