@@ -37,7 +37,7 @@ from secateurs.methods.recovery import (
     LeastSquaresStrategy,
     WeightRedistributor,
 )
-from secateurs.methods.registry import Method, get_method
+from secateurs.methods.registry import METHODS, Method, get_method
 
 BACKENDS = ("memory", "streamed", "parallel")
 _KIND_NAMES = {
@@ -249,17 +249,11 @@ def check_parallel(cfg: RunConfig, method: Method) -> None:
             "--recovery_report_fraction 1 for an exact report)"
         )
     if reason is not None:
-        safe = ", ".join(m.name for m in _parallel_safe_methods())
+        safe = ", ".join(m.name for m in METHODS.values() if m.parallel_safe)
         raise SecateursError(
             f"this run was launched on {world_size()} processes, but {reason}; launch it as "
             f"one process (python -m secateurs ...), or choose {safe}"
         )
-
-
-def _parallel_safe_methods() -> list[Method]:
-    from secateurs.methods import METHODS
-
-    return [m for m in METHODS.values() if m.parallel_safe]
 
 
 def check_run(cfg: RunConfig) -> tuple[Method, SparsityPattern, float]:
