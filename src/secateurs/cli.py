@@ -551,11 +551,140 @@ def compare(values: dict[str, Any]) -> None:
     _guarded(action, values["quiet"], values["debug"])
 
 
+_UNITS = "Units to remove"
+_UNIT_METHODS = "Methods"
+
+
+@app.command()
+def shrink(
+    model: ModelOpt = _DEFAULTS["model"],
+    neurons: Annotated[
+        float, _flag("neurons", "Share of MLP neurons to remove in every block (0.25).", _UNITS)
+    ] = 0.0,
+    heads: Annotated[
+        float,
+        _flag("heads", "Share of attention heads to remove in every block (0.33).", _UNITS),
+    ] = 0.0,
+    blocks: Annotated[
+        int, _flag("blocks", "Whole decoder blocks to remove (a count).", _UNITS)
+    ] = 0,
+    head_mode: Annotated[
+        str,
+        _flag(
+            "head_mode",
+            "GQA: 'query' removes the same number of query heads from every key/value group; "
+            "'group' removes whole key/value groups with their query heads.",
+            _UNITS,
+        ),
+    ] = "query",
+    score: Annotated[
+        str,
+        _flag(
+            "score",
+            "Width method for heads and neurons: ziplm, flap, wanda, fisher, magnitude "
+            "(`secateurs methods`).",
+            _UNIT_METHODS,
+        ),
+    ] = "ziplm",
+    depth_score: Annotated[
+        str, _flag("depth_score", "Depth method for --blocks: angular, shortgpt.", _UNIT_METHODS)
+    ] = "angular",
+    compensation: Annotated[
+        str,
+        _flag(
+            "compensation",
+            "least_squares: refit o_proj/down_proj on the kept units' activations; mean: add "
+            "the removed units' mean output to the bias (layers with one); none.",
+            _UNIT_METHODS,
+        ),
+    ] = "least_squares",
+    damp: Annotated[
+        float, _flag("damp", "Ridge of the refit, times the mean input energy.", _UNIT_METHODS)
+    ] = 0.01,
+    dataset: DatasetOpt = _DEFAULTS["dataset"],
+    nsamples: Annotated[int, _flag("nsamples", "Calibration windows.", "Data")] = 32,
+    seqlen: Annotated[int, _flag("seqlen", "Tokens per window.", "Data")] = 512,
+    seed: SeedOpt = 0,
+    window_bos: WindowBosOpt = _DEFAULTS["window_bos"],
+    eval_limit: LimitOpt = None,
+    eval_batch_size: EvalBatchOpt = _DEFAULTS["eval_batch_size"],
+    eval_dense: Annotated[
+        bool,
+        typer.Option(
+            "--eval_dense/--no_eval_dense",
+            help="Also measure the dense model's perplexity.",
+            rich_help_panel="Evaluation",
+        ),
+    ] = True,
+    speed: Annotated[
+        bool,
+        _flag(
+            "speed",
+            "Measure prefill (1 x 512) and greedy decode (128 tokens) tokens/s, dense and "
+            "pruned, in plain transformers.",
+            "Evaluation",
+        ),
+    ] = False,
+    save_model: Annotated[
+        str | None, _flag("save_model", "Write the smaller model here (HF folder).", "Output")
+    ] = None,
+    save_json: Annotated[
+        str | None, _flag("save_json", "Write the result as JSON.", "Output")
+    ] = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    batch_size: Annotated[
+        int, _flag("batch_size", "Calibration windows per forward pass.", "Execution")
+    ] = 1,
+    cache_dir: CacheOpt = None,
+    trust_remote_code: RemoteOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Remove whole heads, neurons and blocks: a smaller dense model of the same class.
+
+    Faster on any hardware, no sparse kernels needed. Each consumer layer is refit on the
+    kept units (least squares) so the block's output stays close to the dense one.
+    """
+
+    def action() -> None:
+        from secateurs.core.structure import StructureSpec
+        from secateurs.jobs.shrink import ShrinkJob, run_shrink
+
+        job = ShrinkJob(
+            model=model,
+            structure=StructureSpec(neurons, heads, blocks, head_mode, compensation, damp),
+            score=score,
+            depth_score=depth_score,
+            dataset=dataset,
+            nsamples=nsamples,
+            seqlen=seqlen,
+            seed=seed,
+            window_bos=window_bos,
+            eval_limit=eval_limit,
+            eval_batch_size=eval_batch_size,
+            eval_dense=eval_dense,
+            speed=speed,
+            save_model=save_model,
+            save_json=save_json,
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+            cache_dir=cache_dir,
+            trust_remote_code=trust_remote_code,
+            progress=not quiet,
+        )
+        run_shrink(job, log=typer.echo)
+
+    _guarded(action, quiet, debug)
+
+
 @app.command("methods")
 def methods_command() -> None:
     """The pruning methods, what each scores, and what each of them supports."""
     from secateurs.core.spec import flagged_fields
     from secateurs.methods import METHODS
+    from secateurs.methods.units import UNIT_METHODS
 
     for method in METHODS.values():
         typer.echo(f"{method.name}")
@@ -578,6 +707,12 @@ def methods_command() -> None:
         if method.options is not None:
             flags = ", ".join(f"--{flag.name}" for _, flag in flagged_fields(method.options))
             typer.echo(f"  options: {flags}")
+    typer.echo(
+        "\nstructured (secateurs shrink: --score for heads and neurons, --depth_score for blocks)"
+    )
+    for unit in UNIT_METHODS.values():
+        paper = f" [{unit.paper}]" if unit.paper else ""
+        typer.echo(f"{unit.name} ({unit.kind})\n  {unit.summary}{paper}")
 
 
 @app.command("attack")

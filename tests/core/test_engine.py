@@ -4,7 +4,7 @@ from conftest import make_model, make_windows
 
 from secateurs import MagnitudePruner, WandaPruner, check_sparsity
 from secateurs.api import MethodPruner
-from secateurs.core.engine import _calibrate, prune_sequential
+from secateurs.core.engine import calibrate_block, prune_sequential
 from secateurs.core.model import (
     capture_block_inputs,
     find_blocks,
@@ -141,7 +141,7 @@ def test_statistics_do_not_depend_on_the_batch_size(arch, masked):
     norms = []
     for batch_size in (1, 2, 5):
         inputs = capture_block_inputs(model, windows, torch.device("cpu"), batch_size)
-        stats = _calibrate(
+        stats = calibrate_block(
             blocks[0],
             layers,
             inputs,
@@ -164,9 +164,9 @@ def test_calibration_pass_stops_after_the_last_layer_input(arch):
     inputs = capture_block_inputs(model, make_windows(4, 16), torch.device("cpu"), 2)
     calls = []
     list(layers.values())[-1].register_forward_hook(lambda *_: calls.append(1))
-    early = _calibrate(blocks[0], layers, inputs, 2, StatsRequest(), None)
+    early = calibrate_block(blocks[0], layers, inputs, 2, StatsRequest(), None)
     assert calls == []  # the last layer saw its input; its product was never needed
-    full = _calibrate(blocks[0], layers, inputs, 2, StatsRequest(), None, outputs=[])
+    full = calibrate_block(blocks[0], layers, inputs, 2, StatsRequest(), None, outputs=[])
     assert len(calls) == 2
     for name in layers:
         assert torch.equal(early[name].sq_norm, full[name].sq_norm), name

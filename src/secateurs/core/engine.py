@@ -144,7 +144,7 @@ def run_block(
     return outputs
 
 
-def _calibrate(
+def calibrate_block(
     block: nn.Module,
     layers: dict[str, nn.Module],
     inputs: BlockInputs,
@@ -421,7 +421,7 @@ def prune_block(
     stats: dict[str, ActivationStats] = {}
     if inputs is not None:
         start = time.perf_counter()
-        stats = _calibrate(
+        stats = calibrate_block(
             block,
             layers,
             inputs,
@@ -585,7 +585,7 @@ def block_outlier_ratios(
         block.to(device)
         layers = find_linears(block)
         outputs: list[torch.Tensor] = []
-        stats = _calibrate(
+        stats = calibrate_block(
             block,
             layers,
             inputs,

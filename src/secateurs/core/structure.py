@@ -1,0 +1,384 @@
+"""The structured pruning engine: whole blocks, attention heads and MLP neurons, compensated.
+
+Depth first: one pass through the dense model measures how much each block changes its input
+(the band of cosine similarities between the hidden states ``h_i`` and ``h_j``, ``j - i`` at
+most the number of blocks to remove), and a depth method picks the blocks to drop. Then width,
+block by block in order, each block seeing what the pruned blocks before it hand on (as Wanda
+and SparseGPT do): the consumer of the heads (``o_proj``) is calibrated, a width method ranks
+the heads, the lowest go, and the consumer is refit on the kept heads' activations so that its
+output matches the dense one as closely as they allow; then the same for the MLP neurons
+(``down_proj``), on activations that already pass through the pruned attention.
+
+Removed units are zeroed here, which is exact (see :mod:`secateurs.core.units`); the
+returned :class:`StructurePlan` says what to cut out, which
+:func:`secateurs.formats.shrink.cut_structure` does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from secateurs.core.engine import calibrate_block, run_block
+from secateurs.core.model import (
+    BlockInputs,
+    capture_block_inputs,
+    find_blocks,
+    find_linears,
+    weight_matrix,
+)
+from secateurs.core.stats import ActivationStats, StatsRequest
+from secateurs.core.units import (
+    check_head_mode,
+    choose_units,
+    find_attention,
+    find_mlp,
+    head_columns,
+    head_layout,
+    head_mode,
+    heads_to_remove,
+    keep_heads,
+    mask_heads,
+    mask_neurons,
+    removed_heads,
+)
+from secateurs.errors import SecateursError
+
+COMPENSATIONS = ("least_squares", "mean", "none")
+# score(weight, stats, units, remove) -> one value per unit, lowest removed first
+WidthScore = Callable[[torch.Tensor, ActivationStats, torch.Tensor, int], torch.Tensor]
+# choose(similarity band, blocks, remove) -> indices of the blocks to remove
+DepthChoice = Callable[[dict[tuple[int, int], float], int, int], list[int]]
+
+
+@dataclass(frozen=True)
+class StructureSpec:
+    """How much of each unit kind to remove, and how to make up for it."""
+
+    neurons: float = 0.0
+    heads: float = 0.0
+    blocks: int = 0
+    head_mode: str = "query"
+    compensation: str = "least_squares"
+    damp: float = 0.01
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--neurons", self.neurons), ("--heads", self.heads)):
+            if not 0.0 <= value < 1.0:
+                raise SecateursError(
+                    f"{flag} is the share of units to remove in every block: give a number in "
+                    f"[0, 1), got {value}"
+                )
+        if self.blocks < 0:
+            raise SecateursError(f"--blocks must be 0 or more, got {self.blocks}")
+        if not (self.neurons or self.heads or self.blocks):
+            raise SecateursError(
+                "nothing to remove: give --neurons, --heads (shares such as 0.25) or --blocks "
+                "(a count)"
+            )
+        check_head_mode(self.head_mode)
+        if self.compensation not in COMPENSATIONS:
+            raise SecateursError(
+                f"unknown --compensation '{self.compensation}': use {', '.join(COMPENSATIONS)}"
+            )
+        if not (self.damp > 0 and math.isfinite(self.damp)):
+            raise SecateursError(f"--damp must be a positive number, got {self.damp}")
+
+
+@dataclass
+class BlockCut:
+    """What one kept block keeps: query heads, key/value heads and neurons (None: all)."""
+
+    keep_q: torch.Tensor | None = None
+    keep_kv: torch.Tensor | None = None
+    keep_neurons: torch.Tensor | None = None
+    errors: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+@dataclass
+class StructurePlan:
+    """Blocks removed (original indices) and, per original block index, what it keeps."""
+
+    removed_blocks: list[int] = field(default_factory=list)
+    cuts: dict[int, BlockCut] = field(default_factory=dict)
+    similarity: dict[tuple[int, int], float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        def count(t: torch.Tensor | None) -> int | None:
+            return None if t is None else int(t.numel())
+
+        return {
+            "removed_blocks": self.removed_blocks,
+            "blocks": {
+                str(i): {
+                    "query_heads": count(c.keep_q),
+                    "kv_heads": count(c.keep_kv),
+                    "neurons": count(c.keep_neurons),
+                    "relative_error": {
+                        k: {"uncompensated": a, "compensated": b} for k, (a, b) in c.errors.items()
+                    },
+                }
+                for i, c in sorted(self.cuts.items())
+            },
+            "adjacent_cosine": {
+                str(i): v for (i, j), v in sorted(self.similarity.items()) if j == i + 1
+            },
+        }
+
+
+def refit(
+    weight: torch.Tensor,
+    stats: ActivationStats,
+    keep: torch.Tensor,
+    damp: float,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Least-squares weights on the kept columns that best reproduce ``weight`` on the inputs.
+
+    ``W_S = (W G[:, S] + lambda W_S) (G[S, S] + lambda I)^-1``, with ``G`` the inputs' second
+    moment and ``lambda`` = ``damp`` times its mean diagonal: a ridge that pulls towards the
+    unchanged weights, so the refit is never worse than no refit on the calibration inputs
+    (with few tokens it stays close to them). With a bias, the fit is affine: ``G`` is the
+    covariance and the bias absorbs the removed columns' mean. Returns the full-width weight
+    (removed columns zero) and the new bias.
+    """
+    tokens = max(stats.tokens, 1)
+    moment = stats.gram.double() / tokens
+    mean = stats.mean.double() if bias is not None else None
+    if mean is not None:
+        moment = moment - torch.outer(mean, mean)
+    dense = weight.double()
+    inner = moment[keep][:, keep]
+    ridge = damp * float(inner.diagonal().mean().clamp_min(1e-12))
+    inner = inner + ridge * torch.eye(keep.numel(), dtype=inner.dtype, device=inner.device)
+    target = dense @ moment[:, keep] + ridge * dense[:, keep]
+    solved = torch.linalg.solve(inner, target.t()).t()
+    new = torch.zeros_like(dense)
+    new[:, keep] = solved
+    new_bias = None
+    if bias is not None and mean is not None:
+        new_bias = (bias.double() + dense @ mean - new @ mean).to(bias.dtype)
+    return new.to(weight.dtype), new_bias
+
+
+def output_change(
+    stats: ActivationStats, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> float:
+    """``sum over tokens of ||weight x + bias||^2`` from the input statistics alone."""
+    weight = weight.double()
+    total = float(((weight @ stats.gram.double()) * weight).sum())
+    if bias is not None:
+        bias = bias.double()
+        total += 2 * stats.tokens * float(bias @ weight @ stats.mean.double())
+        total += stats.tokens * float(bias @ bias)
+    return max(total, 0.0)
+
+
+def mean_shift(
+    weight: torch.Tensor, stats: ActivationStats, keep: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """A bias that adds the removed columns' average output back (FLAP's compensation)."""
+    removed = torch.ones(weight.shape[1], dtype=torch.bool, device=weight.device)
+    removed[keep] = False
+    return bias + (weight.double()[:, removed] @ stats.mean.double()[removed]).to(bias.dtype)
+
+
+class StructurePruner:
+    """Removes blocks, heads and neurons from a model as a :class:`StructureSpec` says."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: StructureSpec,
+        width: WidthScore | None,
+        depth: DepthChoice | None,
+        request: StatsRequest = StatsRequest(),
+        device: torch.device | str = "cpu",
+        batch_size: int = 1,
+        progress: bool = True,
+    ) -> None:
+        self.model = model
+        self.spec = spec
+        self.width = width
+        self.depth = depth
+        self.request = request.merge(StatsRequest(mean=True, gram=True))
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.progress = progress
+        _, self.blocks = find_blocks(model)
+        self.layout = head_layout(model.config) if spec.heads else None
+        self._check()
+
+    def _check(self) -> None:
+        count = len(self.blocks)
+        if self.spec.blocks >= count:
+            raise SecateursError(
+                f"--blocks {self.spec.blocks} would remove every block; the model has {count}"
+            )
+        if (self.spec.neurons or self.spec.heads) and self.width is None:
+            raise SecateursError("width pruning needs a width method")
+        if self.spec.blocks and self.depth is None:
+            raise SecateursError("block removal needs a depth method")
+        if self.layout is not None:
+            removed = self.heads_removed()
+            if removed == 0:
+                raise SecateursError(
+                    f"--heads {self.spec.heads} removes no head: the model has "
+                    f"{self.layout.heads} query heads ({self.layout.kv_heads} key/value) per "
+                    "block and removes "
+                    + (
+                        "whole key/value groups"
+                        if head_mode(self.layout, self.spec.head_mode) == "group"
+                        else "the same count from every group"
+                    )
+                    + "; raise --heads"
+                )
+            if find_attention(self.blocks[0], self.layout) is None:
+                raise SecateursError(
+                    f"found no attention layer matching {self.layout.heads} heads of "
+                    f"{self.layout.head_dim} in {type(self.blocks[0]).__name__}"
+                )
+
+    def heads_removed(self) -> int:
+        """Query heads removed per block."""
+        assert self.layout is not None
+        return heads_to_remove(self.layout, self.spec.heads, self.spec.head_mode)
+
+    def prune(self, windows: torch.Tensor, labels: torch.Tensor | None = None) -> StructurePlan:
+        """Run the depth and width passes on calibration ``windows``; the model is masked."""
+        inputs = capture_block_inputs(self.model, windows, self.device, self.batch_size)
+        plan = StructurePlan()
+        if self.spec.blocks:
+            start = inputs.hidden.clone()
+            plan.similarity = self._similarity(inputs)
+            assert self.depth is not None
+            plan.removed_blocks = sorted(
+                self.depth(plan.similarity, len(self.blocks), self.spec.blocks)
+            )
+            inputs.hidden = start
+        if self.spec.neurons or self.spec.heads:
+            self._widths(inputs, plan, labels)
+        return plan
+
+    def _similarity(self, inputs: BlockInputs) -> dict[tuple[int, int], float]:
+        """Mean cosine between ``h_i`` and ``h_j`` over every token, for ``0 < j - i <= n``."""
+        reach = self.spec.blocks
+        ring = [inputs.hidden.clone()]
+        band: dict[tuple[int, int], float] = {}
+        steps = tqdm(range(len(self.blocks)), desc="block influence", disable=not self.progress)
+        for index in steps:
+            with _on(self.blocks[index], self.device) as block:
+                run_block(block, inputs, self.batch_size, True, index=index)
+            for back, earlier in enumerate(reversed(ring)):
+                band[(index - back, index + 1)] = _mean_cosine(earlier, inputs.hidden)
+            ring = [*ring, inputs.hidden.clone()][-reach:]
+        return band
+
+    def _widths(
+        self, inputs: BlockInputs, plan: StructurePlan, labels: torch.Tensor | None
+    ) -> None:
+        removed = set(plan.removed_blocks)
+        steps = tqdm(range(len(self.blocks)), desc="pruning units", disable=not self.progress)
+        for index in steps:
+            if index in removed:
+                continue  # a removed block hands its input on unchanged
+            cut = BlockCut()
+            with _on(self.blocks[index], self.device) as block:
+                if self.spec.heads:
+                    self._prune_heads(block, index, inputs, cut, labels)
+                if self.spec.neurons:
+                    self._prune_neurons(block, index, inputs, cut, labels)
+                run_block(block, inputs, self.batch_size, True, index=index)
+            plan.cuts[index] = cut
+
+    def _stats(
+        self, block: nn.Module, name: str, index: int, inputs: BlockInputs, labels
+    ) -> ActivationStats:
+        layers = {name: find_linears(block)[name]}
+        return calibrate_block(
+            block, layers, inputs, self.batch_size, self.request, labels, index=index
+        )[name]
+
+    def _prune_heads(self, block, index, inputs, cut: BlockCut, labels) -> None:
+        assert self.layout is not None and self.width is not None
+        group = find_attention(block, self.layout)
+        if group is None:
+            raise SecateursError(f"block {index} has no attention layer matching the others")
+        stats = self._stats(block, group.consumer, index, inputs, labels)
+        consumer = find_linears(block)[group.consumer]
+        units = head_columns(group)
+        removed = self.heads_removed()
+        scores = self.width(weight_matrix(consumer), stats, units, removed)
+        removed_q = removed_heads(scores, self.layout, removed, self.spec.head_mode)
+        keep_q, keep_kv = keep_heads(removed_q, self.layout, self.spec.head_mode)
+        cut.errors["heads"] = self._compensate(consumer, stats, group.columns(keep_q))
+        mask_heads(block, group, keep_q, keep_kv)
+        cut.keep_q, cut.keep_kv = keep_q, keep_kv
+
+    def _prune_neurons(self, block, index, inputs, cut: BlockCut, labels) -> None:
+        assert self.width is not None
+        group = find_mlp(block)
+        if group is None:
+            raise SecateursError(f"block {index} has no MLP to prune neurons from")
+        stats = self._stats(block, group.consumer, index, inputs, labels)
+        consumer = find_linears(block)[group.consumer]
+        width = weight_matrix(consumer).shape[1]
+        units = torch.arange(width).unsqueeze(1)
+        remove = int(width * self.spec.neurons)
+        scores = self.width(weight_matrix(consumer), stats, units, remove)
+        gone = choose_units(scores, remove)
+        keep = torch.ones(width, dtype=torch.bool)
+        keep[gone] = False
+        keep_index = keep.nonzero().squeeze(1)
+        cut.errors["neurons"] = self._compensate(consumer, stats, keep_index)
+        mask_neurons(block, group, keep_index)
+        cut.keep_neurons = keep_index
+
+    def _compensate(
+        self, consumer: nn.Module, stats: ActivationStats, keep: torch.Tensor
+    ) -> tuple[float, float]:
+        """Refit the consumer on its kept columns; its relative output error without and with."""
+        weight = weight_matrix(consumer)
+        dense = weight.clone()
+        plain = dense.clone()
+        gone = torch.ones(dense.shape[1], dtype=torch.bool)
+        gone[keep] = False
+        plain[:, gone] = 0
+        bias = getattr(consumer, "bias", None)
+        old_bias = None if bias is None else bias.data.clone()
+        new, mode = plain, self.spec.compensation
+        if mode == "least_squares":
+            new, new_bias = refit(dense, stats, keep, self.spec.damp, old_bias)
+            if new_bias is not None:
+                bias.data.copy_(new_bias)
+        elif mode == "mean" and bias is not None:
+            bias.data.copy_(mean_shift(dense, stats, keep, bias.data))
+        weight.copy_(new)
+        reference = output_change(stats, dense) or 1.0
+        shift = None if bias is None else bias.data - old_bias
+        return (
+            math.sqrt(output_change(stats, plain - dense) / reference),
+            math.sqrt(output_change(stats, new - dense, shift) / reference),
+        )
+
+
+@contextlib.contextmanager
+def _on(block: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """``block`` moved to ``device`` for the duration, then back where it was."""
+    home = next(block.parameters()).device
+    try:
+        yield block.to(device)
+    finally:
+        block.to(home)
+
+
+def _mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over every token of the cosine between two hidden-state tensors."""
+    flat_a, flat_b = a.reshape(-1, a.shape[-1]).float(), b.reshape(-1, b.shape[-1]).float()
+    return float(nn.functional.cosine_similarity(flat_a, flat_b, dim=1).double().mean())
