@@ -5,8 +5,8 @@ import torch
 from conftest import ARCHS, make_model, make_windows
 
 from secateurs.core.model import find_blocks, find_linears, weight_matrix
-from secateurs.core.structure import StructurePruner, StructureSpec, mean_shift, refit
 from secateurs.core.stats import ActivationStats, StatsRequest
+from secateurs.core.structure import StructurePruner, StructureSpec, mean_shift, refit
 from secateurs.core.units import find_attention, head_layout
 from secateurs.errors import SecateursError
 from secateurs.formats.shrink import cut_structure

@@ -136,5 +136,5 @@ def test_angular_drops_the_closest_consecutive_run():
 def test_unknown_methods_are_refused_with_the_choices():
     with pytest.raises(SecateursError, match="ziplm"):
         unit_method("ziplmm", "width")
-    with pytest.raises(SecateursError, match="--depth_score.*angular"):
+    with pytest.raises(SecateursError, match=r"--depth_score.*angular"):
         unit_method("ziplm", "depth")
