@@ -804,6 +804,30 @@ def finetune(
     lr: Annotated[float, _flag("lr", "AdamW learning rate of the LoRA weights.")] = 2e-4,
     rank: Annotated[int, _flag("rank", "LoRA rank.")] = 8,
     alpha: Annotated[float, _flag("alpha", "LoRA alpha (scale = alpha / rank).")] = 16.0,
+    train: Annotated[
+        str,
+        _flag(
+            "train",
+            "lora: adapters merged back; full: every weight (best after `secateurs shrink`).",
+        ),
+    ] = "lora",
+    distill: Annotated[
+        str | None,
+        _flag(
+            "distill",
+            "Teacher model (the dense one this was pruned from): learn its next-token "
+            "distribution instead of the labels alone.",
+        ),
+    ] = None,
+    kd_weight: Annotated[
+        float, _flag("kd_weight", "Weight of the KL to the teacher (with --distill).")
+    ] = 1.0,
+    lm_weight: Annotated[
+        float, _flag("lm_weight", "Weight of the label loss with --distill (0: KL only).")
+    ] = 0.0,
+    temperature: Annotated[
+        float, _flag("temperature", "Softmax temperature of the distillation.")
+    ] = 1.0,
     seed: SeedOpt = 0,
     eval_limit: Annotated[
         int | None, _flag("eval_limit", "Perplexity on N test windows of --dataset before/after.")
@@ -814,7 +838,10 @@ def finetune(
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """LoRA fine-tuning merged into the weights; weights that were exactly zero stay zero."""
+    """Recovery training: LoRA or every weight, from labels or distilled from the dense model.
+
+    Weights that were exactly zero stay zero.
+    """
 
     def action() -> None:
         from secateurs.core.model import load_model
@@ -823,13 +850,29 @@ def finetune(
         from secateurs.evaluate.perplexity import check_sparsity, perplexity
         from secateurs.formats.checkpoint import check_save_format
         from secateurs.io import check_folder_files, ensure_free
-        from secateurs.jobs.finetune import LoraOptions, finetune, training_batch
+        from secateurs.jobs.finetune import (
+            LoraOptions,
+            check_teacher,
+            finetune,
+            training_batch,
+        )
         from secateurs.jobs.plan import check_device
         from secateurs.jobs.report import plural
         from secateurs.jobs.result import save_pruned_model
         from secateurs.jobs.session import load_eval_windows
 
-        options = LoraOptions(rank, alpha, lr, steps, batch_size, seed)
+        options = LoraOptions(
+            rank,
+            alpha,
+            lr,
+            steps,
+            batch_size,
+            seed,
+            train,
+            kd_weight,
+            lm_weight,
+            temperature,
+        )
         names = _split(data) if data else []
         for name in names:
             check_prompt_data(name)
@@ -840,13 +883,22 @@ def finetune(
             raise SecateursError(f"--eval_limit must be at least 1, got {eval_limit}")
         target = check_device(device)
         check_folder_files(model)
+        if distill:
+            check_folder_files(distill)
         loaded, tokenizer = load_model(model, cache_dir, trust_remote_code=trust_remote_code)
+        teacher = None
+        if distill:
+            teacher, _ = load_model(distill, cache_dir, trust_remote_code=trust_remote_code)
+            check_teacher(loaded, teacher)
         batch = training_batch(tokenizer, names, dataset, nsamples, seqlen, seed)
         windows = load_eval_windows(tokenizer, dataset, seqlen, eval_limit) if eval_limit else None
         before = perplexity(loaded, windows, target, 1, not quiet) if eval_limit else None
-        merged, report = finetune(loaded, batch, options, target, not quiet)
+        merged, report = finetune(loaded, batch, options, target, not quiet, teacher)
         after = perplexity(merged, windows, target, 1, not quiet) if eval_limit else None
-        result = {"finetune": report.to_dict(), "perplexity": {"before": before, "after": after}}
+        result = {
+            "finetune": report.to_dict() | {"train": train, "teacher": distill},
+            "perplexity": {"before": before, "after": after},
+        }
         typer.echo(
             f"trained      {names or dataset}: {batch.input_ids.shape[0]} samples, "
             f"{steps} steps, {report.seconds:.1f} s"

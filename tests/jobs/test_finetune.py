@@ -111,3 +111,68 @@ def test_samples_without_a_response_token_are_dropped():
     assert kept.token_mask.tolist() == [[0, 0, 1, 1], [0, 0, 0, 1]]
     with pytest.raises(SecateursError, match="raise --seqlen"):
         trainable_rows(PromptBatch(ids[1:2], mask[1:2], torch.tensor([4])))
+
+
+def test_distillation_loss_is_zero_for_the_teacher_itself_and_skips_unlabelled_tokens():
+    from secateurs.jobs.finetune import distillation_loss
+
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 5, 11)
+    labels = torch.ones(2, 5, dtype=torch.long)
+    assert float(distillation_loss(teacher, teacher, labels, 2.0)) == pytest.approx(0, abs=1e-6)
+    student = torch.randn(2, 5, 11)
+    assert float(distillation_loss(student, teacher, labels, 1.0)) > 0
+    # a position whose next token has no label does not count, whatever its logits
+    labels[:, 3] = -100
+    changed = student.clone()
+    changed[:, 2] += 100.0
+    assert torch.allclose(
+        distillation_loss(student, teacher, labels, 1.0),
+        distillation_loss(changed, teacher, labels, 1.0),
+    )
+
+
+def test_full_distillation_of_a_shrunk_model_moves_it_towards_its_teacher():
+    from secateurs.core.structure import StructurePruner, StructureSpec
+    from secateurs.formats.shrink import cut_structure
+    from secateurs.jobs.finetune import distillation_loss
+    from secateurs.methods.units import unit_method
+
+    teacher = make_model("llama")
+    student = make_model("llama")
+    spec = StructureSpec(neurons=0.5, heads=0.5)
+    pruner = StructurePruner(student, spec, unit_method("wanda", "width").fn, None, progress=False)
+    cut_structure(student, pruner.prune(make_windows()))
+    batch = text_batch(make_windows(8, 12, seed=4))
+
+    def gap(model) -> float:
+        with torch.no_grad():
+            ids = batch.input_ids
+            return float(
+                distillation_loss(model(ids).logits, teacher(ids).logits, batch.labels(), 1.0)
+            )
+
+    before = gap(student)
+    options = LoraOptions(lr=3e-4, steps=30, batch_size=4, train="full")
+    tuned, report = finetune(student, batch, options, progress=False, teacher=teacher)
+    assert gap(tuned) < before
+    assert report.last_loss < report.first_loss
+    assert not any(p.requires_grad for p in tuned.parameters())
+
+
+def test_distillation_refuses_a_teacher_of_another_vocabulary():
+    from secateurs.jobs.finetune import check_teacher
+
+    other = make_model("llama")
+    other.resize_token_embeddings(200)
+    with pytest.raises(SecateursError, match="vocabulary"):
+        check_teacher(make_model("llama"), other)
+
+
+def test_finetune_options_check_the_distillation_settings():
+    with pytest.raises(SecateursError, match="--train"):
+        LoraOptions(train="half")
+    with pytest.raises(SecateursError, match="--temperature"):
+        LoraOptions(temperature=0.0)
+    with pytest.raises(SecateursError, match="--kd_weight"):
+        LoraOptions(kd_weight=-1.0)

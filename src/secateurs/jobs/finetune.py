@@ -1,9 +1,16 @@
-"""LoRA fine-tuning (``peft``), merged back into the weights; pruned weights stay exactly zero.
+"""Fine-tuning after pruning: LoRA (``peft``, merged back) or every weight, from the labels or
+distilled from the dense model; pruned weights stay exactly zero.
 
 Two uses: recovery after pruning (plain text or prompt/response data), and making a model
 that refuses (``align`` refusals mixed with ``utility`` pairs). Weights that are exactly
-zero before training are zero again after the merge: the merged LoRA update is dense, so the
-mask is re-applied to every merged layer.
+zero before training are zero again after training: a merged LoRA update (or a full update)
+is dense, so the mask is re-applied to every layer.
+
+Distillation (Hinton et al., 2015; as in Sheared-LLaMA and Minitron's recovery) trains the
+student on the teacher's whole next-token distribution instead of one label:
+``kd_weight * T^2 * KL(teacher_T || student_T) + lm_weight * cross-entropy``. A shrunk model
+(``secateurs shrink``) has other shapes than its teacher, but the same vocabulary, which is
+all distillation needs.
 """
 
 from __future__ import annotations
@@ -21,10 +28,17 @@ from secateurs.core.model import find_blocks, find_linears, is_conv1d, iter_prun
 from secateurs.data.prompts import PromptBatch
 from secateurs.errors import SecateursError
 
+TRAINED = ("lora", "full")
+
 
 @dataclass
 class LoraOptions:
-    """LoRA and optimiser settings."""
+    """What to train (LoRA adapters or every weight), the optimiser and the loss.
+
+    ``teacher`` (a model with the same vocabulary) turns on distillation: the loss is
+    ``kd_weight`` times the temperature-scaled KL to the teacher plus ``lm_weight`` times the
+    label loss.
+    """
 
     rank: int = 8
     alpha: float = 16.0
@@ -32,8 +46,19 @@ class LoraOptions:
     steps: int = 100
     batch_size: int = 8
     seed: int = 0
+    train: str = "lora"
+    kd_weight: float = 1.0
+    lm_weight: float = 0.0
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.train not in TRAINED:
+            raise SecateursError(f"--train must be lora or full, got '{self.train}'")
+        for flag, weight in (("--kd_weight", self.kd_weight), ("--lm_weight", self.lm_weight)):
+            if not (weight >= 0 and math.isfinite(weight)):
+                raise SecateursError(f"{flag} must be 0 or more, got {weight}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise SecateursError(f"--temperature must be positive, got {self.temperature}")
         for flag, value in (("--rank", self.rank), ("--steps", self.steps)):
             if value <= 0:
                 raise SecateursError(f"{flag} must be at least 1, got {value}")
@@ -90,20 +115,35 @@ def _minibatch(batch: PromptBatch, rows: torch.Tensor) -> tuple[torch.Tensor, to
     return batch.input_ids[rows, :length], batch.labels()[rows, :length]
 
 
-def finetune(
-    model: nn.Module,
-    batch: PromptBatch,
-    options: LoraOptions | None = None,
-    device: torch.device | str = "cpu",
-    progress: bool = True,
-) -> tuple[nn.Module, FinetuneReport]:
-    """Train LoRA adapters on ``batch`` (loss on its masked tokens), merge, restore zeros."""
+def distillation_loss(
+    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """``T^2 * KL(teacher_T || student_T)`` averaged over the tokens that have a label.
+
+    Logits are (batch, tokens, vocab) and predict the next token, like the label loss, so the
+    last position and every ``-100`` label are left out.
+    """
+    counted = labels[:, 1:] != -100
+    student = student[:, :-1][counted].float() / temperature
+    teacher = teacher[:, :-1][counted].float() / temperature
+    kl = nn.functional.kl_div(
+        nn.functional.log_softmax(student, dim=-1),
+        nn.functional.log_softmax(teacher, dim=-1),
+        log_target=True,
+        reduction="batchmean",
+    )
+    return kl * temperature**2
+
+
+def _trainable(model: nn.Module, options: LoraOptions) -> nn.Module:
+    """The model with LoRA adapters on every block linear, or itself with every weight
+    trainable."""
+    if options.train == "full":
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        return model
     from peft import LoraConfig, get_peft_model
 
-    options = options or LoraOptions()
-    batch = trainable_rows(batch)
-    device = torch.device(device)
-    masks = zero_masks(model)
     config = LoraConfig(
         r=options.rank,
         lora_alpha=options.alpha,
@@ -112,12 +152,32 @@ def finetune(
         fan_in_fan_out=any(is_conv1d(layer) for _, layer in iter_prunable(model)),
         bias="none",
     )
-    home = next(model.parameters()).device
-    torch.manual_seed(options.seed)
     with warnings.catch_warnings():
         # peft reads an attribute transformers has deprecated; nothing a user can change
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
-        peft_model = get_peft_model(model, config).to(device)
+        return get_peft_model(model, config)
+
+
+def finetune(
+    model: nn.Module,
+    batch: PromptBatch,
+    options: LoraOptions | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    teacher: nn.Module | None = None,
+) -> tuple[nn.Module, FinetuneReport]:
+    """Train on ``batch`` (loss on its masked tokens; distilled from ``teacher`` if given),
+    merge LoRA back if that was trained, restore the zeros."""
+    options = options or LoraOptions()
+    batch = trainable_rows(batch)
+    device = torch.device(device)
+    masks = zero_masks(model)
+    home = next(model.parameters()).device
+    torch.manual_seed(options.seed)
+    peft_model = _trainable(model, options).to(device)
+    if teacher is not None:
+        check_teacher(model, teacher)
+        teacher = teacher.to(device).eval()
     peft_model.train()
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=options.lr)
@@ -128,12 +188,24 @@ def finetune(
     for _ in tqdm(range(options.steps), desc="fine-tuning", disable=not progress):
         rows = torch.randperm(count, generator=generator)[: options.batch_size]
         ids, labels = _minibatch(batch, rows)
-        loss = peft_model(input_ids=ids.to(device), labels=labels.to(device)).loss
+        ids, labels = ids.to(device), labels.to(device)
+        output = peft_model(input_ids=ids, labels=labels)
+        loss = output.loss
+        if teacher is not None:
+            with torch.no_grad():
+                target = teacher(input_ids=ids).logits
+            kd = distillation_loss(output.logits, target, labels, options.temperature)
+            loss = options.kd_weight * kd + options.lm_weight * loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
-    merged = peft_model.merge_and_unload().eval().to(home)
+    if teacher is not None:
+        teacher.to(home)
+    merged = peft_model if options.train == "full" else peft_model.merge_and_unload()
+    merged = merged.eval().to(home)
+    for parameter in merged.parameters():
+        parameter.requires_grad_(False)
     kept = reapply(merged, masks)
     window = max(1, min(10, len(losses) // 4))
     report = FinetuneReport(
@@ -144,6 +216,16 @@ def finetune(
         kept_zeros=kept,
     )
     return merged, report
+
+
+def check_teacher(student: nn.Module, teacher: nn.Module) -> None:
+    """A teacher must score the same vocabulary as the student."""
+    sizes = [m.get_output_embeddings().weight.shape[0] for m in (student, teacher)]
+    if sizes[0] != sizes[1]:
+        raise SecateursError(
+            f"the teacher's vocabulary ({sizes[1]} tokens) differs from the model's "
+            f"({sizes[0]}); distil from the model this one was pruned from"
+        )
 
 
 def training_batch(
