@@ -12,7 +12,7 @@ import json
 import torch
 from _common import bench_parser, bench_windows, result_header, save_result
 
-from secateurs.core.engine import _calibrate, run_block
+from secateurs.core.engine import calibrate_block, run_block
 from secateurs.core.guard import check_channels
 from secateurs.core.model import (
     capture_block_inputs,
@@ -50,7 +50,7 @@ def main() -> None:
         layers_seen += len(layers)
         # the IDF form is the score's, not the statistics': one calibration serves every form
         request = StatsRequest(selectivity=SelectivityOptions().thresholds())
-        stats = _calibrate(block, layers, inputs, args.batch_size, request, None)
+        stats = calibrate_block(block, layers, inputs, args.batch_size, request, None)
         for form in dict.fromkeys(f for _, f in RUNS):
             for method in (m for m, f in RUNS if f == form):
                 options = METHODS[method].make_options({"idf_form": form})

@@ -22,7 +22,7 @@ import torch
 from _common import bench_parser, bench_windows, result_header, save_result
 from torch.profiler import ProfilerActivity, profile
 
-from secateurs.core.engine import _calibrate, run_block
+from secateurs.core.engine import calibrate_block, run_block
 from secateurs.core.model import (
     capture_block_inputs,
     find_blocks,
@@ -111,7 +111,7 @@ def main() -> None:
             lambda inputs=inputs, size=size: run_block(block, inputs, size, True), args.repeats
         )
         calibrate = median_seconds(
-            lambda inputs=inputs, size=size: _calibrate(
+            lambda inputs=inputs, size=size: calibrate_block(
                 block, find_linears(block), inputs, size, StatsRequest(), None
             ),
             args.repeats,

@@ -17,9 +17,10 @@ returned :class:`StructurePlan` says what to cut out, which
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 from secateurs.core.engine import calibrate_block, run_block
 from secateurs.core.model import (
     BlockInputs,
+    block_output,
     capture_block_inputs,
     find_blocks,
     find_linears,
@@ -51,6 +53,7 @@ from secateurs.core.units import (
 from secateurs.errors import SecateursError
 
 COMPENSATIONS = ("least_squares", "mean", "none")
+TARGETS = ("dense", "layer")
 # score(weight, stats, units, remove) -> one value per unit, lowest removed first
 WidthScore = Callable[[torch.Tensor, ActivationStats, torch.Tensor, int], torch.Tensor]
 # choose(similarity band, blocks, remove) -> indices of the blocks to remove
@@ -67,6 +70,7 @@ class StructureSpec:
     head_mode: str = "query"
     compensation: str = "least_squares"
     damp: float = 0.01
+    target: str = "dense"
 
     def __post_init__(self) -> None:
         for flag, value in (("--neurons", self.neurons), ("--heads", self.heads)):
@@ -87,6 +91,8 @@ class StructureSpec:
             raise SecateursError(
                 f"unknown --compensation '{self.compensation}': use {', '.join(COMPENSATIONS)}"
             )
+        if self.target not in TARGETS:
+            raise SecateursError(f"unknown --target '{self.target}': use {' or '.join(TARGETS)}")
         if not (self.damp > 0 and math.isfinite(self.damp)):
             raise SecateursError(f"--damp must be a positive number, got {self.damp}")
 
@@ -132,38 +138,59 @@ class StructurePlan:
         }
 
 
+@dataclass
+class Target:
+    """What a consumer's output should be, as sums over the calibration tokens of its kept
+    inputs times the target (``cross``, in x out), the target (``total``) and its energy."""
+
+    cross: torch.Tensor
+    total: torch.Tensor
+    energy: float
+
+
 def refit(
     weight: torch.Tensor,
     stats: ActivationStats,
     keep: torch.Tensor,
     damp: float,
     bias: torch.Tensor | None = None,
+    target: Target | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Least-squares weights on the kept columns that best reproduce ``weight`` on the inputs.
+    """Least-squares weights on the kept columns that best reproduce the target output.
 
-    ``W_S = (W G[:, S] + lambda W_S) (G[S, S] + lambda I)^-1``, with ``G`` the inputs' second
-    moment and ``lambda`` = ``damp`` times its mean diagonal: a ridge that pulls towards the
-    unchanged weights, so the refit is never worse than no refit on the calibration inputs
-    (with few tokens it stays close to them). With a bias, the fit is affine: ``G`` is the
-    covariance and the bias absorbs the removed columns' mean. Returns the full-width weight
-    (removed columns zero) and the new bias.
+    The target is the layer's own output ``W x`` unless ``target`` gives another (the dense
+    model's). ``W_S = (C_S + lambda W_S) (G[S, S] + lambda I)^-1``, with ``G`` the inputs'
+    second moment, ``C`` the inputs' moment with the target, and ``lambda`` = ``damp`` times
+    the mean diagonal of ``G[S, S]``: a ridge that pulls towards the unchanged weights, so
+    that with few tokens the refit stays close to them. With a bias the fit is affine
+    (covariances; the bias takes the means). Returns the full-width weight (removed columns
+    zero) and the new bias.
     """
     tokens = max(stats.tokens, 1)
     moment = stats.gram.double() / tokens
-    mean = stats.mean.double() if bias is not None else None
-    if mean is not None:
-        moment = moment - torch.outer(mean, mean)
     dense = weight.double()
+    mean = stats.mean.double()
+    if target is None:  # the layer's own output, W x + b
+        cross = moment @ dense.t()
+        target_mean = dense @ mean
+        if bias is not None:
+            cross = cross + torch.outer(mean, bias.double())
+            target_mean = target_mean + bias.double()
+    else:
+        cross = target.cross.double() / tokens
+        target_mean = target.total.double() / tokens
+    if bias is not None:
+        moment = moment - torch.outer(mean, mean)
+        cross = cross - torch.outer(mean, target_mean)
     inner = moment[keep][:, keep]
     ridge = damp * float(inner.diagonal().mean().clamp_min(1e-12))
     inner = inner + ridge * torch.eye(keep.numel(), dtype=inner.dtype, device=inner.device)
-    target = dense @ moment[:, keep] + ridge * dense[:, keep]
-    solved = torch.linalg.solve(inner, target.t()).t()
+    solved = torch.linalg.solve(inner, cross[keep] + ridge * dense[:, keep].t()).t()
     new = torch.zeros_like(dense)
     new[:, keep] = solved
     new_bias = None
-    if bias is not None and mean is not None:
-        new_bias = (bias.double() + dense @ mean - new @ mean).to(bias.dtype)
+    if bias is not None:
+        new_bias = (target_mean - new @ mean).to(bias.dtype)
     return new.to(weight.dtype), new_bias
 
 
@@ -262,9 +289,17 @@ class StructurePruner:
                 self.depth(plan.similarity, len(self.blocks), self.spec.blocks)
             )
             inputs.hidden = start
-        if self.spec.neurons or self.spec.heads:
+        if self.spec.neurons or self.spec.heads or self._compensates_depth():
             self._widths(inputs, plan, labels)
         return plan
+
+    def _tracks_dense(self) -> bool:
+        """Whether the refits aim at the dense model's outputs (so a dense path is run)."""
+        return self.spec.target == "dense" and self.spec.compensation == "least_squares"
+
+    def _compensates_depth(self) -> bool:
+        """Removed blocks are made up for by refitting the MLP of the next kept block."""
+        return bool(self.spec.blocks) and self._tracks_dense()
 
     def _similarity(self, inputs: BlockInputs) -> dict[tuple[int, int], float]:
         """Mean cosine between ``h_i`` and ``h_j`` over every token, for ``0 < j - i <= n``."""
@@ -284,17 +319,25 @@ class StructurePruner:
         self, inputs: BlockInputs, plan: StructurePlan, labels: torch.Tensor | None
     ) -> None:
         removed = set(plan.removed_blocks)
+        dense = replace(inputs, hidden=inputs.hidden.clone()) if self._tracks_dense() else None
         steps = tqdm(range(len(self.blocks)), desc="pruning units", disable=not self.progress)
         for index in steps:
             if index in removed:
-                continue  # a removed block hands its input on unchanged
+                if dense is not None:  # the dense model still runs it
+                    with _on(self.blocks[index], self.device) as block:
+                        run_block(block, dense, self.batch_size, True, index=index)
+                continue  # the pruned model hands its input on unchanged
             cut = BlockCut()
             with _on(self.blocks[index], self.device) as block:
+                original = copy.deepcopy(block) if dense is not None else None
                 if self.spec.heads:
                     self._prune_heads(block, index, inputs, cut, labels)
-                if self.spec.neurons:
-                    self._prune_neurons(block, index, inputs, cut, labels)
+                after_gap = index - 1 in removed
+                if self.spec.neurons or (after_gap and self._compensates_depth()):
+                    self._prune_neurons(block, index, inputs, cut, labels, original, dense)
                 run_block(block, inputs, self.batch_size, True, index=index)
+                if original is not None and dense is not None:
+                    run_block(original, dense, self.batch_size, True, index=index)
             plan.cuts[index] = cut
 
     def _stats(
@@ -321,27 +364,46 @@ class StructurePruner:
         mask_heads(block, group, keep_q, keep_kv)
         cut.keep_q, cut.keep_kv = keep_q, keep_kv
 
-    def _prune_neurons(self, block, index, inputs, cut: BlockCut, labels) -> None:
-        assert self.width is not None
+    def _prune_neurons(
+        self,
+        block,
+        index,
+        inputs,
+        cut: BlockCut,
+        labels,
+        original: nn.Module | None,
+        dense: BlockInputs | None,
+    ) -> None:
         group = find_mlp(block)
         if group is None:
             raise SecateursError(f"block {index} has no MLP to prune neurons from")
         stats = self._stats(block, group.consumer, index, inputs, labels)
         consumer = find_linears(block)[group.consumer]
         width = weight_matrix(consumer).shape[1]
-        units = torch.arange(width).unsqueeze(1)
         remove = int(width * self.spec.neurons)
-        scores = self.width(weight_matrix(consumer), stats, units, remove)
-        gone = choose_units(scores, remove)
         keep = torch.ones(width, dtype=torch.bool)
-        keep[gone] = False
+        if remove:
+            assert self.width is not None
+            units = torch.arange(width).unsqueeze(1)
+            scores = self.width(weight_matrix(consumer), stats, units, remove)
+            keep[choose_units(scores, remove)] = False
         keep_index = keep.nonzero().squeeze(1)
-        cut.errors["neurons"] = self._compensate(consumer, stats, keep_index)
-        mask_neurons(block, group, keep_index)
-        cut.keep_neurons = keep_index
+        target = None
+        if original is not None and dense is not None:
+            target = dense_target(
+                block, original, group.consumer, index, inputs, dense, self.batch_size
+            )
+        cut.errors["neurons"] = self._compensate(consumer, stats, keep_index, target)
+        if remove:
+            mask_neurons(block, group, keep_index)
+            cut.keep_neurons = keep_index
 
     def _compensate(
-        self, consumer: nn.Module, stats: ActivationStats, keep: torch.Tensor
+        self,
+        consumer: nn.Module,
+        stats: ActivationStats,
+        keep: torch.Tensor,
+        target: Target | None = None,
     ) -> tuple[float, float]:
         """Refit the consumer on its kept columns; its relative output error without and with."""
         weight = weight_matrix(consumer)
@@ -354,18 +416,98 @@ class StructurePruner:
         old_bias = None if bias is None else bias.data.clone()
         new, mode = plain, self.spec.compensation
         if mode == "least_squares":
-            new, new_bias = refit(dense, stats, keep, self.spec.damp, old_bias)
+            new, new_bias = refit(dense, stats, keep, self.spec.damp, old_bias, target)
             if new_bias is not None:
                 bias.data.copy_(new_bias)
         elif mode == "mean" and bias is not None:
             bias.data.copy_(mean_shift(dense, stats, keep, bias.data))
         weight.copy_(new)
         reference = output_change(stats, dense) or 1.0
+        if target is not None:
+            before = target_error(stats, plain, old_bias, target)
+            after = target_error(stats, new, None if bias is None else bias.data, target)
+            return math.sqrt(before / reference), math.sqrt(after / reference)
         shift = None if bias is None else bias.data - old_bias
         return (
             math.sqrt(output_change(stats, plain - dense) / reference),
             math.sqrt(output_change(stats, new - dense, shift) / reference),
         )
+
+
+def target_error(
+    stats: ActivationStats, weight: torch.Tensor, bias: torch.Tensor | None, target: Target
+) -> float:
+    """``sum over tokens of ||weight x + bias - t||^2`` from the sums alone."""
+    produced = float((weight.double() * target.cross.double().t()).sum())
+    if bias is not None:
+        produced += float(bias.double() @ target.total.double())
+    return max(output_change(stats, weight, bias) - 2 * produced + target.energy, 0.0)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).double()
+
+
+def dense_target(
+    block: nn.Module,
+    original: nn.Module,
+    consumer: str,
+    index: int,
+    inputs: BlockInputs,
+    dense: BlockInputs,
+    batch_size: int,
+) -> Target | None:
+    """The output the consumer should give so that the block's output is the dense model's.
+
+    The block adds the consumer's output ``y`` to its residual stream (checked: a shift of
+    ``y`` must shift the block's output by as much; where a norm follows, as in Gemma-3,
+    None is returned and the layer's own output stays the target). Then ``t = y + (dense
+    block output - this block's output)``: matching it also corrects what the blocks before
+    (pruned, or removed) changed in the residual stream.
+    """
+    layer = find_linears(block)[consumer]
+    seen: dict[str, torch.Tensor] = {}
+    shift: dict[str, torch.Tensor | None] = {"delta": None}
+
+    def hook(_module, args, output):
+        seen["x"], seen["y"] = args[0], output
+        if shift["delta"] is not None:
+            return output + shift["delta"]
+        return None
+
+    handle = layer.register_forward_hook(hook)
+    cross = total = None
+    energy = 0.0
+    try:
+        with torch.no_grad():
+            for start in range(0, inputs.hidden.shape[0], batch_size):
+                rows = slice(start, start + batch_size)
+                batch, reference = inputs.hidden[rows], dense.hidden[rows]
+                args, kwargs = inputs.call_args(batch.shape[0], index)
+                out = block_output(block(batch, *args, **kwargs))
+                x, y = _flat(seen["x"]), _flat(seen["y"])
+                if start == 0 and not _adds_to_residual(block, batch, args, kwargs, out, shift):
+                    return None
+                want = block_output(original(reference, *args, **kwargs))
+                t = y + _flat(want) - _flat(out)
+                cross = x.t() @ t if cross is None else cross.add_(x.t() @ t)
+                total = t.sum(dim=0) if total is None else total.add_(t.sum(dim=0))
+                energy += float(t.square().sum())
+    finally:
+        handle.remove()
+    assert cross is not None and total is not None
+    return Target(cross, total, energy)
+
+
+def _adds_to_residual(block, batch, args, kwargs, out, shift) -> bool:
+    """Whether shifting the consumer's output by a constant shifts the block's output by it."""
+    delta = torch.full((out.shape[-1],), 0.5, dtype=out.dtype, device=out.device)
+    shift["delta"] = delta
+    try:
+        moved = block_output(block(batch, *args, **kwargs))
+    finally:
+        shift["delta"] = None
+    return bool(torch.allclose(moved - out, delta.expand_as(out), atol=1e-3, rtol=1e-3))
 
 
 @contextlib.contextmanager
