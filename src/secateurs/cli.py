@@ -601,6 +601,15 @@ def shrink(
     damp: Annotated[
         float, _flag("damp", "Ridge of the refit, times the mean input energy.", _UNIT_METHODS)
     ] = 0.01,
+    target: Annotated[
+        str,
+        _flag(
+            "target",
+            "What the refit matches: dense (the dense model's block output, which also makes up "
+            "for earlier blocks and removed ones) or layer (the layer's own output).",
+            _UNIT_METHODS,
+        ),
+    ] = "dense",
     dataset: DatasetOpt = _DEFAULTS["dataset"],
     nsamples: Annotated[int, _flag("nsamples", "Calibration windows.", "Data")] = 32,
     seqlen: Annotated[int, _flag("seqlen", "Tokens per window.", "Data")] = 512,
@@ -643,8 +652,7 @@ def shrink(
 ) -> None:
     """Remove whole heads, neurons and blocks: a smaller dense model of the same class.
 
-    Faster on any hardware, no sparse kernels needed. Each consumer layer is refit on the
-    kept units (least squares) so the block's output stays close to the dense one.
+    Faster anywhere, without sparse kernels; o_proj and down_proj are refit on what is kept.
     """
 
     def action() -> None:
@@ -653,7 +661,7 @@ def shrink(
 
         job = ShrinkJob(
             model=model,
-            structure=StructureSpec(neurons, heads, blocks, head_mode, compensation, damp),
+            structure=StructureSpec(neurons, heads, blocks, head_mode, compensation, damp, target),
             score=score,
             depth_score=depth_score,
             dataset=dataset,

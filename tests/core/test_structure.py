@@ -4,9 +4,15 @@ import pytest
 import torch
 from conftest import ARCHS, make_model, make_windows
 
-from secateurs.core.model import find_blocks, find_linears, weight_matrix
+from secateurs.core.model import capture_block_inputs, find_blocks, find_linears, weight_matrix
 from secateurs.core.stats import ActivationStats, StatsRequest
-from secateurs.core.structure import StructurePruner, StructureSpec, mean_shift, refit
+from secateurs.core.structure import (
+    StructurePruner,
+    StructureSpec,
+    dense_target,
+    mean_shift,
+    refit,
+)
 from secateurs.core.units import find_attention, head_layout
 from secateurs.errors import SecateursError
 from secateurs.formats.shrink import cut_structure
@@ -223,3 +229,55 @@ def test_attention_is_found_in_every_family(name):
     group = find_attention(find_blocks(model)[1][0], head_layout(model.config))
     assert group is not None
     assert group.consumer.rsplit(".", 1)[-1] in {"o_proj", "out_proj", "c_proj"}
+
+
+def _output_gap(model, dense, windows) -> float:
+    with torch.no_grad():
+        return float((model(windows).logits - dense(windows).logits).square().mean())
+
+
+@pytest.mark.parametrize("name", ["llama", "opt"])
+def test_dense_target_brings_the_model_closer_to_the_dense_one(name):
+    windows = make_windows(8, 16)
+    dense = make_model(name)
+    gaps = {}
+    for target in ("layer", "dense"):
+        model = make_model(name)
+        spec = StructureSpec(neurons=0.5, heads=0.5 if name == "llama" else 0.0, target=target)
+        plan = _pruner(model, spec).prune(windows)
+        gaps[target] = _output_gap(model, dense, windows)
+        for cut in plan.cuts.values():
+            before, after = cut.errors["neurons"]
+            assert after <= before + 1e-9
+    assert gaps["dense"] < gaps["layer"]
+
+
+def test_removed_blocks_are_made_up_for_by_the_next_block():
+    windows = make_windows(8, 16)
+    dense = make_model("llama")
+    gaps = {}
+    for compensation in ("none", "least_squares"):
+        model = make_model("llama")
+        plan = _pruner(model, StructureSpec(blocks=1, compensation=compensation)).prune(windows)
+        (gone,) = plan.removed_blocks
+        gaps[compensation] = _output_gap(model_without(model, plan), dense, windows)
+        if compensation == "least_squares" and gone + 1 < 3:
+            assert "neurons" in plan.cuts[gone + 1].errors
+            assert plan.cuts[gone + 1].keep_neurons is None  # refit only, nothing removed
+    assert gaps["least_squares"] < gaps["none"]
+
+
+def model_without(model, plan):
+    cut_structure(model, plan)
+    return model
+
+
+def test_gemma_post_norm_falls_back_to_the_layer_target():
+    model = make_model("gemma3")
+    _, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, make_windows(2, 8), torch.device("cpu"), 2)
+    assert dense_target(blocks[0], blocks[0], "mlp.down_proj", 0, inputs, inputs, 2) is None
+    llama = make_model("llama")
+    inputs = capture_block_inputs(llama, make_windows(2, 8), torch.device("cpu"), 2)
+    block = find_blocks(llama)[1][0]
+    assert dense_target(block, block, "mlp.down_proj", 0, inputs, inputs, 2) is not None
