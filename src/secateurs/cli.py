@@ -568,6 +568,15 @@ def shrink(
     blocks: Annotated[
         int, _flag("blocks", "Whole decoder blocks to remove (a count).", _UNITS)
     ] = 0,
+    params: Annotated[
+        float | None,
+        _flag(
+            "params",
+            "Budget: share of all parameters to remove (0.2); sets --neurons, after --heads "
+            "and --blocks take their part.",
+            _UNITS,
+        ),
+    ] = None,
     head_mode: Annotated[
         str,
         _flag(
@@ -662,6 +671,7 @@ def shrink(
         job = ShrinkJob(
             model=model,
             structure=StructureSpec(neurons, heads, blocks, head_mode, compensation, damp, target),
+            params=params,
             score=score,
             depth_score=depth_score,
             dataset=dataset,

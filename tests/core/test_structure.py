@@ -281,3 +281,17 @@ def test_gemma_post_norm_falls_back_to_the_layer_target():
     inputs = capture_block_inputs(llama, make_windows(2, 8), torch.device("cpu"), 2)
     block = find_blocks(llama)[1][0]
     assert dense_target(block, block, "mlp.down_proj", 0, inputs, inputs, 2) is not None
+
+
+def test_parameter_budget_sets_the_neuron_share():
+    from secateurs.core.structure import neuron_share_for
+
+    model = make_model("llama")
+    total = sum(p.numel() for p in model.parameters())
+    share = neuron_share_for(model, 0.2, StructureSpec(heads=0.5))
+    plan = _pruner(model, StructureSpec(neurons=share, heads=0.5)).prune(make_windows())
+    shrinkage = cut_structure(model, plan)
+    removed = 1 - shrinkage.parameters_after / total
+    assert removed == pytest.approx(0.2, abs=0.02)  # whole neurons: within a few of them
+    with pytest.raises(SecateursError, match="cannot be met"):
+        neuron_share_for(make_model("llama"), 0.9, StructureSpec(blocks=1))

@@ -94,3 +94,17 @@ def test_head_cut_of_a_family_that_cannot_express_it_fails_before_calibrating(te
     assert "transformers cannot express" in result.output
     assert "perplexity" not in result.output
     assert not out.exists()
+
+
+def test_params_budget_and_neurons_are_exclusive(tiny_model_dir, text_dir, tmp_path):
+    result, _, _ = _shrink(
+        tiny_model_dir, text_dir, tmp_path, "--params", "0.1", "--neurons", "0.2"
+    )
+    assert result.exit_code == 2 and "not both" in result.output
+    result, _, report = _shrink(tiny_model_dir, text_dir, tmp_path, "--params", "0.1")
+    assert result.exit_code == 0, result.output
+    assert "budget       10% of the parameters" in result.output
+    record = json.loads(report.read_text())
+    assert 1 - record["parameters"]["pruned"] / record["parameters"]["dense"] == pytest.approx(
+        0.1, abs=0.02
+    )

@@ -81,11 +81,6 @@ class StructureSpec:
                 )
         if self.blocks < 0:
             raise SecateursError(f"--blocks must be 0 or more, got {self.blocks}")
-        if not (self.neurons or self.heads or self.blocks):
-            raise SecateursError(
-                "nothing to remove: give --neurons, --heads (shares such as 0.25) or --blocks "
-                "(a count)"
-            )
         check_head_mode(self.head_mode)
         if self.compensation not in COMPENSATIONS:
             raise SecateursError(
@@ -95,6 +90,14 @@ class StructureSpec:
             raise SecateursError(f"unknown --target '{self.target}': use {' or '.join(TARGETS)}")
         if not (self.damp > 0 and math.isfinite(self.damp)):
             raise SecateursError(f"--damp must be a positive number, got {self.damp}")
+
+    def require_work(self) -> None:
+        """Refuse a spec that removes nothing."""
+        if not (self.neurons or self.heads or self.blocks):
+            raise SecateursError(
+                "nothing to remove: give --neurons, --heads (shares such as 0.25), --blocks "
+                "(a count) or --params (a share of the parameters)"
+            )
 
 
 @dataclass
@@ -243,6 +246,7 @@ class StructurePruner:
         self._check()
 
     def _check(self) -> None:
+        self.spec.require_work()
         count = len(self.blocks)
         if self.spec.blocks >= count:
             raise SecateursError(
@@ -524,3 +528,39 @@ def _mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean over every token of the cosine between two hidden-state tensors."""
     flat_a, flat_b = a.reshape(-1, a.shape[-1]).float(), b.reshape(-1, b.shape[-1]).float()
     return float(nn.functional.cosine_similarity(flat_a, flat_b, dim=1).double().mean())
+
+
+def _block_parameters(block: nn.Module) -> int:
+    return sum(p.numel() for p in block.parameters())
+
+
+def neuron_share_for(model: nn.Module, fraction: float, spec: StructureSpec) -> float:
+    """The share of neurons to remove in every kept block so that, with the spec's heads and
+    blocks, ``fraction`` of the model's parameters go (uniform allocation)."""
+    if not 0.0 < fraction < 1.0:
+        raise SecateursError(f"--params must be a share in (0, 1), got {fraction}")
+    _, blocks = find_blocks(model)
+    total = sum(p.numel() for p in model.parameters())
+    first = blocks[0]
+    fixed = spec.blocks * _block_parameters(first)
+    kept = len(blocks) - spec.blocks
+    if spec.heads:
+        layout = head_layout(model.config)
+        removed = heads_to_remove(layout, spec.heads, spec.head_mode)
+        groups = removed // layout.per_group if head_mode(layout, spec.head_mode) == "group" else 0
+        hidden = weight_matrix(find_linears(first)[find_mlp(first).consumer]).shape[0]  # type: ignore[union-attr]
+        # a query head: its rows of q and its columns of o; a group adds its k and v rows
+        fixed += kept * 2 * layout.head_dim * hidden * (removed + groups)
+    mlp = find_mlp(first)
+    if mlp is None:
+        raise SecateursError("--params needs an MLP in every block to spend the budget on")
+    layers = find_linears(first)
+    mlp_params = sum(weight_matrix(layers[name]).numel() for name in mlp.names)
+    share = (fraction * total - fixed) / (kept * mlp_params)
+    if not 0.0 <= share < 1.0:
+        raise SecateursError(
+            f"--params {fraction} cannot be met by removing neurons"
+            + (" on top of the heads and blocks asked for" if fixed else "")
+            + f": it would need {share:.0%} of every MLP; choose a smaller budget"
+        )
+    return share

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from secateurs.config import check_dtype
@@ -22,7 +22,7 @@ from secateurs.core.model import (
 )
 from secateurs.core.profiling import measure
 from secateurs.core.stats import StatsRequest, token_classes
-from secateurs.core.structure import StructurePruner, StructureSpec
+from secateurs.core.structure import StructurePruner, StructureSpec, neuron_share_for
 from secateurs.data import text
 from secateurs.errors import SecateursError
 from secateurs.evaluate.perplexity import perplexity
@@ -42,6 +42,7 @@ class ShrinkJob:
 
     model: str = "smollm2-135m"
     structure: StructureSpec = field(default_factory=lambda: StructureSpec(neurons=0.25))
+    params: float | None = None
     score: str = "ziplm"
     depth_score: str = "angular"
     dataset: str = "wiki-sample"
@@ -65,7 +66,11 @@ class ShrinkJob:
     def check(self) -> None:
         """Every check that needs no weights: names, counts, paths, data."""
         spec = self.structure
-        if spec.neurons or spec.heads:
+        if self.params is None:
+            spec.require_work()
+        elif spec.neurons:
+            raise SecateursError("give --params or --neurons, not both: --params sets --neurons")
+        if spec.neurons or spec.heads or self.params is not None:
             unit_method(self.score, "width")
         if spec.blocks:
             unit_method(self.depth_score, "depth")
@@ -107,6 +112,10 @@ def run_shrink(job: ShrinkJob, log: Callable[[str], None] = print) -> dict[str, 
     model, _ = load_model(
         job.model, job.cache_dir, check_dtype(job.dtype), job.trust_remote_code, tokenizer
     )
+    if job.params is not None:
+        share = neuron_share_for(model, job.params, job.structure)
+        job = replace(job, structure=replace(job.structure, neurons=share))
+        log(f"budget       {job.params:.0%} of the parameters: {share:.1%} of every MLP's neurons")
     timings: dict[str, float] = {}
     result: dict[str, Any] = {
         "model": job.model,
