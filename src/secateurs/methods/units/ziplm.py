@@ -32,6 +32,33 @@ def _unit_errors(
     return (parts * solved).sum(dim=(1, 2))
 
 
+def _single_columns(work: torch.Tensor, inverse: torch.Tensor, remove: int) -> torch.Tensor:
+    """The greedy order for one-column units (neurons), with rank-one updates in place."""
+    scores = torch.empty(work.shape[1], dtype=torch.float64)
+    dead = torch.zeros(work.shape[1], dtype=torch.bool, device=work.device)
+    for step in range(remove):
+        errors = work.square().sum(dim=0) / inverse.diagonal()
+        errors[dead] = torch.inf
+        pick = int(torch.argmin(errors))
+        row = inverse[pick].clone() / inverse[pick, pick]
+        work.addr_(work[:, pick].clone(), row, alpha=-1.0)
+        inverse.addr_(inverse[:, pick].clone(), row, alpha=-1.0)
+        scores[pick] = step
+        dead[pick] = True
+    return _rank_rest(scores, dead.cpu(), work.square().sum(dim=0) / inverse.diagonal(), remove)
+
+
+def _rank_rest(
+    scores: torch.Tensor, dead: torch.Tensor, errors: torch.Tensor, remove: int
+) -> torch.Tensor:
+    """Units still alive score ``remove`` plus their OBS error scaled into [0, 1)."""
+    rest = (~dead).nonzero().squeeze(1)
+    if rest.numel():
+        left = errors.cpu()[rest].clamp_min(0)
+        scores[rest] = remove + left / (left.max() * 2 + 1e-30)
+    return scores
+
+
 def ziplm_units(
     weight: torch.Tensor, stats: ActivationStats, units: torch.Tensor, remove: int
 ) -> torch.Tensor:
@@ -42,6 +69,8 @@ def ziplm_units(
     gram = gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(gram))
     work = weight.double().clone()
+    if units.shape[1] == 1 and torch.equal(units.squeeze(1).cpu(), torch.arange(units.shape[0])):
+        return _single_columns(work, inverse, remove)
     scores = torch.empty(units.shape[0], dtype=torch.float64)
     alive = torch.ones(units.shape[0], dtype=torch.bool)
     for step in range(remove):
@@ -54,11 +83,10 @@ def ziplm_units(
         inverse -= inverse[:, cols] @ block_inverse @ inverse[cols, :]
         scores[pick] = step
         alive[pick] = False
-    rest = alive.nonzero().squeeze(1)
-    if rest.numel():
-        errors = _unit_errors(work, inverse, units[rest].to(work.device)).cpu()
-        scores[rest] = remove + errors / (errors.max() * 2 + 1e-30)
-    return scores
+    errors = torch.zeros(units.shape[0], dtype=torch.float64)
+    if alive.any():
+        errors[alive] = _unit_errors(work, inverse, units[alive].to(work.device)).cpu()
+    return _rank_rest(scores, ~alive, errors, remove)
 
 
 register_unit(
