@@ -27,11 +27,12 @@ from pathlib import Path
 
 import torch
 import transformers
-from _common import ROOT, bench_parser, bench_windows, result_header
+from _common import ROOT, bench_parser, result_header
 
 from secateurs.api import WandaPruner
-from secateurs.core.model import load_model, parameter_count
+from secateurs.core.model import load_config, load_model, load_tokenizer, parameter_count
 from secateurs.core.structure import StructurePruner, StructureSpec
+from secateurs.data import text
 from secateurs.data.prompts import text_batch
 from secateurs.evaluate.perplexity import perplexity
 from secateurs.evaluate.speed import measure_speed
@@ -40,6 +41,7 @@ from secateurs.formats.shrink import cut_structure, shrink_mlps
 from secateurs.io import atomic_write_text
 from secateurs.jobs.finetune import LoraOptions, finetune
 from secateurs.jobs.report import replace_marked_section
+from secateurs.jobs.session import load_eval_windows
 from secateurs.methods.units import unit_method
 
 # label: (kind, settings). kind "neuron" is today's masked-then-cut Wanda neuron pruning.
@@ -51,6 +53,8 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "shortgpt4": ("units", {"blocks": 4, "depth": "shortgpt", "compensation": "none"}),
     "shortgpt8": ("units", {"blocks": 8, "depth": "shortgpt", "compensation": "none"}),
     "shortgpt2": ("units", {"blocks": 2, "depth": "shortgpt", "compensation": "none"}),
+    "depth4": ("units", {"blocks": 4, "depth": "angular"}),
+    "depth2": ("units", {"blocks": 2, "depth": "angular"}),
     "wanda_ls25": ("units", {"neurons": 0.25, "score": "wanda"}),
     "flap_ls25": ("units", {"neurons": 0.25, "score": "flap"}),
     "ours25": ("units", {"neurons": 0.25, "score": "ziplm"}),
@@ -58,7 +62,18 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "flap_ls50": ("units", {"neurons": 0.5, "score": "flap"}),
     "ours_mix": ("units", {"neurons": 0.2, "heads": 0.34, "score": "ziplm"}),
     "ours_mix50": ("units", {"neurons": 0.4, "heads": 0.34, "score": "ziplm"}),
+    "ours25_gemma_heads": ("units", {"neurons": 0.2, "heads": 0.25, "score": "ziplm"}),
 }
+
+
+def windows_for(args, eval_limit: int | None, nsamples: int, seqlen: int):
+    """Calibration and test windows, each starting with BOS where the family needs it
+    (``--window_bos auto``, as `secateurs prune` and `shrink` do: Gemma)."""
+    config, tokenizer = load_config(args.model), load_tokenizer(args.model)
+    bos = text.window_bos_token("auto", config, tokenizer)
+    source = text.resolve_source(args.dataset)
+    calibration = text.calibration_windows(tokenizer, source, nsamples, seqlen, 0, bos)
+    return calibration, load_eval_windows(tokenizer, args.dataset, args.seqlen, eval_limit, bos)
 
 
 def speeds(model, repeats: int) -> dict:
@@ -109,7 +124,7 @@ def save_rows(path: Path, result: dict) -> None:
 
 def run_configs(args, result: dict, path: Path) -> None:
     dense, tokenizer = load_model(args.model)
-    windows, eval_windows = bench_windows(args, args.eval_limit)
+    windows, eval_windows = windows_for(args, args.eval_limit, args.nsamples, args.seqlen)
     plan = prepare_zero_shot("wiki-cloze", args.cloze_limit)
     if "dense" not in result["rows"] or args.redo_dense:
         row = quality(dense, tokenizer, eval_windows, plan)
@@ -142,28 +157,72 @@ def recover(args, result: dict, path: Path) -> None:
     dense, tokenizer = load_model(args.model)
     folder = Path(args.save_models) / label
     model, _ = load_model(str(folder), tokenizer=tokenizer)
-    source_args = copy.copy(args)
-    source_args.nsamples, source_args.seqlen = args.train_samples, args.train_seqlen
-    train_windows, eval_windows = bench_windows(source_args, None)
-    _, eval_windows = bench_windows(args, args.eval_limit)
+    train_windows, eval_windows = windows_for(
+        args, args.eval_limit, args.train_samples, args.train_seqlen
+    )
     batch = text_batch(train_windows)
-    options = LoraOptions(lr=args.lr, steps=2, batch_size=args.train_batch, train="full")
+    settings = {
+        "lr": args.lr,
+        "batch_size": args.train_batch,
+        "train": "full",
+        "lm_weight": args.lm_weight,
+    }
+    options = LoraOptions(steps=2, **settings)
     start = time.perf_counter()
     finetune(copy.deepcopy(model), batch, options, progress=False, teacher=dense)
     per_step = (time.perf_counter() - start) / 2
     steps = max(1, int(args.minutes * 60 / per_step) - 2)
-    options = LoraOptions(lr=args.lr, steps=steps, batch_size=args.train_batch, train="full")
+    options = LoraOptions(steps=steps, **settings)
     tuned, report = finetune(model, batch, options, progress=True, teacher=dense)
     plan = prepare_zero_shot("wiki-cloze", args.cloze_limit)
     row = quality(tuned, tokenizer, eval_windows, plan)
     row |= {
-        "finetune": report.to_dict() | {"lr": args.lr, "batch": args.train_batch},
+        "finetune": report.to_dict() | settings | {"minutes": args.minutes},
         "train_windows": f"{args.train_samples} x {args.train_seqlen}",
     }
     result["rows"][label].setdefault("recovered", {})
     result["rows"][label]["recovered"] = row
     save_rows(path, result)
     print(label, "recovered", json.dumps({k: row[k] for k in ("ppl", "cloze_acc")}), flush=True)
+
+
+RELOAD = """
+import json, math, sys
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+windows = load_file(sys.argv[2])["windows"]
+with torch.no_grad():
+    losses = [float(model(w[None], labels=w[None]).loss) for w in windows]
+assert "secateurs" not in sys.modules
+print(json.dumps({"ppl": math.exp(sum(losses) / len(losses))}))
+"""
+
+
+def reload_check(args, result: dict, path: Path) -> None:
+    """Each saved row loaded by plain transformers in a process without secateurs: its
+    perplexity on the same windows, beside the one secateurs measured."""
+    import sys
+    import tempfile
+
+    from _common import run_isolated
+    from safetensors.torch import save_file
+
+    _, eval_windows = windows_for(args, args.eval_limit, 1, args.seqlen)
+    with tempfile.TemporaryDirectory() as folder:
+        file = Path(folder) / "windows.safetensors"
+        save_file({"windows": eval_windows.contiguous()}, file)
+        for label in args.reload_check.split(","):
+            saved = Path(args.save_models) / label
+            out = run_isolated(
+                [sys.executable, "-c", RELOAD, str(saved), str(file)], ROOT / "benchmarks", label
+            )
+            ppl = json.loads(out.strip().splitlines()[-1])["ppl"]
+            result["rows"][label]["reloaded_ppl"] = ppl
+            print(label, "secateurs", result["rows"][label]["ppl"], "plain transformers", ppl)
+    save_rows(path, result)
 
 
 def speedup(row: dict, dtype: str, what: str) -> float:
@@ -271,11 +330,13 @@ def main() -> None:
     parser.add_argument("--save_models", default="/tmp/structure_models")
     parser.add_argument("--recover", default="")
     parser.add_argument("--minutes", type=float, default=12.0)
-    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lm_weight", type=float, default=1.0, help="label loss beside the KL")
     parser.add_argument("--train_batch", type=int, default=4)
     parser.add_argument("--train_samples", type=int, default=512)
     parser.add_argument("--train_seqlen", type=int, default=256)
     parser.add_argument("--report", action="store_true")
+    parser.add_argument("--reload_check", default="", help="saved rows to reload without secateurs")
     args = parser.parse_args()
     transformers.utils.logging.disable_progress_bar()
     path = Path(args.out.replace(".json", f"_{Path(args.model).name}.json"))
@@ -285,6 +346,8 @@ def main() -> None:
         run_configs(args, result, path)
     if args.recover:
         recover(args, result, path)
+    if args.reload_check:
+        reload_check(args, result, path)
     if args.report:
         report(args, result)
 
