@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -55,6 +56,7 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "shortgpt2": ("units", {"blocks": 2, "depth": "shortgpt", "compensation": "none"}),
     "depth4": ("units", {"blocks": 4, "depth": "angular"}),
     "depth2": ("units", {"blocks": 2, "depth": "angular"}),
+    "depth8": ("units", {"blocks": 8, "depth": "angular"}),
     "wanda_ls25": ("units", {"neurons": 0.25, "score": "wanda"}),
     "flap_ls25": ("units", {"neurons": 0.25, "score": "flap"}),
     "ours25": ("units", {"neurons": 0.25, "score": "ziplm"}),
@@ -225,9 +227,18 @@ def reload_check(args, result: dict, path: Path) -> None:
     save_rows(path, result)
 
 
-def speedup(row: dict, dtype: str, what: str) -> float:
+def _measured(row: dict, dtype: str, what: str) -> float:
     key = f"{what}_tokens_per_s"
     return row["speed"]["pruned"][dtype][key] / row["speed"]["dense"][dtype][key]
+
+
+def speedup(row: dict, dtype: str, what: str, rows: dict | None = None) -> float:
+    """The speed-up of ``row``'s shape: the median over every row of the same parameter count
+    (the same architecture runs at one speed; single timings on a shared machine scatter)."""
+    if rows is None:
+        return _measured(row, dtype, what)
+    same = [r for r in rows.values() if "speed" in r and r["parameters"] == row["parameters"]]
+    return statistics.median(_measured(r, dtype, what) for r in same)
 
 
 def table(result: dict) -> str:
@@ -240,13 +251,14 @@ def table(result: dict) -> str:
         f"| {dense['ppl']:.2f} | {dense['cloze_acc']:.3f} | | |",
     ]
     rows = [(k, v) for k, v in result["rows"].items() if k != "dense"]
-    rows.sort(key=lambda kv: speedup(kv[1], "float32", "prefill"))
+    everything = result["rows"]
+    rows.sort(key=lambda kv: (speedup(kv[1], "float32", "prefill", everything), kv[0]))
     for label, row in rows:
         rec = row.get("recovered") or {}
         after = f"{rec['ppl']:.2f}" if rec else ""
         cloze_after = f"{rec['cloze_acc']:.3f}" if rec else ""
         ratios = " | ".join(
-            f"{speedup(row, dtype, what):.2f}x"
+            f"{speedup(row, dtype, what, everything):.2f}x"
             for dtype in ("float32", "bfloat16")
             for what in ("prefill", "decode")
         )
@@ -282,18 +294,22 @@ def plot(result: dict, path: Path, model: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     dense = result["rows"]["dense"]
     ax.scatter([1.0], [dense["ppl"]], marker="*", s=120, color="black", label="dense")
+    ceiling = 12 * dense["ppl"]
     styles = {"baseline": "tab:red", "magnitude": "tab:gray", "shortgpt": "tab:orange"}
     for label, row in result["rows"].items():
         if label == "dense":
             continue
-        x = speedup(row, "float32", "decode")
+        x = speedup(row, "float32", "decode", result["rows"])
         color = next((c for k, c in styles.items() if label.startswith(k)), "tab:blue")
-        ax.scatter([x], [row["ppl"]], color=color)
-        ax.annotate(label, (x, row["ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        y = min(row["ppl"], ceiling)  # a wrecked row is drawn at the top edge, marked
+        name = label if y == row["ppl"] else f"{label} (ppl {row['ppl']:.3g}, off scale)"
+        ax.scatter([x], [y], color=color, marker="o" if y == row["ppl"] else "x")
+        ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         if row.get("recovered"):
             ax.scatter([x], [row["recovered"]["ppl"]], color=color, marker="^")
             ax.plot([x, x], [row["ppl"], row["recovered"]["ppl"]], color=color, lw=0.6, ls=":")
     ax.set_yscale("log")
+    ax.set_ylim(top=ceiling * 1.3)
     ax.set_xlabel("decode speed-up, fp32, batch 1 (dense = 1)")
     ax.set_ylabel("perplexity (log scale)")
     ax.set_title(f"{model}: structured pruning, one-shot (o) and after recovery (^)")
@@ -312,7 +328,8 @@ def report(args, result: dict) -> None:
         f"(seed 0); perplexity on the first {args.eval_limit} test windows of {args.seqlen}; "
         f"`wiki-cloze` accuracy on its first {args.cloze_limit} items; speed = tokens/s of "
         "the pruned model over the dense one timed back to back in the same run (prefill 1 x "
-        f"512, greedy decode of 128 tokens with a KV cache, median of {args.repeats}). "
+        f"512, greedy decode of 128 tokens with a KV cache, median of {args.repeats}), then the "
+        "median over the rows of the same shape (same parameter count: the same architecture). "
         f"Machine: {head.get('machine', '?')}; {head.get('date', '?')}.\n\n{table(result)}\n\n"
         f"![Pareto front](benchmarks/results/{png.name})"
     )
