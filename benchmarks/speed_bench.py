@@ -15,9 +15,6 @@ Writes benchmarks/results/speed_bench.json and its section of BENCHMARKS.md.
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 from _common import bench_parser, bench_windows, result_header, save_result
 from torch.profiler import ProfilerActivity, profile
@@ -32,16 +29,8 @@ from secateurs.core.model import (
 )
 from secateurs.core.stats import StatsRequest
 from secateurs.evaluate.perplexity import perplexity
+from secateurs.evaluate.speed import median_seconds
 from secateurs.jobs.report import replace_marked_section
-
-
-def median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def gemm_rate(m: int, k: int, n: int, dtype: torch.dtype, repeats: int) -> float:
@@ -50,7 +39,7 @@ def gemm_rate(m: int, k: int, n: int, dtype: torch.dtype, repeats: int) -> float
     b = torch.randn(k, n).to(dtype)
     out = torch.empty(m, n, dtype=dtype)
     torch.mm(a, b, out=out)
-    return 2 * m * k * n / median_seconds(lambda: torch.mm(a, b, out=out), repeats)
+    return 2 * m * k * n / median_seconds(lambda: torch.mm(a, b, out=out), repeats, warmup=0)
 
 
 def has_fast_bf16() -> bool:
@@ -108,13 +97,16 @@ def main() -> None:
     for size in (int(v) for v in args.batch_sizes.split(",")):
         inputs = capture_block_inputs(model, windows, torch.device("cpu"), size)
         plain = median_seconds(
-            lambda inputs=inputs, size=size: run_block(block, inputs, size, True), args.repeats
+            lambda inputs=inputs, size=size: run_block(block, inputs, size, True),
+            args.repeats,
+            warmup=0,
         )
         calibrate = median_seconds(
             lambda inputs=inputs, size=size: calibrate_block(
                 block, find_linears(block), inputs, size, StatsRequest(), None
             ),
             args.repeats,
+            warmup=0,
         )
         rows.append(
             {
@@ -133,7 +125,9 @@ def main() -> None:
 
     eval_s = (
         median_seconds(
-            lambda: perplexity(model, eval_windows, progress=False), max(1, args.repeats // 2)
+            lambda: perplexity(model, eval_windows, progress=False),
+            max(1, args.repeats // 2),
+            warmup=0,
         )
         / eval_windows.shape[0]
     )

@@ -33,8 +33,11 @@ class Speed:
         return dict(self.__dict__)
 
 
-def _median_seconds(action, repeats: int) -> float:
-    action()  # warm-up: allocator, kernels, lazy initialisation
+def median_seconds(action, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``repeats`` calls of ``action``, after ``warmup`` untimed ones
+    (allocator, kernels, lazy initialisation)."""
+    for _ in range(warmup):
+        action()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -72,8 +75,8 @@ def measure_speed(
         )
 
     with torch.inference_mode():
-        prefill_s = _median_seconds(prefill_once, repeats)
-        decode_s = _median_seconds(decode_once, repeats)
+        prefill_s = median_seconds(prefill_once, repeats)
+        decode_s = median_seconds(decode_once, repeats)
     return Speed(
         prefill / prefill_s,
         new_tokens / decode_s,
