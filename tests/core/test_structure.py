@@ -212,7 +212,7 @@ def test_same_inputs_give_the_same_plan_bit_for_bit():
 )
 def test_spec_errors_name_the_fix(spec, match):
     with pytest.raises(SecateursError, match=match):
-        StructureSpec(**spec)
+        StructureSpec(**spec).require_work()
 
 
 def test_pruner_refuses_what_the_model_cannot_do():
