@@ -39,6 +39,7 @@ from secateurs.core.stats import ActivationStats, StatsRequest
 from secateurs.core.units import (
     check_head_mode,
     choose_units,
+    complement,
     find_attention,
     find_mlp,
     head_columns,
@@ -298,8 +299,11 @@ class StructurePruner:
         return plan
 
     def _tracks_dense(self) -> bool:
-        """Whether the refits aim at the dense model's outputs (so a dense path is run)."""
-        return self.spec.target == "dense" and self.spec.compensation == "least_squares"
+        """Whether an MLP refit aims at the dense model's outputs (so a dense path is run:
+        only neuron refits and depth compensation read it)."""
+        spec = self.spec
+        aims = spec.target == "dense" and spec.compensation == "least_squares"
+        return aims and bool(spec.neurons or spec.blocks)
 
     def _compensates_depth(self) -> bool:
         """Removed blocks are made up for by refitting the MLP of the next kept block."""
@@ -413,9 +417,7 @@ class StructurePruner:
         weight = weight_matrix(consumer)
         dense = weight.clone()
         plain = dense.clone()
-        gone = torch.ones(dense.shape[1], dtype=torch.bool)
-        gone[keep] = False
-        plain[:, gone] = 0
+        plain[:, complement(keep, dense.shape[1])] = 0
         bias = getattr(consumer, "bias", None)
         old_bias = None if bias is None else bias.data.clone()
         new, mode = plain, self.spec.compensation
