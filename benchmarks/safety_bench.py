@@ -25,13 +25,13 @@ from _common import bench_parser, bench_windows, result_header, save_result
 
 from secateurs.api import MethodPruner, prune_set_difference
 from secateurs.core.model import iter_prunable, load_model, weight_matrix
+from secateurs.core.passes import gradient_magnitudes
 from secateurs.core.patterns import top_fraction
 from secateurs.data.prompts import encode_pairs, load_pairs, sample_pairs
 from secateurs.evaluate.attack import attack, attack_prompts
 from secateurs.evaluate.perplexity import check_sparsity, perplexity
 from secateurs.formats.scorefiles import dump_scores, load_scores, score_path
 from secateurs.jobs.report import replace_marked_section
-from secateurs.methods.gradients import gradient_magnitudes
 
 
 def measure(model, tokenizer, args, eval_windows, harmful, harmless) -> dict:

@@ -20,9 +20,9 @@ import torch
 from _common import bench_parser, result_header, save_result
 
 from secateurs.core.model import load_model
+from secateurs.core.passes import gradient_magnitudes, length_groups
 from secateurs.data.prompts import encode_pairs, load_pairs, sample_pairs
 from secateurs.jobs.report import replace_marked_section
-from secateurs.methods.gradients import gradient_magnitudes, length_groups
 
 
 def forward_per_sample(model, batch) -> None:

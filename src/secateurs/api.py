@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +33,6 @@ from secateurs.data import text as data
 from secateurs.data.prompts import PromptBatch, text_batch
 from secateurs.errors import SecateursError
 from secateurs.methods.allocation import allocate, check_allocation
-from secateurs.methods.gradients import gradient_magnitudes
 from secateurs.methods.recovery import WeightRedistributor
 from secateurs.methods.registry import Method, get_method
 
@@ -224,7 +223,9 @@ class MethodPruner(BasePruner):
     ``options`` are the method's own settings: an instance of its options class (such as
     :class:`secateurs.methods.selectivity.SelectivityOptions`), or a dict of flag values
     (``{"ria_alpha": 0.3}``; flags the method does not read are ignored), or None for the
-    defaults.
+    defaults. ``base``, the weights of the model this one was fine-tuned from by layer name
+    (:func:`secateurs.core.model.base_weights`), makes every score read ``W - W_base`` in
+    place of ``W`` (Wei et al.'s ``--use_diff``); the mask still zeroes ``W``.
     """
 
     def __init__(
@@ -232,6 +233,7 @@ class MethodPruner(BasePruner):
         model: nn.Module,
         method: str | Method = "wanda",
         options: Any = None,
+        base: Mapping[str, torch.Tensor] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(model, **kwargs)
@@ -245,7 +247,20 @@ class MethodPruner(BasePruner):
             raise TypeError(f"{self.method.name} takes {expected}, not {type(options).__name__}")
         self.options = options
         self.solver = self.method.bound_solver(options)
+        if base is not None and self.solver is not None:
+            raise SecateursError(
+                f"{self.method.name} chooses masks from its own solver, not from a score of the "
+                "weights; --use_diff needs a score method such as wanda, wanda_v2 or wandg"
+            )
+        self.base = base
         self._names = {id(layer): name for name, layer in iter_prunable(model)}
+
+    def scored_weight(self, layer: nn.Module, name: str) -> torch.Tensor:
+        """The weight the score reads: the layer's, or its change from the base model."""
+        weight = weight_matrix(layer)
+        if self.base is None:
+            return weight
+        return weight - self.base[name].to(weight.device, weight.dtype)
 
     def stats_request(self) -> StatsRequest:
         return self.method.request(self.options)
@@ -254,31 +269,36 @@ class MethodPruner(BasePruner):
         self, layer: nn.Module, activation_stats: ActivationStats | None
     ) -> torch.Tensor:
         name = self._names.get(id(layer), "")
-        return self.method.compute(weight_matrix(layer), activation_stats, self.options, name)
+        weight = self.scored_weight(layer, name)
+        return self.method.compute(weight, activation_stats, self.options, name)
 
     def scores(
         self, dataloader: Any = None, token_mask: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         """Raw scores of every prunable layer, keyed by full name; the model is left unchanged.
 
-        Gradient methods run their gradient pass; the others run the engine at ratio 0, so
-        each block is scored on the dense outputs of the blocks before it.
+        Methods with a whole-model pass (gradients, activation norms) run it; the others run
+        the engine at ratio 0, so each block is scored on the dense outputs of the blocks
+        before it.
         """
         prompt_batch = dataloader if isinstance(dataloader, PromptBatch) else None
         if prompt_batch is not None:
             dataloader, token_mask = prompt_batch.input_ids, prompt_batch.token_mask
         windows = as_windows(dataloader)
-        if self.method.gradients:
+        whole_model = self.method.whole_model
+        if whole_model is not None:
             if windows is None:
-                raise ValueError("a gradient method needs prompt/response data or text windows")
+                raise ValueError(
+                    f"{self.method.name} needs prompt/response data or text windows to score"
+                )
             batch = prompt_batch or (
                 text_batch(windows) if token_mask is None else _as_batch(windows, token_mask)
             )
-            gradients = gradient_magnitudes(
-                self.model, batch, self.device, self.progress, self.batch_size
-            )
+            stats = whole_model(self.model, batch, self.device, self.progress, self.batch_size)
             return {
-                name: self.method.compute(weight_matrix(layer), gradients[name], self.options, name)
+                name: self.method.compute(
+                    self.scored_weight(layer, name), stats[name], self.options, name
+                )
                 for name, layer in iter_prunable(self.model)
             }
         names = {id(layer): name for name, layer in iter_prunable(self.model)}
@@ -315,7 +335,7 @@ class MethodPruner(BasePruner):
         token_mask: torch.Tensor | None = None,
         negate: bool = False,
     ) -> PruneReport:
-        if not self.method.gradients:
+        if self.method.whole_model is None:
             return super().prune(
                 dataloader,
                 sparsity_ratio,

@@ -713,8 +713,8 @@ def methods_command() -> None:
             f"compares per {method.scope}",
             "calibrated" if method.calibrated else "no calibration",
         ]
-        if method.gradients:
-            notes.append("gradient pass over the whole model")
+        if method.whole_model is not None:
+            notes.append(f"scores from a whole-model pass ({method.whole_model.__name__})")
         if method.updates_weights:
             notes.append("updates surviving weights")
         if not method.streamable:

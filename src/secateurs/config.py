@@ -42,6 +42,8 @@ from secateurs.methods.selectivity import DEFAULT_IDF_FORM, IDF_FORMS
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 OFFLOAD_MODES = ("auto", "none", "disk")
 RECOVERIES = ("inverse_wanda", "least_squares")
+# The scores wandg_set_difference can take the difference of (methods with a whole-model pass).
+SET_DIFFERENCE_SCORES = ("wandg", "wanda_v2")
 # What `secateurs compare` runs without --methods.
 COMPARE_METHODS = ("wanda", "wanda_idf", "wanda_spiky", "wanda_select", "magnitude")
 # The command line's view of the flags, written by `make flags` (see flag_schema).
@@ -219,6 +221,18 @@ class SafetySpec:
     utility_data: str = setting(
         "utility", "wandg_set_difference: the utility prompt/response data."
     )
+    set_difference_score: str = setting(
+        "wandg",
+        "wandg_set_difference: the score of both sets, wandg (gradients) or wanda_v2 "
+        "(activation norms).",
+    )
+    use_diff: bool = setting(
+        False,
+        "Score what fine-tuning changed: |W - W_base| in place of |W| (needs --base_model).",
+    )
+    base_model: str | None = setting(
+        None, "--use_diff: the model --model was fine-tuned from (the same layers)."
+    )
     save: str | None = setting(None, "Folder for score files and attack responses.")
     dump_wanda_score: bool = setting(
         False, "Write the raw scores under --save and stop without pruning."
@@ -236,6 +250,14 @@ class SafetySpec:
     attack_limit: int | None = setting(None, "Attack only the first N held-out prompts.")
 
     def __post_init__(self) -> None:
+        _one_of(self.set_difference_score, SET_DIFFERENCE_SCORES, "set_difference_score")
+        if self.use_diff and not self.base_model and not self.load_wanda_score:
+            raise SecateursError(
+                "--use_diff scores |W - W_base|: name the model --model was fine-tuned from "
+                "with --base_model"
+            )
+        if self.base_model and not self.use_diff:
+            raise SecateursError("--base_model is read by --use_diff; add --use_diff")
         require_positive(self.attack_max_new_tokens, "attack_max_new_tokens")
         require_positive(self.attack_batch_size, "attack_batch_size")
         require_positive(self.attack_limit, "attack_limit")

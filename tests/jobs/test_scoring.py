@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from secateurs.api import MethodPruner, TablePruner
 from secateurs.config import RunConfig
-from secateurs.core.model import iter_prunable, weight_matrix
+from secateurs.core.model import base_weights, iter_prunable, weight_matrix
 from secateurs.core.stats import ActivationStats
 from secateurs.data.prompts import encode_pairs, load_pairs
 from secateurs.jobs.scoring import score_files
@@ -298,3 +298,89 @@ def test_score_files_follow_the_data_each_method_scores_on(method, prune_data, e
     )
     files = score_files(cfg, get_method(method))
     assert {role: path.stem for role, path in files.items()} == expected
+
+
+def test_seed_commands_run_with_wanda_v2(chat_model_dir, pairs_files, tmp_path):
+    """Seed 004's workflow with wanda_v2: dump, then load with --neg_prune and the attack."""
+    safety, _ = pairs_files
+    save = tmp_path / "run"
+    common = ("--prune_method", "wanda_v2", "--prune_data", safety, "--sparsity_ratio", "0.01")
+    dumped = _prune(chat_model_dir, *common, "--save", save, "--dump_wanda_score")
+    assert dumped.exit_code == 0, dumped.output
+    assert (save / "wanda_score" / "wanda_v2-safety.safetensors").is_file()
+    loaded = _prune(
+        chat_model_dir, *common, "--save", save, "--load_wanda_score", "--neg_prune",
+        "--eval_attack", "--save_attack_res", "--attack_limit", "2",
+        "--attack_max_new_tokens", "3", "--save_model", tmp_path / "loaded",
+    )  # fmt: skip
+    assert loaded.exit_code == 0, loaded.output
+    assert (save / "attack" / "wanda_v2-responses.jsonl").is_file()
+    direct = _prune(chat_model_dir, *common, "--neg_prune", "--save_model", tmp_path / "direct")
+    assert direct.exit_code == 0, direct.output
+    a, b = _zeros(tmp_path / "loaded"), _zeros(tmp_path / "direct")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    # --neg_prune removed the highest scores: recompute them and compare
+    batch = encode_pairs(chat_tokenizer(), load_pairs(str(safety)), 32)
+    model = AutoModelForCausalLM.from_pretrained(chat_model_dir)
+    table = MethodPruner(model, "wanda_v2", progress=False).scores(batch)
+    for name, score in table.items():
+        top = score.topk(int(score.shape[1] * 0.01), dim=1).indices
+        assert bool(a[name].gather(1, top).all()) if top.numel() else True
+
+
+def test_set_difference_takes_wanda_v2_scores(chat_model_dir, pairs_files, tmp_path):
+    safety, utility = pairs_files
+    save = tmp_path / "run"
+    for data in (safety, utility):
+        out = _prune(
+            chat_model_dir, "--prune_method", "wanda_v2", "--prune_data", data, "--save", save,
+            "--dump_wanda_score",
+        )  # fmt: skip
+        assert out.exit_code == 0, out.output
+    args = (
+        "--prune_method", "wandg_set_difference", "--set_difference_score", "wanda_v2",
+        "--prune_data", safety, "--utility_data", utility, "--p", "0.1", "--q", "0.1",
+    )  # fmt: skip
+    loaded = _prune(chat_model_dir, *args, "--save", save, "--load_wanda_score", "--save_json",
+                    tmp_path / "l.json")  # fmt: skip
+    direct = _prune(chat_model_dir, *args, "--save_json", tmp_path / "d.json")
+    assert loaded.exit_code == 0 and direct.exit_code == 0, loaded.output + direct.output
+    first = json.loads((tmp_path / "l.json").read_text())["sparsity"]
+    second = json.loads((tmp_path / "d.json").read_text())["sparsity"]
+    assert first["layers"] == second["layers"] and 0 < first["overall"] <= 0.1
+    bad = _prune(chat_model_dir, *args[:2], "--set_difference_score", "wanda")
+    assert bad.exit_code == 2 and "--set_difference_score must be one of" in bad.output
+
+
+def test_use_diff_from_the_command_line(chat_model_dir, pairs_files, tmp_path):
+    safety, _ = pairs_files
+    base = tmp_path / "base"
+    make_model("llama", seed=1).save_pretrained(base)
+    args = ("--prune_method", "wanda_v2", "--prune_data", safety, "--sparsity_ratio", "0.2")
+    run = _prune(chat_model_dir, *args, "--use_diff", "--base_model", base, "--save_model",
+                 tmp_path / "m", "--save", tmp_path / "s")  # fmt: skip
+    assert run.exit_code == 0, run.output
+    tuned = AutoModelForCausalLM.from_pretrained(chat_model_dir)
+    reference = base_weights(tuned, AutoModelForCausalLM.from_pretrained(base), "base")
+    batch = encode_pairs(chat_tokenizer(), load_pairs(str(safety)), 32)
+    table = MethodPruner(tuned, "wanda_v2", progress=False, base=reference).scores(batch)
+    TablePruner(tuned, table, progress=False).prune(None, 0.2)
+    got = _zeros(tmp_path / "m")
+    assert all(torch.equal(weight_matrix(m) == 0, got[n]) for n, m in iter_prunable(tuned))
+    for method in ("wanda", "wandg"):
+        out = _prune(chat_model_dir, "--prune_method", method, "--prune_data", safety,
+                     "--use_diff", "--base_model", base)  # fmt: skip
+        assert out.exit_code == 0, out.output
+    itself = _prune(chat_model_dir, *args, "--use_diff", "--base_model", chat_model_dir,
+                    "--save_model", tmp_path / "x")  # fmt: skip
+    assert itself.exit_code == 2 and "every --use_diff score would be zero" in itself.output
+    assert not (tmp_path / "x").exists()
+    other = tmp_path / "other"
+    make_model("qwen2").save_pretrained(other)
+    differs = _prune(chat_model_dir, *args, "--use_diff", "--base_model", other)
+    assert differs.exit_code == 2 and "--use_diff needs the model --model was" in differs.output
+    alone = _prune(chat_model_dir, *args, "--use_diff")
+    assert alone.exit_code == 2 and "--base_model" in alone.output
+    solver = _prune(chat_model_dir, "--prune_method", "sparsegpt", "--use_diff", "--base_model",
+                    base)  # fmt: skip
+    assert solver.exit_code == 2 and "take of a weight change" in solver.output

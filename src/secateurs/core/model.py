@@ -479,3 +479,31 @@ def block_output(output: Any) -> torch.Tensor:
 
 def model_size_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def base_weights(model: nn.Module, base: nn.Module, base_name: str) -> dict[str, torch.Tensor]:
+    """The weight of each of ``model``'s prunable layers in ``base`` (the model it was
+    fine-tuned from), by full name; a clear error where the two models' layers differ, or
+    where no weight differs at all (every score of the change would be zero)."""
+    layers = dict(iter_prunable(model))
+    others = {name: weight_matrix(layer).detach() for name, layer in iter_prunable(base)}
+    missing = sorted(set(layers) - set(others))
+    shapes = [
+        name
+        for name, layer in layers.items()
+        if name in others and others[name].shape != weight_matrix(layer).shape
+    ]
+    if missing or shapes or len(others) != len(layers):
+        where = missing[:1] or shapes[:1] or sorted(set(others) - set(layers))[:1]
+        raise SecateursError(
+            f"--base_model {base_name} does not have this model's linear layers (first "
+            f"difference: {where[0] if where else 'their count'}); --use_diff needs the model "
+            "--model was fine-tuned from, with the same architecture and sizes"
+        )
+    if all(torch.equal(weight_matrix(layer), others[name]) for name, layer in layers.items()):
+        raise SecateursError(
+            f"--base_model {base_name} has the same weights as --model in every prunable "
+            "layer: every --use_diff score would be zero and the masks arbitrary; give the "
+            "model --model was fine-tuned from"
+        )
+    return others

@@ -105,7 +105,7 @@ def needs_calibration(cfg: RunConfig, method: Method) -> bool:
         method.calibrated
         or cfg.recovery.use_recovery
         or cfg.sparsity.sparsity_allocation == "owl"
-        or method.gradients
+        or method.whole_model is not None
     )
 
 
@@ -172,7 +172,9 @@ def zero_shot_planned(cfg: RunConfig) -> ZeroShotPlan | None:
 def _whole_model_reason(cfg: RunConfig, method: Method, pattern: SparsityPattern) -> str | None:
     """Why this run cannot stream its blocks, or None if it can."""
     if not method.streamable:
-        return f"{method.name} backpropagates through the whole model"
+        return f"{method.name} scores from a pass over the whole model"
+    if cfg.safety.use_diff:
+        return "--use_diff holds the base model's weights beside the model's"
     if cfg.safety.dump_wanda_score or cfg.safety.load_wanda_score:
         return "score files are read and written for the whole model at once"
     if cfg.safety.eval_attack:

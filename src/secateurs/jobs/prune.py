@@ -40,7 +40,7 @@ def run_dump(plan: Plan, model, prepared: Prepared, log) -> dict[str, Any]:
     """``--dump_wanda_score``: write the raw scores under ``--save`` and stop without pruning."""
     start = time.perf_counter()
     cfg, method = plan.config, plan.method
-    path = dump_run(model, cfg, method, prepared.calibration, prepared.seqlen, plan.device)
+    path = dump_run(model, cfg, method, prepared.calibration, prepared.seqlen, plan.device, log)
     log(f"wrote the raw {method.name} scores to {path}; nothing was pruned")
     return {
         "config": config_record(plan, prepared) | {"sparsity_ratio": cfg.sparsity.sparsity_ratio},

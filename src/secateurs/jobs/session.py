@@ -22,6 +22,7 @@ from secateurs.evaluate.zeroshot import METRICS, ZeroShotPlan, evaluate_zero_sho
 from secateurs.jobs.plan import Plan, make_redistributor, needs_calibration
 from secateurs.jobs.scoring import (
     configured_pruner,
+    load_base_weights,
     prompt_batch,
     prune_from_table,
     scoring_data,
@@ -160,6 +161,7 @@ def prune_loaded(
         redistributor=make_redistributor(cfg),
         store=store,
         parallel=parallel,
+        base=load_base_weights(cfg, model, log),
     )
     spec = cfg.sparsity
     with measure(device) as memory:

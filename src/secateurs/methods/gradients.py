@@ -1,149 +1,15 @@
-"""The gradient scoring pass behind ``wandg``: ``sum over samples of |dL/dW|`` for every layer.
+"""``wandg`` (Wei et al., ICML 2024, "Assessing the Brittleness of Safety Alignment via Pruning
+and Low-Rank Modifications"): ``|W| * sum over samples of |dL/dW|``, and its set difference.
 
-Unlike activation statistics this needs the whole model's loss, so it is a separate pass
-(one forward and one backward per batch of samples, all layers at once) whose result feeds the
-same mask and pruning code as every other method.
-
-The absolute value is taken per sample before summing, as the reference implementation of
-Wei et al. (2024) does (it runs one sample per backward and adds ``weight.grad.abs()``), so
-gradients of opposite sign on different samples do not cancel.
-
-How, and why this way: no weight requires grad, so autograd forms only activation gradients
-and never a weight's ``.grad`` (no optimizer state, no model-sized gradient). Each prunable
-layer's input is kept from the forward pass, and a hook on its output's gradient forms every
-sample's weight gradient ``G_s^T X_s`` in turn, in one reused buffer of the weight's size that
-stays in cache while its absolute value is added into the layer's fp32 accumulator. Samples
-are batched (similar lengths together) and the loss is the sum of the samples' own mean
-losses, so each sample's gradient is exactly its own; padding sits after a sample's tokens
-and, the models being causal, receives no gradient and changes nothing before it. The output
-head computes logits only at the positions whose next token counts.
+The gradient pass itself is :func:`secateurs.core.passes.gradient_magnitudes`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
-import torch.nn.functional as F
-from torch import nn
-from tqdm.auto import tqdm
 
-from secateurs.core.model import iter_prunable, per_window, weight_matrix
-from secateurs.data.prompts import PromptBatch
+from secateurs.core.passes import gradient_magnitudes
 from secateurs.methods.registry import Method, register
-
-
-class _PerSampleAbsGrad:
-    """Hooks that add ``|G_s^T X_s|`` of every sample into each layer's accumulator."""
-
-    def __init__(self, layers: dict[str, nn.Module], device: torch.device) -> None:
-        self.sums = {
-            name: torch.zeros(weight_matrix(layer).shape, dtype=torch.float32, device=device)
-            for name, layer in layers.items()
-        }
-        self.buffers: dict[tuple[int, int], torch.Tensor] = {}
-        self.lengths: list[int] = []
-        self.handles = [
-            layer.register_forward_hook(self._forward_hook(name)) for name, layer in layers.items()
-        ]
-
-    def _forward_hook(self, name: str):
-        def hook(_module, args, output):
-            if isinstance(output, torch.Tensor) and output.requires_grad:
-                inputs = args[0].detach()
-                output.register_hook(lambda grad: self._accumulate(name, inputs, grad))
-
-        return hook
-
-    def _accumulate(self, name: str, inputs: torch.Tensor, grad: torch.Tensor) -> None:
-        total = self.sums[name]
-        buffer = self.buffers.get(total.shape)
-        if buffer is None:
-            buffer = self.buffers[total.shape] = torch.empty_like(total)
-        inputs = per_window(inputs, len(self.lengths))
-        grad = per_window(grad, len(self.lengths))
-        for row, length in enumerate(self.lengths):
-            g = grad[row, :length].float()
-            x = inputs[row, :length].float()
-            torch.mm(g.t(), x, out=buffer)
-            total.add_(buffer.abs_())
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
-def length_groups(batch: PromptBatch, batch_size: int) -> Iterator[list[int]]:
-    """Rows with counted targets, longest first, in groups of ``batch_size``."""
-    labels = batch.labels()
-    rows = [
-        row
-        for row in range(batch.input_ids.shape[0])
-        if bool((labels[row, 1 : int(batch.lengths[row])] != -100).any())
-    ]
-    rows.sort(key=lambda row: -int(batch.lengths[row]))
-    for start in range(0, len(rows), batch_size):
-        yield rows[start : start + batch_size]
-
-
-def _summed_sample_losses(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor):
-    """Sum over rows of each row's mean next-token loss over the targets its labels count."""
-    targets = labels[:, 1:]
-    keep = torch.nonzero((targets != -100).any(dim=0)).squeeze(1)
-    logits = model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
-    if logits.shape[1] != keep.numel():  # a model that ignores logits_to_keep
-        logits = logits[:, keep]
-    picked = targets[:, keep]
-    nll = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]),
-        picked.reshape(-1),
-        ignore_index=-100,
-        reduction="none",
-    ).view(picked.shape)
-    return (nll.sum(dim=1) / (picked != -100).sum(dim=1)).sum()
-
-
-def gradient_magnitudes(
-    model: nn.Module,
-    batch: PromptBatch,
-    device: torch.device | str = "cpu",
-    progress: bool = True,
-    batch_size: int = 8,
-) -> dict[str, torch.Tensor]:
-    """``sum_s |dL_s/dW|`` per prunable layer, keyed by full name, shaped (out, in), fp32.
-
-    ``L_s`` is sample ``s``'s mean next-token loss over the tokens its mask counts;
-    ``batch_size`` samples share one forward and one backward pass.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    device = torch.device(device)
-    layers = dict(iter_prunable(model))
-    home = next(model.parameters()).device
-    trainable = {param: param.requires_grad for param in model.parameters()}
-    labels = batch.labels()
-    model.requires_grad_(False)
-    model.to(device)
-    recorder = _PerSampleAbsGrad(layers, device)
-    # gradients must flow from the embeddings on, though no weight requires them
-    start = model.get_input_embeddings().register_forward_hook(
-        lambda _module, _args, output: output.requires_grad_(True)
-    )
-    try:
-        groups = list(length_groups(batch, batch_size))
-        for rows in tqdm(groups, desc="gradients", disable=not progress):
-            recorder.lengths = [int(batch.lengths[row]) for row in rows]
-            width = recorder.lengths[0]
-            ids = batch.input_ids[rows, :width].to(device)
-            target = labels[rows, :width].to(device)
-            _summed_sample_losses(model, ids, target).backward()
-    finally:
-        start.remove()
-        recorder.remove()
-        for param, flag in trainable.items():
-            param.requires_grad_(flag)
-        model.to(home)
-    return {name: total.contiguous() for name, total in recorder.sums.items()}
 
 
 def wandg_score(weight: torch.Tensor, gradient: torch.Tensor | None) -> torch.Tensor:
@@ -162,7 +28,7 @@ register(
         "|W| * sum of |dL/dW| over samples (needs the LM loss; use --prune_data)",
         wandg_score,
         calibrated=False,
-        gradients=True,
+        whole_model=gradient_magnitudes,
         streamable=False,
     )
 )
@@ -173,7 +39,7 @@ register(
         wandg_score,
         scope="layer",
         calibrated=False,
-        gradients=True,
+        whole_model=gradient_magnitudes,
         set_difference=True,
         streamable=False,
     )

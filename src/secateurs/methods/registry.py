@@ -23,6 +23,8 @@ from secateurs.core.stats import ActivationStats, StatsRequest
 from secateurs.errors import SecateursError
 
 ScoreFn = Callable[..., torch.Tensor]
+# model, PromptBatch, device, progress, batch_size -> per-layer statistics keyed by full name
+WholeModelPass = Callable[..., dict[str, torch.Tensor]]
 # Pattern kinds, as SparsityPattern.kind names them.
 ALL_PATTERNS = frozenset({"unstructured", "nm", "variant", "neuron"})
 
@@ -40,8 +42,12 @@ class Method:
     reads. A ``solver`` chooses each layer's mask and updates its survivors itself (SparseGPT);
     it takes ``options`` as a keyword.
 
-    The capabilities: ``calibrated`` (needs calibration activations), ``gradients`` (scores
-    from a whole-model gradient pass, then prunes from that table), ``set_difference`` (two score
+    ``whole_model`` is a pass over the whole unpruned model (:mod:`secateurs.core.passes`:
+    gradients, activation norms) whose per-layer result the score reads in place of the
+    block engine's statistics; such a method scores every layer first, then prunes from that
+    table.
+
+    The capabilities: ``calibrated`` (needs calibration activations), ``set_difference`` (two score
     tables, safety minus utility), ``streamable`` (works block by block on a model streamed from
     disk), ``serial_only`` (why a data-parallel run would not give the same masks; empty where it
     does), ``patterns`` (the pattern kinds it prunes, as :attr:`SparsityPattern.kind` names
@@ -56,7 +62,7 @@ class Method:
     statistics: Callable[[Any], StatsRequest] | None = None
     solver: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
     calibrated: bool = True
-    gradients: bool = False
+    whole_model: WholeModelPass | None = None
     set_difference: bool = False
     streamable: bool = True
     serial_only: str = ""
@@ -80,7 +86,7 @@ class Method:
     @property
     def reads_score_table(self) -> bool:
         """The method scores the whole model first and prunes from that table."""
-        return self.gradients or self.set_difference
+        return self.whole_model is not None or self.set_difference
 
     def make_options(self, values: dict[str, Any] | None = None) -> Any:
         """The method's options from flag values (defaults for flags not given), or None."""

@@ -4,8 +4,8 @@ from conftest import make_model
 
 from secateurs.api import MethodPruner
 from secateurs.core.model import is_conv1d, iter_prunable, weight_matrix
+from secateurs.core.passes import activation_means, gradient_magnitudes
 from secateurs.data.prompts import PromptBatch
-from secateurs.methods.gradients import gradient_magnitudes
 
 
 def _batch(seed: int = 0) -> PromptBatch:
@@ -119,3 +119,56 @@ def test_rows_without_counted_targets_are_skipped():
 def test_bad_batch_size():
     with pytest.raises(ValueError, match="batch_size"):
         gradient_magnitudes(make_model("llama"), _batch(), progress=False, batch_size=0)
+
+
+def _direct_means(model, batch: PromptBatch) -> dict[str, torch.Tensor]:
+    """The definition: each sample alone, every layer's inputs at the counted tokens."""
+    layers = dict(iter_prunable(model))
+    rows: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    handles = []
+    for name, layer in layers.items():
+
+        def hook(_m, args, _o, name=name):
+            rows[name].append(args[0][0])
+
+        handles.append(layer.register_forward_hook(hook))
+    counted = []
+    with torch.no_grad():
+        for row in range(batch.input_ids.shape[0]):
+            length = int(batch.lengths[row])
+            model(input_ids=batch.input_ids[row : row + 1, :length])
+            counted.append(batch.token_mask[row, :length])
+    for handle in handles:
+        handle.remove()
+    return {
+        name: torch.cat([x[m] for x, m in zip(seen, counted, strict=True)]).square().mean(dim=0)
+        for name, seen in rows.items()
+    }
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_activation_means_match_the_definition(arch, batch_size):
+    model = make_model(arch)
+    batch = _batch()
+    expected = _direct_means(make_model(arch), batch)
+    got = activation_means(model, batch, progress=False, batch_size=batch_size)
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        assert got[name].shape == (weight_matrix(dict(iter_prunable(model))[name]).shape[1],)
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-7)
+
+
+def test_activation_means_skip_uncounted_rows_and_refuse_an_empty_mask():
+    batch = _batch()
+    mask = batch.token_mask.clone()
+    mask[1] = False
+    trimmed = PromptBatch(batch.input_ids, mask, batch.lengths)
+    rows = [0, 2, 3]
+    only = PromptBatch(batch.input_ids[rows], batch.token_mask[rows], batch.lengths[rows])
+    got = activation_means(make_model("llama"), trimmed, progress=False)
+    expected = activation_means(make_model("llama"), only, progress=False)
+    assert all(torch.equal(got[n], expected[n]) for n in got)
+    empty = PromptBatch(batch.input_ids, torch.zeros_like(mask), batch.lengths)
+    with pytest.raises(ValueError, match="no counted token"):
+        activation_means(make_model("llama"), empty, progress=False)
