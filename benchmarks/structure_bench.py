@@ -169,12 +169,8 @@ def recover(args, result: dict, path: Path) -> None:
         "train": "full",
         "lm_weight": args.lm_weight,
     }
-    options = LoraOptions(steps=2, **settings)
-    start = time.perf_counter()
-    finetune(copy.deepcopy(model), batch, options, progress=False, teacher=dense)
-    per_step = (time.perf_counter() - start) / 2
-    steps = max(1, int(args.minutes * 60 / per_step) - 2)
-    options = LoraOptions(steps=steps, **settings)
+    # the clock bounds the training, not a step count guessed from the first steps
+    options = LoraOptions(steps=1_000_000, minutes=args.minutes, **settings)
     tuned, report = finetune(model, batch, options, progress=True, teacher=dense)
     plan = prepare_zero_shot("wiki-cloze", args.cloze_limit)
     row = quality(tuned, tokenizer, eval_windows, plan)

@@ -817,7 +817,11 @@ def finetune(
         int, _flag("nsamples", "Samples (pairs or windows) per data source.")
     ] = 128,
     seqlen: Annotated[int, _flag("seqlen", "Tokens per sample (longer ones are cut).")] = 256,
-    steps: Annotated[int, _flag("steps", "Optimiser steps.")] = 100,
+    steps: Annotated[int, _flag("steps", "Optimiser steps (at most, with --minutes).")] = 100,
+    minutes: Annotated[
+        float | None,
+        _flag("minutes", "Stop training after this many minutes (the step under way ends)."),
+    ] = None,
     batch_size: Annotated[int, _flag("batch_size", "Samples per step.")] = 8,
     lr: Annotated[float, _flag("lr", "AdamW learning rate of the LoRA weights.")] = 2e-4,
     rank: Annotated[int, _flag("rank", "LoRA rank.")] = 8,
@@ -890,6 +894,7 @@ def finetune(
             kd_weight,
             lm_weight,
             temperature,
+            minutes,
         )
         names = _split(data) if data else []
         for name in names:

@@ -176,3 +176,16 @@ def test_finetune_options_check_the_distillation_settings():
         LoraOptions(temperature=0.0)
     with pytest.raises(SecateursError, match="--kd_weight"):
         LoraOptions(kd_weight=-1.0)
+    with pytest.raises(SecateursError, match="--minutes"):
+        LoraOptions(minutes=0.0)
+
+
+def test_minutes_bound_the_training_time():
+    """A budget already spent after the first step stops there; steps still bound it."""
+    batch = text_batch(make_windows(4, 12))
+    timed = LoraOptions(lr=1e-3, steps=50, batch_size=2, train="full", minutes=1e-9)
+    _, report = finetune(make_model("llama"), batch, timed, progress=False)
+    assert report.steps == 1
+    counted = LoraOptions(lr=1e-3, steps=3, batch_size=2, train="full", minutes=60.0)
+    _, report = finetune(make_model("llama"), batch, counted, progress=False)
+    assert report.steps == 3

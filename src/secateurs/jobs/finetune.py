@@ -37,7 +37,8 @@ class LoraOptions:
 
     ``teacher`` (a model with the same vocabulary) turns on distillation: the loss is
     ``kd_weight`` times the temperature-scaled KL to the teacher plus ``lm_weight`` times the
-    label loss.
+    label loss. ``minutes`` bounds the training time: it stops after the step that passes it,
+    or after ``steps``, whichever comes first.
     """
 
     rank: int = 8
@@ -50,8 +51,11 @@ class LoraOptions:
     kd_weight: float = 1.0
     lm_weight: float = 0.0
     temperature: float = 1.0
+    minutes: float | None = None
 
     def __post_init__(self) -> None:
+        if self.minutes is not None and not (self.minutes > 0 and math.isfinite(self.minutes)):
+            raise SecateursError(f"--minutes must be a positive number, got {self.minutes}")
         if self.train not in TRAINED:
             raise SecateursError(f"--train must be lora or full, got '{self.train}'")
         for flag, weight in (("--kd_weight", self.kd_weight), ("--lm_weight", self.lm_weight)):
@@ -185,7 +189,10 @@ def finetune(
     count = batch.input_ids.shape[0]
     losses: list[float] = []
     start = time.perf_counter()
+    deadline = None if options.minutes is None else start + 60 * options.minutes
     for _ in tqdm(range(options.steps), desc="fine-tuning", disable=not progress):
+        if deadline is not None and losses and time.perf_counter() >= deadline:
+            break
         rows = torch.randperm(count, generator=generator)[: options.batch_size]
         ids, labels = _minibatch(batch, rows)
         ids, labels = ids.to(device), labels.to(device)
@@ -211,7 +218,7 @@ def finetune(
     report = FinetuneReport(
         first_loss=sum(losses[:window]) / window,
         last_loss=sum(losses[-window:]) / window,
-        steps=options.steps,
+        steps=len(losses),
         seconds=time.perf_counter() - start,
         kept_zeros=kept,
     )
