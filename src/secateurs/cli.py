@@ -942,6 +942,81 @@ def finetune(
 
 
 @app.command()
+def lowrank(
+    model: ModelOpt = _DEFAULTS["model"],
+    safety_data: Annotated[
+        str, _flag("safety_data", "Prompt/response data whose ranks are removed (align, file).")
+    ] = "align",
+    utility_data: Annotated[
+        str, _flag("utility_data", "Prompt/response data whose ranks are kept (utility, file).")
+    ] = "utility",
+    utility_ranks: Annotated[
+        float,
+        _flag(
+            "utility_ranks",
+            "Share of each layer's rank kept for utility: its top output directions on "
+            "--utility_data (the reference's total - rank_pos). 0: remove safety's alone.",
+        ),
+    ] = 0.75,
+    safety_ranks: Annotated[
+        float,
+        _flag(
+            "safety_ranks",
+            "Share of each layer's rank considered for safety: its top output directions on "
+            "--safety_data (the reference's total - rank_neg).",
+        ),
+    ] = 0.75,
+    nsamples: Annotated[int, _flag("nsamples", "Pairs drawn from each data set.")] = 128,
+    seqlen: Annotated[int, _flag("seqlen", "Tokens per pair (longer ones are cut).")] = 256,
+    entangle_prompt_feat: Annotated[
+        bool, _flag("entangle_prompt_feat", "Count prompt tokens too, not only responses.")
+    ] = False,
+    dataset: DatasetOpt = _DEFAULTS["dataset"],
+    eval_limit: LimitOpt = None,
+    eval_attack: Annotated[
+        bool, _flag("eval_attack", "ASR on the held-out half of align after the edit.")
+    ] = False,
+    attack_limit: Annotated[
+        int | None, _flag("attack_limit", "Attack only the first N held-out prompts.")
+    ] = None,
+    attack_max_new_tokens: Annotated[
+        int, _flag("attack_max_new_tokens", "Tokens generated per attack prompt.")
+    ] = 64,
+    save_model: Annotated[str | None, _flag("save_model", "Write the edited model here.")] = None,
+    save_json: Annotated[str | None, _flag("save_json", "Write the result as JSON.")] = None,
+    batch_size: Annotated[int, _flag("batch_size", "Pairs per forward pass.")] = 8,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    cache_dir: CacheOpt = None,
+    trust_remote_code: RemoteOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Low-rank attribution (ActSVD, Wei et al. ICML 2024): remove from every linear layer the
+    output directions safety data needs and utility data does not.
+
+    Each layer's weight W becomes W - (I - P_u) P_s W, where P_u projects on the top
+    --utility_ranks of the directions of W's outputs on --utility_data and P_s on the top
+    --safety_ranks on --safety_data; blocks go in order, each seeing the edits before it.
+    Reports the ranks removed per layer and in all, perplexity before and after, and ASR.
+    """
+
+    def action() -> None:
+        from secateurs.jobs.lowrank import LowRankJob, run_lowrank
+
+        job = LowRankJob(
+            model, safety_data, utility_data, utility_ranks, safety_ranks, nsamples, seqlen,
+            seed, entangle_prompt_feat, dataset, eval_limit, eval_attack, attack_limit,
+            attack_max_new_tokens, save_model, save_json, device, dtype, batch_size, cache_dir,
+            trust_remote_code, not quiet,
+        )  # fmt: skip
+        run_lowrank(job, typer.echo)
+
+    _guarded(action, quiet, debug)
+
+
+@app.command()
 def convert(
     model: ModelOpt = ...,
     save_model: Annotated[str, _flag("save_model", "Write the converted folder here.")] = ...,
