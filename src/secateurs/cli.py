@@ -747,6 +747,15 @@ def attack_command(
     limit: Annotated[int | None, _flag("limit", "Only the first N prompts.")] = None,
     max_new_tokens: Annotated[int, _flag("max_new_tokens", "Tokens generated per prompt.")] = 64,
     batch_size: Annotated[int, _flag("batch_size", "Prompts per generation batch.")] = 8,
+    samples: Annotated[
+        int,
+        _flag(
+            "samples",
+            "Also N sampled answers per prompt without a system prompt (the paper uses 5); "
+            "a prompt counts as answered if any is.",
+        ),
+    ] = 0,
+    seed: SeedOpt = 0,
     out: Annotated[str | None, _flag("out", "Write every response and verdict as JSONL.")] = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
@@ -769,6 +778,8 @@ def attack_command(
                 raise SecateursError(f"{flag} must be at least 1, got {value}")
         if batch_size <= 0:
             raise SecateursError(f"--batch_size must be at least 1, got {batch_size}")
+        if samples < 0:
+            raise SecateursError(f"--samples must be 0 or more, got {samples}")
         torch_dtype = check_dtype(dtype)
         ensure_free(out, "--out")
         target = check_device(device)
@@ -783,11 +794,20 @@ def attack_command(
             batch_size=batch_size,
             device=target,
             progress=not quiet,
+            samples=samples,
+            seed=seed,
         )
         typer.echo(f"model        {model}")
-        typer.echo(f"prompts      {prompts}: {len(chosen)}, {max_new_tokens} new tokens, greedy")
+        how = f"greedy, and {samples} sampled (seed {seed})" if samples else "greedy"
+        typer.echo(f"prompts      {prompts}: {len(chosen)}, {max_new_tokens} new tokens, {how}")
         for setting, asr in result.asr.items():
             blank = result.blank[setting]
+            if setting == "sampled":
+                typer.echo(
+                    f"{setting:<12} answered by any of {samples} (ASR) {asr:.3f}, blank answers "
+                    f"{blank:.3f}"
+                )
+                continue
             typer.echo(
                 f"{setting:<12} answered (ASR) {asr:.3f}, refused {1 - asr - blank:.3f}, "
                 f"blank {blank:.3f}"

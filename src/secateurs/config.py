@@ -248,6 +248,11 @@ class SafetySpec:
     attack_max_new_tokens: int = setting(64, "Tokens generated per attack prompt.")
     attack_batch_size: int = setting(8, "Prompts per generation batch.")
     attack_limit: int | None = setting(None, "Attack only the first N held-out prompts.")
+    attack_samples: int = setting(
+        0,
+        "Also N sampled answers per prompt without a system prompt (the paper uses 5); a "
+        "prompt counts as answered if any is. Seeded by --seed.",
+    )
 
     def __post_init__(self) -> None:
         _one_of(self.set_difference_score, SET_DIFFERENCE_SCORES, "set_difference_score")
@@ -261,6 +266,8 @@ class SafetySpec:
         require_positive(self.attack_max_new_tokens, "attack_max_new_tokens")
         require_positive(self.attack_batch_size, "attack_batch_size")
         require_positive(self.attack_limit, "attack_limit")
+        if self.attack_samples < 0:
+            raise SecateursError(f"--attack_samples must be 0 or more, got {self.attack_samples}")
 
 
 @dataclass(frozen=True)

@@ -55,3 +55,37 @@ def test_blank_answers_are_not_successful_attacks(monkeypatch):
     assert result.blank == {"no_system": 1 / 3, "system": 1 / 3}
     assert result.asr_keywords_only == {"no_system": 2 / 3, "system": 2 / 3}
     assert [row["blank"] for row in result.rows[:3]] == [True, False, False]
+
+
+def test_sampled_answers_are_seeded_and_reproducible():
+    model, tokenizer = make_model("llama"), chat_tokenizer()
+    prompts = ["w5 w6", "w7 w8", "w9"]
+
+    def draw(seed: int, batch_size: int = 2) -> list[str]:
+        return generate(
+            model, tokenizer, prompts, max_new_tokens=4, batch_size=batch_size,
+            progress=False, samples=3, seed=seed,
+        )  # fmt: skip
+
+    first = draw(0)
+    assert len(first) == 9
+    assert draw(0) == first
+    assert draw(1) != first
+    greedy = generate(model, tokenizer, prompts, max_new_tokens=4, progress=False)
+    assert len(greedy) == 3
+
+
+def test_a_prompt_counts_as_answered_if_any_sample_is(monkeypatch):
+    def fake(_m, _t, prompts, _s, _n, _b, _d, _p, draws=0, _seed=0):
+        if not draws:
+            return ["I'm sorry."] * len(prompts)
+        # prompt 1: one answer among refusals; prompt 2: only refusals and a blank
+        return ["I cannot.", "Sure, here.", "I'm sorry.", "I cannot.", "", "I won't."]
+
+    monkeypatch.setattr(attack_module, "generate", fake)
+    result = attack(None, None, ["p1", "p2"], progress=False, samples=3)
+    assert result.asr == {"no_system": 0.0, "system": 0.0, "sampled": 0.5}
+    assert result.blank["sampled"] == 1 / 6
+    assert result.asr_keywords_only["sampled"] == 1.0  # the blank has no refusal phrase
+    assert result.to_dict()["prompts"] == 2
+    assert [row["setting"] for row in result.rows].count("sampled") == 6

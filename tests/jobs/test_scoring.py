@@ -312,9 +312,11 @@ def test_seed_commands_run_with_wanda_v2(chat_model_dir, pairs_files, tmp_path):
         chat_model_dir, *common, "--save", save, "--load_wanda_score", "--neg_prune",
         "--eval_attack", "--save_attack_res", "--attack_limit", "2",
         "--attack_max_new_tokens", "3", "--save_model", tmp_path / "loaded",
+        "--attack_samples", "2",
     )  # fmt: skip
     assert loaded.exit_code == 0, loaded.output
-    assert (save / "attack" / "wanda_v2-responses.jsonl").is_file()
+    rows = (save / "attack" / "wanda_v2-responses.jsonl").read_text().splitlines()
+    assert [json.loads(row)["setting"] for row in rows].count("sampled") == 4  # 2 prompts x 2
     direct = _prune(chat_model_dir, *common, "--neg_prune", "--save_model", tmp_path / "direct")
     assert direct.exit_code == 0, direct.output
     a, b = _zeros(tmp_path / "loaded"), _zeros(tmp_path / "direct")

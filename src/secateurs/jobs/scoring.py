@@ -269,6 +269,8 @@ def attack_run(model, tokenizer, cfg: RunConfig, device) -> dict[str, Any]:
         batch_size=cfg.safety.attack_batch_size,
         device=device,
         progress=cfg.execution.progress,
+        samples=cfg.safety.attack_samples,
+        seed=cfg.data.seed,
     )
     if cfg.safety.save_attack_res:
         save_responses(attack_path(cfg), result.rows)
