@@ -1,3 +1,5 @@
+import pytest
+import torch
 from chat_helpers import chat_tokenizer
 from conftest import make_model
 
@@ -89,3 +91,26 @@ def test_a_prompt_counts_as_answered_if_any_sample_is(monkeypatch):
     assert result.asr_keywords_only["sampled"] == 1.0  # the blank has no refusal phrase
     assert result.to_dict()["prompts"] == 2
     assert [row["setting"] for row in result.rows].count("sampled") == 6
+
+
+def test_answer_perplexity_is_the_answers_own_loss():
+    model, tokenizer = make_model("llama"), chat_tokenizer()
+    got = attack_module.answer_perplexities(model, tokenizer, ["w5 w6", "w7"], ["w9 w10", ""])
+    prefix = tokenizer(attack_module.chat_prefix(tokenizer, "w5 w6"), add_special_tokens=False)
+    answer = tokenizer("w9 w10", add_special_tokens=False).input_ids
+    ids = torch.tensor([prefix.input_ids + answer])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prefix.input_ids) - 1 : -1]
+    expected = torch.nn.functional.cross_entropy(logits, torch.tensor(answer)).exp()
+    assert got[0] == pytest.approx(float(expected), rel=1e-5)
+    assert got[1] == float("inf")
+
+
+def test_fluent_asr_counts_only_answers_the_reference_finds_likely(monkeypatch):
+    answers = ["Sure, here is how.", "xq zz vv", "I'm sorry."]
+    monkeypatch.setattr(attack_module, "generate", lambda *_a, **_k: list(answers))
+    monkeypatch.setattr(attack_module, "answer_perplexities", lambda *_a, **_k: [8.0, 900.0, 3.0])
+    result = attack(None, None, ["p1", "p2", "p3"], progress=False, fluency_model=object())
+    assert result.asr == {"no_system": 2 / 3, "system": 2 / 3}
+    assert result.asr_fluent == {"no_system": 1 / 3, "system": 1 / 3}
+    assert [row["fluency_ppl"] for row in result.rows[:3]] == [8.0, 900.0, 3.0]
