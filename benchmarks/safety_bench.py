@@ -126,7 +126,7 @@ def configurations(args) -> list[tuple[str, str, dict]]:
                 configs.append((f"sd p={p} q={q}", "set_difference", {"p": p, "q": q}))
         for q in Q_GRID:
             configs.append((f"top safety q={q}", "neg_prune", {"q": q}))
-        for p, q in ((0.1, 0.01), (0.3, 0.02)):
+        for p, q in ((0.02, 0.02), (0.1, 0.01)):
             configs.append((f"random as p={p} q={q}", "random", {"p": p, "q": q}))
     if "ranks" in chosen:
         for u in UTILITY_RANKS:
@@ -182,7 +182,11 @@ def run(args, result: dict, path: Path) -> None:
     plan = prepare_zero_shot("wiki-cloze", None)
     cache: dict = {}
     samples_at = set(args.samples_at.split(",")) if args.samples_at else set()
-    for label, kind, settings in configurations(args):
+    configs = configurations(args)
+    if args.only:
+        chosen = {label: (label, kind, settings) for label, kind, settings in configs}
+        configs = [chosen[label] for label in args.only.split(";")]
+    for label, kind, settings in configs:
         if label in result["rows"] and not args.redo:
             continue
         start = time.perf_counter()
@@ -292,6 +296,7 @@ def main() -> None:
     parser.add_argument("--samples_at", default="", help="labels that also get sampled ASR")
     parser.add_argument("--scores", default="out/safety-scores")
     parser.add_argument("--redo", action="store_true")
+    parser.add_argument("--only", default="", help="labels to run, in this order (; between)")
     parser.add_argument("--report", action="store_true")
     parser.set_defaults(nsamples=1)
     args = parser.parse_args()

@@ -14,6 +14,7 @@ from torch import nn
 from secateurs.core.engine import (
     BlockStore,
     DataParallel,
+    MaskRefiner,
     MetricFn,
     PruneReport,
     Solver,
@@ -76,7 +77,8 @@ class BasePruner(ABC):
     pruned. A ``store`` streams the blocks of a skeleton model from disk
     (:mod:`secateurs.formats.streaming`);
     ``parallel`` calibrates on this process's share of the windows
-    (:mod:`secateurs.jobs.distributed`).
+    (:mod:`secateurs.jobs.distributed`). A ``refiner`` (DSnoT, :mod:`secateurs.methods.dsnot`)
+    changes each layer's mask before it is applied.
     """
 
     default_scope = "row"
@@ -93,9 +95,11 @@ class BasePruner(ABC):
         redistributor: WeightRedistributor | None = None,
         store: BlockStore | None = None,
         parallel: DataParallel | None = None,
+        refiner: MaskRefiner | None = None,
     ) -> None:
         self.model = model
         self.redistributor = redistributor
+        self.refiner = refiner
         self.store = store
         self.parallel = parallel
         self.tokenizer = tokenizer
@@ -142,7 +146,7 @@ class BasePruner(ABC):
                     f"{pattern.describe()}"
                 )
             ratio = block_ratios
-        needs_data = self.calibrated or self.redistributor is not None
+        needs_data = self.calibrated or self.redistributor is not None or self.refiner is not None
         metric = self.compute_pruning_metric
         return prune_sequential(
             self.model,
@@ -160,6 +164,7 @@ class BasePruner(ABC):
             token_mask=token_mask if needs_data else None,
             store=self.store,
             parallel=self.parallel,
+            refiner=self.refiner,
         )
 
 

@@ -36,6 +36,7 @@ from secateurs.errors import SecateursError
 from secateurs.evaluate.zeroshot import DEFAULT_TASKS
 from secateurs.formats.checkpoint import check_save_format
 from secateurs.methods import METHODS, get_method
+from secateurs.methods.dsnot import REFINES, DSnoTOptions
 from secateurs.methods.registry import option_classes
 from secateurs.methods.selectivity import DEFAULT_IDF_FORM, IDF_FORMS
 
@@ -173,9 +174,23 @@ class SparsitySpec:
     )
     owl_threshold: float = setting(5.0, "OWL: a score above this x its block's mean is an outlier.")
     owl_lambda: float = setting(0.08, "OWL: block ratios span target +- this, in [0, 0.5).")
+    refine: str = setting(
+        "none",
+        "none; dsnot: prune-and-grow cycles refine each layer's mask towards a zero expected "
+        "output shift, at about the method's cost (unstructured and N:M).",
+    )
+    dsnot_cycles: int = setting(50, "dsnot: most prune-and-grow cycles per layer.")
+    dsnot_threshold: float = setting(
+        0.1, "dsnot: a row stops once its |expected output shift| is below this."
+    )
+    dsnot_var_power: float = setting(
+        1.0, "dsnot: growing divides by the input variance to this power (0: ignore it)."
+    )
 
     def __post_init__(self) -> None:
         _one_of(self.scope, SCOPES, "scope")
+        _one_of(self.refine, REFINES, "refine")
+        DSnoTOptions(self.dsnot_cycles, self.dsnot_threshold, self.dsnot_var_power)
 
 
 @dataclass(frozen=True)

@@ -355,6 +355,26 @@ class DataParallel:
     reduce: Callable[[dict[str, ActivationStats]], None]
 
 
+class MaskRefiner(Protocol):
+    """Changes a layer's mask after the method chose it (DSnoT: :mod:`secateurs.methods.dsnot`),
+    keeping the pattern; ``request`` names the statistics it reads."""
+
+    request: StatsRequest
+
+    def check(self, pattern: SparsityPattern) -> None:
+        """Refuse a pattern it cannot keep."""
+
+    def refine(
+        self,
+        weight: torch.Tensor,
+        score: torch.Tensor,
+        mask: torch.Tensor,
+        stats: ActivationStats,
+        pattern: SparsityPattern,
+    ) -> torch.Tensor:
+        """The new mask (True = pruned)."""
+
+
 @dataclass
 class BlockStep:
     """What pruning any one block needs, fixed for the whole run."""
@@ -371,6 +391,7 @@ class BlockStep:
     labels: torch.Tensor | None = None
     token_mask: torch.Tensor | None = None
     parallel: DataParallel | None = None
+    refiner: MaskRefiner | None = None
 
 
 def _apply_masks(
@@ -386,6 +407,8 @@ def _apply_masks(
     for name, score, mask in masks:
         weight = weight_matrix(layers[name])
         mask = mask.to(weight.device)
+        if step.refiner is not None:
+            mask = step.refiner.refine(weight, score, mask, stats[name], step.pattern)
         record = LayerRecord(prefix, name, tuple(weight.shape), int(torch.count_nonzero(mask)))
         if name in stats:
             record.alarm = check_channels(score, stats[name].sq_norm)
@@ -469,6 +492,7 @@ def prune_sequential(
     token_mask: torch.Tensor | None = None,
     store: BlockStore | None = None,
     parallel: DataParallel | None = None,
+    refiner: MaskRefiner | None = None,
 ) -> PruneReport:
     """Prune every linear layer of every decoder block, in block order.
 
@@ -484,7 +508,8 @@ def prune_sequential(
     ``windows``) limits the statistics to the tokens it marks. With a ``store`` the blocks'
     weights are read before and written after each block (the model is a skeleton); with
     ``parallel`` this process calibrates on its share of ``windows`` only and the
-    statistics are combined with the other processes'.
+    statistics are combined with the other processes'. A ``refiner`` changes each layer's
+    mask before it is applied (DSnoT).
     """
     device = torch.device(device)
     check_pattern_fits(model, pattern)
@@ -493,10 +518,21 @@ def prune_sequential(
             "a method that updates the surviving weights itself (sparsegpt) takes neither "
             "--use_recovery nor neuron sparsity; drop --use_recovery, or use unstructured or N:M"
         )
-    calibrated = calibrated or redistributor is not None or solver is not None
+    if refiner is not None:
+        if solver is not None:
+            raise SecateursError(
+                "a method that chooses masks and updates weights itself (sparsegpt) takes no "
+                "--refine; refine a score method's masks (wanda, magnitude, ...)"
+            )
+        refiner.check(pattern)
+    calibrated = (
+        calibrated or redistributor is not None or solver is not None or refiner is not None
+    )
     if calibrated and (windows is None or windows.shape[0] == 0):
         raise ValueError("this method needs calibration windows")
     request = request or StatsRequest()
+    if refiner is not None:
+        request = request.merge(refiner.request)
     if redistributor is not None:
         request = request.merge(redistributor.request)
         if redistributor.strategy.request.gram:
@@ -522,6 +558,7 @@ def prune_sequential(
         labels,
         token_mask,
         parallel,
+        refiner,
     )
     if not isinstance(sparsity_ratio, (int, float)):
         report.block_ratios = step.ratios

@@ -32,6 +32,7 @@ from secateurs.io import ensure_free
 from secateurs.jobs.report import check_plot_path, fmt_bytes
 from secateurs.jobs.scoring import check_score_args
 from secateurs.methods.allocation import check_allocation
+from secateurs.methods.dsnot import DSnoTOptions, MaskRefiner
 from secateurs.methods.recovery import (
     InverseWandaStrategy,
     LeastSquaresStrategy,
@@ -86,6 +87,14 @@ def make_redistributor(cfg: RunConfig) -> WeightRedistributor | None:
     return WeightRedistributor(strategy, spec.recovery_report_fraction)
 
 
+def make_refiner(cfg: RunConfig) -> MaskRefiner | None:
+    """The mask refinement asked for by the configuration, or None."""
+    spec = cfg.sparsity
+    if spec.refine == "none":
+        return None
+    return MaskRefiner(DSnoTOptions(spec.dsnot_cycles, spec.dsnot_threshold, spec.dsnot_var_power))
+
+
 def with_batch_size(cfg: RunConfig, streamed: bool = False) -> RunConfig:
     """``cfg`` with its calibration batch size: the user's, else 8 in memory and 1 streamed.
 
@@ -105,6 +114,7 @@ def needs_calibration(cfg: RunConfig, method: Method) -> bool:
         method.calibrated
         or cfg.recovery.use_recovery
         or cfg.sparsity.sparsity_allocation == "owl"
+        or cfg.sparsity.refine != "none"
         or method.whole_model is not None
     )
 
@@ -139,6 +149,18 @@ def _check_method(cfg: RunConfig, method: Method, pattern: SparsityPattern) -> N
             "output error, so --use_recovery has nothing left to do; drop --use_recovery (or "
             "use wanda with --use_recovery --recovery least_squares)"
         )
+    if cfg.sparsity.refine != "none":
+        if method.updates_weights:
+            raise SecateursError(
+                f"{method.name} chooses masks and updates weights itself; --refine dsnot "
+                "refines the masks of a score method (wanda, magnitude, ria, ...)"
+            )
+        if method.reads_score_table or cfg.safety.load_wanda_score:
+            raise SecateursError(
+                "--refine dsnot reads each block's calibration statistics; it does not combine "
+                "with gradient scores, loaded scores or set difference"
+            )
+        make_refiner(cfg).check(pattern)
     if pattern.kind not in method.patterns:
         supported = " or ".join(_KIND_NAMES[k] for k in _KIND_NAMES if k in method.patterns)
         raise SecateursError(
