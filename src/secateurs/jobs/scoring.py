@@ -81,15 +81,16 @@ def check_score_args(cfg: RunConfig, method: Method) -> None:
             "then utility)"
         )
     if method.updates_weights and (
-        cfg.safety.dump_wanda_score
-        or cfg.safety.load_wanda_score
-        or cfg.safety.neg_prune
-        or cfg.safety.use_diff
+        cfg.safety.dump_wanda_score or cfg.safety.load_wanda_score or cfg.safety.neg_prune
     ):
         raise SecateursError(
             f"{method.name} chooses masks and updates weights itself; it has no score to dump, "
-            "load, negate or take of a weight change. Use a score method such as wanda, wanda_v2 "
-            "or wandg"
+            "load or negate. Use a score method such as wanda or wandg"
+        )
+    if method.updates_weights and cfg.safety.use_diff:
+        raise SecateursError(
+            f"{method.name} chooses masks and updates weights itself; it has no score to take "
+            "of a weight change. Use a score method such as wanda, wanda_v2 or wandg"
         )
     if cfg.sparsity.sparsity_allocation != "uniform" and uses_table(cfg, method):
         raise SecateursError(
