@@ -65,7 +65,7 @@ def test_disk_needs_save_model(tiny_model_dir, text_dir, tmp_path):
 @pytest.mark.parametrize(
     ("args", "reason"),
     [
-        (("--prune_method", "wandg"), "backpropagates"),
+        (("--prune_method", "wandg"), "scores from a pass over the whole model"),
         (("--sparsity_allocation", "owl"), "OWL"),
         (("--sparsity_type", "neuron"), "--keep_shape"),
         (("--eval_attack",), "--eval_attack"),

@@ -46,9 +46,10 @@ def test_magnitude_score_is_absolute_weight():
 def test_scores_keep_the_weight_shape_and_are_nonnegative():
     weight = torch.randn(6, 10)
     stats = full_stats(10)
-    gradients = torch.rand(6, 10)
+    whole_model = {"wandg": torch.rand(6, 10), "wandg_set_difference": torch.rand(6, 10),
+                   "wanda_v2": torch.rand(10)}  # fmt: skip
     for method in METHODS.values():
-        inputs = gradients if method.gradients else stats
+        inputs = whole_model[method.name] if method.whole_model is not None else stats
         score = method.compute(weight, inputs, method.make_options(), "model.layers.0.mlp.up_proj")
         assert score.shape == weight.shape
         assert bool((score >= 0).all())
