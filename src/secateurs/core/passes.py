@@ -82,7 +82,12 @@ def length_groups(batch: PromptBatch, batch_size: int) -> Iterator[list[int]]:
         for row in range(batch.input_ids.shape[0])
         if bool((labels[row, 1 : int(batch.lengths[row])] != -100).any())
     ]
-    rows.sort(key=lambda row: -int(batch.lengths[row]))
+    yield from _longest_first(batch, rows, batch_size)
+
+
+def _longest_first(batch: PromptBatch, rows: list[int], batch_size: int) -> Iterator[list[int]]:
+    """``rows``, longest first, in groups of ``batch_size``."""
+    rows = sorted(rows, key=lambda row: -int(batch.lengths[row]))
     for start in range(0, len(rows), batch_size):
         yield rows[start : start + batch_size]
 
@@ -194,8 +199,7 @@ def activation_means(
     model.to(device)
     recorder = _SquaredInputs(layers, device)
     rows = [row for row in range(batch.input_ids.shape[0]) if bool(batch.token_mask[row].any())]
-    rows.sort(key=lambda row: -int(batch.lengths[row]))
-    groups = [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
+    groups = list(_longest_first(batch, rows, batch_size))
     try:
         with torch.no_grad():
             for group in tqdm(groups, desc="activations", disable=not progress):
