@@ -32,6 +32,7 @@ from _common import ROOT, bench_parser, result_header, save_result
 
 from secateurs.api import MethodPruner
 from secateurs.core.engine import run_block
+from secateurs.core.guard import check_channels
 from secateurs.core.model import (
     StopForward,
     capture_block_inputs,
@@ -41,7 +42,7 @@ from secateurs.core.model import (
     load_tokenizer,
     weight_matrix,
 )
-from secateurs.core.patterns import row_mask
+from secateurs.core.patterns import row_mask, zero_masked
 from secateurs.core.stats import ActivationStats
 from secateurs.data import text
 from secateurs.jobs.report import replace_marked_section
@@ -131,6 +132,7 @@ def profile_wanda(model, windows: torch.Tensor, batch_size: int) -> dict[str, fl
             "score",
             "selection",
             "apply",
+            "guard and records",
             "propagation forward",
             "total",
         ),
@@ -154,12 +156,16 @@ def profile_wanda(model, windows: torch.Tensor, batch_size: int) -> dict[str, fl
                 score = wanda_score(weight, stats[name])
             with _timed(clock, "selection"):
                 mask = row_mask(score, 0.5)
+            with _timed(clock, "guard and records"):
+                check_channels(score, stats[name].sq_norm)
+                int(torch.count_nonzero(mask))
             with _timed(clock, "apply"):
-                weight.masked_fill_(mask, 0)
+                zero_masked(weight, mask)
         with _timed(clock, "propagation forward"):
             inputs.hidden = run_block(block, inputs, batch_size, True, index=index)
-    clock["total"] = time.perf_counter() - total
-    # the statistics pass also ran the forward: what it cost beyond the plain partial pass
+    # the statistics pass also ran the forward: it counts once in the total (a prune runs one
+    # calibration pass), and the statistics are what that pass cost beyond the plain one
+    clock["total"] = time.perf_counter() - total - clock["calibration forward"]
     clock["statistics"] -= clock["calibration forward"]
     clock["other"] = clock["total"] - sum(v for k, v in clock.items() if k != "total")
     return clock

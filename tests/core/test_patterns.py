@@ -14,6 +14,7 @@ from secateurs.core.patterns import (
     parse_pattern,
     row_mask,
     variant_mask,
+    zero_masked,
 )
 from secateurs.errors import SecateursError
 
@@ -216,3 +217,27 @@ def test_set_difference_refuses_fractions_outside_0_1():
 
     with pytest.raises(SecateursError, match="--q must be in"):
         SetDifference(0.1, 1.5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]),
+    st.integers(1, 9),
+    st.integers(1, 40),
+    st.integers(0, 2**31 - 1),
+)
+def test_zero_masked_is_masked_fill_bit_for_bit(dtype, rows, cols, seed):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, cols, generator=generator).to(dtype)
+    weight[0, 0] = -0.0  # a negative zero kept where it is not masked, +0.0 where it is
+    mask = torch.rand(rows, cols, generator=generator) < 0.5
+    expected = weight.clone().masked_fill_(mask, 0)
+    zero_masked(weight, mask)
+    assert torch.equal(weight.view(torch.uint8), expected.view(torch.uint8))
+
+
+def test_zero_masked_edits_a_transposed_view_in_place():
+    weight = torch.randn(6, 4)
+    mask = torch.rand(4, 6) < 0.5
+    zero_masked(weight.t(), mask)
+    assert torch.equal(weight.t() == 0, mask)

@@ -32,7 +32,7 @@ from secateurs.core.model import (
     per_window,
     weight_matrix,
 )
-from secateurs.core.patterns import SparsityPattern
+from secateurs.core.patterns import SparsityPattern, zero_masked
 from secateurs.core.profiling import give_back_memory
 from secateurs.core.recovery import LayerRecovery, WeightRedistributor
 from secateurs.core.stats import ActivationStats, StatsRequest, token_classes
@@ -414,7 +414,7 @@ def _apply_masks(
             record.alarm = check_channels(score, stats[name].sq_norm)
             record.guarded = True
         if step.redistributor is None:
-            weight.masked_fill_(mask, 0)
+            zero_masked(weight, mask)
             report.seconds["score"] += time.perf_counter() - start
         else:
             report.seconds["score"] += time.perf_counter() - start
@@ -423,7 +423,6 @@ def _apply_masks(
             report.seconds["recover"] += time.perf_counter() - start
         report.layers.append(record)
         del score, mask
-        give_back_memory()  # each layer's scores, sorts and checks leave heap behind
         start = time.perf_counter()
 
 
@@ -456,7 +455,6 @@ def prune_block(
             parallel=step.parallel,
         )
         report.seconds["calibrate"] += time.perf_counter() - start
-        give_back_memory()  # the forward's activations
     prefix = f"{step.stack_name}.{index}"
     ratio = step.ratios[index]
     masks = _layer_masks(layers, stats, step.metric_fn, step.pattern, ratio, prefix)
@@ -474,6 +472,9 @@ def prune_block(
         inputs.hidden = run_block(block, inputs, step.batch_size, True, index=index)
         report.seconds["propagate"] += time.perf_counter() - start
     block.to(home)
+    # the forwards' activations and the layers' scores leave freed heap behind; trimming
+    # once a block keeps resident memory flat (each trim walks the heap: not once a layer)
+    give_back_memory()
 
 
 def prune_sequential(

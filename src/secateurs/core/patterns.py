@@ -34,9 +34,7 @@ def _lowest(score: torch.Tensor, k: int, dim: int) -> torch.Tensor:
     """
     if k <= 0:
         return torch.zeros_like(score, dtype=torch.bool)
-    kth = (
-        score.kthvalue(k, dim=dim, keepdim=True).values if score.shape[dim] > _SORT_BELOW else None
-    )
+    kth = _kth_value(score, k, dim) if score.shape[dim] > _SORT_BELOW else None
     # a NaN k-th value compares false with everything: only a sort selects k entries then
     if kth is None or bool(kth.isnan().any()):
         mask = torch.zeros_like(score, dtype=torch.bool)
@@ -53,6 +51,38 @@ def _lowest(score: torch.Tensor, k: int, dim: int) -> torch.Tensor:
     rows = (~exact).squeeze(1).nonzero().squeeze(1)
     at_most[rows] = _with_ties(score[rows], kth[rows], k, dim)
     return at_most
+
+
+_SAME_WIDTH_INTS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def zero_masked(weight: torch.Tensor, mask: torch.Tensor) -> None:
+    """Set ``weight`` to +0.0 where ``mask`` is True, in place, every other bit unchanged.
+
+    Multiplying the bit pattern, viewed as integers of the same width, by the kept mask gives
+    exactly ``masked_fill_(mask, 0)`` (+0.0, never -0.0) at several times less cost on a CPU:
+    applying masks otherwise stands out beside the forward passes of a Wanda prune.
+    """
+    ints = _SAME_WIDTH_INTS.get(weight.element_size())
+    if ints is None or not weight.is_floating_point() or not weight.is_contiguous():
+        weight.masked_fill_(mask, 0)
+        return
+    weight.view(ints).mul_(mask.logical_not())
+
+
+def _kth_value(score: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """The ``k``-th smallest entry along ``dim`` (kept as a dimension of one), NaN if a NaN
+    could be it.
+
+    An unsorted top-k and one reduction over it take less time than ``kthvalue`` on a CPU;
+    the shorter side of the split is searched (the k lowest, or the rest from the top).
+    """
+    size = score.shape[dim]
+    if k <= size - k + 1:
+        low = score.topk(k, dim=dim, largest=False, sorted=False).values
+        return low.amax(dim=dim, keepdim=True)
+    high = score.topk(size - k + 1, dim=dim, largest=True, sorted=False).values
+    return high.amin(dim=dim, keepdim=True)
 
 
 def _with_ties(score: torch.Tensor, kth: torch.Tensor, k: int, dim: int) -> torch.Tensor:

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from secateurs.core.model import find_blocks, find_linears, is_conv1d, iter_prunable, weight_matrix
+from secateurs.core.patterns import zero_masked
 from secateurs.data.prompts import PromptBatch
 from secateurs.errors import SecateursError
 
@@ -101,7 +102,7 @@ def reapply(model: nn.Module, masks: dict[str, torch.Tensor]) -> int:
     """Zero the masked weights again; how many weights the masks hold."""
     with torch.no_grad():
         for name, layer in iter_prunable(model):
-            weight_matrix(layer).masked_fill_(masks[name].to(layer.weight.device), 0)
+            zero_masked(weight_matrix(layer), masks[name].to(layer.weight.device))
     return int(sum(int(mask.sum()) for mask in masks.values()))
 
 
