@@ -850,8 +850,9 @@ def finetune(
         str | None,
         _flag(
             "data",
-            "Comma-separated prompt/response data (align, utility, .jsonl/.csv); "
-            "default: plain text windows of --dataset.",
+            "Comma-separated prompt/response data (align, utility, .jsonl/.csv), and text "
+            "for plain windows of --dataset beside them (keeps perplexity while tuning on "
+            "pairs); default: text alone.",
         ),
     ] = None,
     dataset: DatasetOpt = _DEFAULTS["dataset"],

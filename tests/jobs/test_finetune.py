@@ -1,14 +1,14 @@
 import pytest
 import torch
 from chat_helpers import chat_tokenizer, write_pairs
-from conftest import invoke, make_model, make_windows
+from conftest import invoke, make_model, make_windows, random_text
 from transformers import AutoModelForCausalLM
 
 from secateurs.api import MagnitudePruner
 from secateurs.core.model import iter_prunable, weight_matrix
-from secateurs.data.prompts import text_batch
+from secateurs.data.prompts import pad_id, text_batch
 from secateurs.errors import SecateursError
-from secateurs.jobs.finetune import LoraOptions, finetune, target_modules
+from secateurs.jobs.finetune import LoraOptions, finetune, target_modules, training_batch
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -189,3 +189,20 @@ def test_minutes_bound_the_training_time():
     counted = LoraOptions(lr=1e-3, steps=3, batch_size=2, train="full", minutes=60.0)
     _, report = finetune(make_model("llama"), batch, counted, progress=False)
     assert report.steps == 3
+
+
+def test_text_in_data_mixes_plain_windows_with_the_pairs(tmp_path):
+    pairs, corpus = tmp_path / "pairs.jsonl", tmp_path / "corpus.txt"
+    write_pairs(pairs, count=6)
+    corpus.write_text("\n\n".join(random_text(80, seed=s) for s in range(6)))
+    tokenizer = chat_tokenizer()
+    only_pairs = training_batch(tokenizer, [str(pairs)], str(corpus), 3, 16)
+    mixed = training_batch(tokenizer, [str(pairs), "text"], str(corpus), 3, 16)
+    windows = mixed.input_ids[3:]
+    assert mixed.input_ids.shape == (6, 16) and windows.shape == (3, 16)
+    assert bool(mixed.token_mask[3:].all()) and mixed.lengths[3:].tolist() == [16, 16, 16]
+    width = only_pairs.input_ids.shape[1]
+    assert torch.equal(mixed.input_ids[:3, :width], only_pairs.input_ids)
+    assert torch.equal(mixed.token_mask[:3, :width], only_pairs.token_mask)
+    assert not bool(mixed.token_mask[:3, width:].any())
+    assert bool((mixed.input_ids[:3, width:] == pad_id(tokenizer)).all())

@@ -432,8 +432,10 @@ def prune_block(
     index: int,
     inputs: BlockInputs | None,
     report: PruneReport,
+    propagate: bool = True,
 ) -> None:
-    """Calibrate, prune (and recover) block ``index``, then propagate ``inputs`` through it.
+    """Calibrate, prune (and recover) block ``index``, then propagate ``inputs`` through it
+    (unless ``propagate`` is off: the last block's outputs feed nothing).
 
     The block moves to the compute device for the step and back where it was after.
     """
@@ -467,7 +469,7 @@ def prune_block(
         report.seconds["solve"] += time.perf_counter() - start
     _apply_masks(step, layers, stats, masks, prefix, report)
     del stats, masks
-    if inputs is not None:
+    if inputs is not None and propagate:
         start = time.perf_counter()
         inputs.hidden = run_block(block, inputs, step.batch_size, True, index=index)
         report.seconds["propagate"] += time.perf_counter() - start
@@ -572,7 +574,7 @@ def prune_sequential(
     for index, block in enumerate(tqdm(blocks, desc="pruning blocks", disable=not progress)):
         if store is not None:
             store.load(index, block)
-        prune_block(step, block, index, inputs, report)
+        prune_block(step, block, index, inputs, report, propagate=index < len(blocks) - 1)
         if store is not None:
             store.release(index, block)
     if report.alarms():

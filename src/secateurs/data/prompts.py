@@ -384,7 +384,6 @@ def encode_pairs(
     """
     check_chat_template(tokenizer, ", or plain text with --dataset instead of --prune_data")
     rows, masks = [], []
-    eos = tokenizer.eos_token_id
     ending = turn_end(tokenizer)
     for pair in pairs:
         prefix = chat_prefix(tokenizer, pair.prompt)
@@ -399,7 +398,7 @@ def encode_pairs(
             f"no response token fits in {max_length} tokens; raise --seqlen so responses count"
         )
     length = max(len(ids) for ids in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
+    pad = pad_id(tokenizer)
     input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
     token_mask = torch.zeros((len(rows), length), dtype=torch.bool)
     for i, (ids, mask) in enumerate(zip(rows, masks, strict=True)):
@@ -407,6 +406,29 @@ def encode_pairs(
         token_mask[i, : len(mask)] = torch.tensor(mask, dtype=torch.bool)
     lengths = torch.tensor([len(ids) for ids in rows], dtype=torch.long)
     return PromptBatch(input_ids, token_mask, lengths)
+
+
+def pad_id(tokenizer) -> int:
+    """The id that fills a row after its tokens: the pad token, else end of sequence, else 0."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id or 0
+
+
+def join_batches(batches: list[PromptBatch], pad: int) -> PromptBatch:
+    """The rows of every batch in one, right-padded with ``pad`` to the longest."""
+    if len(batches) == 1:
+        return batches[0]
+    length = max(batch.input_ids.shape[1] for batch in batches)
+
+    def padded(tensor: torch.Tensor, value: int | bool) -> torch.Tensor:
+        return torch.nn.functional.pad(tensor, (0, length - tensor.shape[1]), value=value)
+
+    return PromptBatch(
+        torch.cat([padded(batch.input_ids, pad) for batch in batches]),
+        torch.cat([padded(batch.token_mask, False) for batch in batches]),
+        torch.cat([batch.lengths for batch in batches]),
+    )
 
 
 def text_batch(windows: torch.Tensor) -> PromptBatch:

@@ -32,6 +32,9 @@ from secateurs.errors import SecateursError
 TRAINED = ("lora", "full")
 
 
+TEXT_DATA = "text"  # in --data: plain text windows of --dataset beside the pairs
+
+
 @dataclass
 class LoraOptions:
     """What to train (LoRA adapters or every weight), the optimiser and the loss.
@@ -244,16 +247,30 @@ def training_batch(
     seqlen: int,
     seed: int = 0,
 ) -> PromptBatch:
-    """Prompt/response pairs from every name in ``data`` (``nsamples`` each), else text windows."""
+    """Prompt/response pairs from every name in ``data`` (``nsamples`` each), else text windows.
+
+    The name ``text`` among them stands for ``nsamples`` plain text windows of ``dataset``:
+    mixed into prompt/response data, they keep the model's language modelling where the
+    pairs alone would drift it (a refusal tune costs perplexity without them).
+    """
     from secateurs.data import prompts
     from secateurs.data import text as text_data
 
-    if not data:
+    def windows() -> PromptBatch:
         source = text_data.resolve_source(dataset)
         return prompts.text_batch(
             text_data.calibration_windows(tokenizer, source, nsamples, seqlen, seed)
         )
-    pairs = []
-    for name in data:
-        pairs += prompts.sample_pairs(prompts.load_pairs(name), nsamples, seed)
-    return prompts.encode_pairs(tokenizer, pairs, seqlen)
+
+    if not data:
+        return windows()
+    pair_names = [name for name in data if name != TEXT_DATA]
+    batches = []
+    if pair_names:
+        pairs = []
+        for name in pair_names:
+            pairs += prompts.sample_pairs(prompts.load_pairs(name), nsamples, seed)
+        batches.append(prompts.encode_pairs(tokenizer, pairs, seqlen))
+    if TEXT_DATA in data:
+        batches.append(windows())
+    return prompts.join_batches(batches, prompts.pad_id(tokenizer))
