@@ -916,6 +916,7 @@ def finetune(
         from secateurs.formats.checkpoint import check_save_format
         from secateurs.io import check_folder_files, ensure_free
         from secateurs.jobs.finetune import (
+            TEXT_DATA,
             LoraOptions,
             check_teacher,
             finetune,
@@ -941,7 +942,8 @@ def finetune(
         )
         names = _split(data) if data else []
         for name in names:
-            check_prompt_data(name)
+            if name != TEXT_DATA:
+                check_prompt_data(name)
         resolve_source(dataset)
         ensure_free(save_model, "--save_model")
         check_save_format(save_format)

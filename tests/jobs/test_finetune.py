@@ -206,3 +206,29 @@ def test_text_in_data_mixes_plain_windows_with_the_pairs(tmp_path):
     assert torch.equal(mixed.token_mask[:3, :width], only_pairs.token_mask)
     assert not bool(mixed.token_mask[:3, width:].any())
     assert bool((mixed.input_ids[:3, width:] == pad_id(tokenizer)).all())
+
+
+def test_finetune_command_takes_text_beside_the_pairs(tmp_path, tiny_model_dir):
+    pairs, corpus = tmp_path / "pairs.jsonl", tmp_path / "corpus.txt"
+    write_pairs(pairs, count=4)
+    corpus.write_text("\n\n".join(random_text(80, seed=s) for s in range(6)))
+    chat_tokenizer().save_pretrained(tiny_model_dir)
+    result = invoke(
+        "finetune",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        f"{pairs},text",
+        "--dataset",
+        corpus,
+        "--nsamples",
+        "2",
+        "--steps",
+        "1",
+        "--seqlen",
+        "16",
+        "--save_model",
+        tmp_path / "tuned",
+        "--quiet",
+    )
+    assert result.exit_code == 0, result.output
