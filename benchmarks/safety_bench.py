@@ -126,7 +126,7 @@ def configurations(args) -> list[tuple[str, str, dict]]:
                 configs.append((f"sd p={p} q={q}", "set_difference", {"p": p, "q": q}))
         for q in Q_GRID:
             configs.append((f"top safety q={q}", "neg_prune", {"q": q}))
-        for p, q in ((0.02, 0.02), (0.1, 0.01)):
+        for p, q in ((0.02, 0.02), (0.1, 0.02)):
             configs.append((f"random as p={p} q={q}", "random", {"p": p, "q": q}))
     if "ranks" in chosen:
         for u in UTILITY_RANKS:
@@ -303,6 +303,12 @@ def main() -> None:
     path = Path(args.out)
     result = json.loads(path.read_text()) if path.exists() else {}
     result.setdefault("rows", {})
+    earlier = result.get("header", {}).get("settings", {}).get("model")
+    if not args.report and result["rows"] and earlier != args.model:
+        raise SystemExit(
+            f"{path} holds rows of {earlier}, not {args.model}: give another --out, or move "
+            "that file away to start this model's grid"
+        )
     if not args.report:
         result["header"] = result_header(args)
         run(args, result, path)
