@@ -119,8 +119,9 @@ def alps_prune(
     """
     options = options or ALPSOptions()
     h64, scale64 = _normalised(gram.to(weight.device), DAMP)
+    # one eigendecomposition serves every penalty's ridge inverse; it is taken in float64,
+    # the iterations run in float32 (as the authors' code)
     eigenvalues, vectors = torch.linalg.eigh(h64)
-    # the decomposition in float64, the iterations in float32 (as the authors' code)
     h, scale = h64.float(), scale64.float()
     b0 = weight.detach().float() * scale.unsqueeze(0)
     target = b0 @ h
@@ -139,8 +140,9 @@ def alps_prune(
     rho_raised = False
     for iteration in range(options.iterations):
         b = (target - dual + rho * d) @ inverse
-        mask = project(b + dual / rho)
-        d = (b + dual / rho).masked_fill(mask, 0)
+        shifted = b + dual / rho
+        mask = project(shifted)
+        d = shifted.masked_fill(mask, 0)
         dual = dual + rho * (b - d)
         if (iteration + 1) % CHECK_EVERY:
             continue

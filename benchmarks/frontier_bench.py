@@ -1,0 +1,154 @@
+"""Benchmark: the one-shot quality frontier, every method against SparseGPT in one run.
+
+For each sparsity setting (50% and 70% unstructured, 2:4, 4:8) the same calibration windows
+prune a fresh copy of the model with each row's method, then perplexity is measured on the
+same test windows (all of them by default). Rows:
+
+- ``wanda``, ``sparsegpt``, ``alps`` (Meng et al. 2024);
+- ``wanda+ls``: Wanda's mask, survivors refit by least squares (``--use_recovery``);
+- ``wanda+dsnot`` and ``wanda+ls+dsnot``: the mask refined by DSnoT first (``--refine dsnot``).
+
+Prune time is given as a ratio to SparseGPT's in the same run and setting, perplexity as a
+change against SparseGPT's; peak resident memory is the kernel's counter during the prune.
+Rows already in the results file are kept (a row run again replaces its old self), so the grid
+can be run in parts: ``--rows`` and ``--settings`` pick them.
+
+    python benchmarks/frontier_bench.py --settings 2:4,0.7 --rows sparsegpt,wanda+ls,alps
+    python benchmarks/frontier_bench.py --report
+
+Writes benchmarks/results/frontier_bench[_MODEL].json and its table in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+from pathlib import Path
+
+from _common import ROOT, bench_parser, bench_windows, result_header, save_result
+
+from secateurs.api import MethodPruner
+from secateurs.core.model import load_model
+from secateurs.core.patterns import effective_ratio, parse_pattern
+from secateurs.core.profiling import measure
+from secateurs.core.recovery import WeightRedistributor
+from secateurs.evaluate.perplexity import check_sparsity, perplexity
+from secateurs.jobs.report import replace_marked_section
+from secateurs.methods.dsnot import MaskRefiner
+from secateurs.methods.recovery import LeastSquaresStrategy
+
+SETTINGS = ("0.5", "2:4", "4:8", "0.7")
+ROWS = ("sparsegpt", "wanda", "wanda+dsnot", "wanda+ls", "wanda+ls+dsnot", "alps")
+
+
+def pattern_of(setting: str) -> tuple[str, float]:
+    """(sparsity type, ratio) of a setting: a ratio for unstructured, or N:M."""
+    return ("unstructured", float(setting)) if ":" not in setting else (setting, 0.5)
+
+
+def pruner_for(model, row: str, batch_size: int) -> MethodPruner:
+    """The pruner a row names: a method, with least squares and DSnoT where it says so."""
+    method, *extras = row.split("+")
+    return MethodPruner(
+        model,
+        method,
+        batch_size=batch_size,
+        progress=False,
+        redistributor=WeightRedistributor(LeastSquaresStrategy()) if "ls" in extras else None,
+        refiner=MaskRefiner() if "dsnot" in extras else None,
+    )
+
+
+def run_row(dense, row: str, setting: str, windows, eval_windows, args) -> dict:
+    model = copy.deepcopy(dense)
+    sparsity_type, target = pattern_of(setting)
+    pruner = pruner_for(model, row, args.batch_size)
+    pattern = parse_pattern(sparsity_type, pruner.default_scope)
+    ratio = effective_ratio(pattern, target)
+    gc.collect()
+    with measure() as memory:
+        pruner.prune(windows, ratio, sparsity_type)
+    check = check_sparsity(model, pattern, ratio)
+    ppl = perplexity(model, eval_windows, batch_size=args.eval_batch_size, progress=False)
+    del model
+    gc.collect()
+    return {
+        "row": row,
+        "setting": setting,
+        "ppl": ppl,
+        "sparsity": check.overall,
+        "pattern_ok": check.ok,
+        "prune_s": memory.seconds,
+        "peak_rss": memory.peak_rss,
+    }
+
+
+def markdown(result: dict) -> str:
+    settings = result["header"]["settings"]
+    lines = [
+        f"{settings['model']} (fp32), calibration {settings['nsamples']} x {settings['seqlen']} "
+        f"(seed 0), perplexity on {result['eval_windows']} test windows (dense "
+        f"{result['dense_ppl']:.2f}). {result['header']['machine']}; "
+        f"{result['header']['date']}. Time and perplexity against SparseGPT at the same setting, "
+        "in the same run.",
+        "",
+        "| setting | method | ppl | vs sparsegpt | prune s | time / sparsegpt | sparsity | "
+        "peak RSS |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for setting in SETTINGS:
+        rows = [r for r in result["rows"] if r["setting"] == setting]
+        base = next((r for r in rows if r["row"] == "sparsegpt"), None)
+        for r in sorted(rows, key=lambda r: ROWS.index(r["row"])):
+            versus = f"{r['ppl'] / base['ppl'] - 1:+.1%}" if base else "n/a"
+            ratio = f"{r['prune_s'] / base['prune_s']:.2f}x" if base else "n/a"
+            name = f"{float(setting):.0%} unstructured" if ":" not in setting else setting
+            lines.append(
+                f"| {name} | {r['row']} | {r['ppl']:.2f} | {versus} | {r['prune_s']:.1f} | "
+                f"{ratio} | {r['sparsity']:.4f} | {r['peak_rss'] / 2**20:,.0f} MiB |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = bench_parser(__doc__, "frontier_bench")
+    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--eval_limit", type=int, default=None)
+    parser.add_argument("--eval_batch_size", type=int, default=4)
+    parser.add_argument("--report", action="store_true")
+    args = parser.parse_args()
+    for setting in args.settings.split(","):
+        if setting not in SETTINGS:
+            parser.error(f"unknown setting {setting}; choose from {', '.join(SETTINGS)}")
+    for row in args.rows.split(","):
+        if row not in ROWS:
+            parser.error(f"unknown row {row}; choose from {', '.join(ROWS)}")
+    path = Path(args.out)
+    result = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    if result["rows"] and result["header"]["settings"]["model"] != args.model:
+        parser.error(f"{path} holds another model's rows; give --out")
+    if not args.report:
+        dense, _ = load_model(args.model)
+        windows, eval_windows = bench_windows(args, args.eval_limit)
+        if "dense_ppl" not in result:
+            result["dense_ppl"] = perplexity(
+                dense, eval_windows, batch_size=args.eval_batch_size, progress=False
+            )
+        result |= {"header": result_header(args), "eval_windows": int(eval_windows.shape[0])}
+        for setting in args.settings.split(","):
+            for row in args.rows.split(","):
+                measured = run_row(dense, row, setting, windows, eval_windows, args)
+                result["rows"] = [
+                    r for r in result["rows"] if (r["row"], r["setting"]) != (row, setting)
+                ] + [measured]
+                save_result(args, result)
+                print(json.dumps(measured), flush=True)
+    table = markdown(result)
+    print(table)
+    replace_marked_section(ROOT / args.markdown, f"frontier_bench:{Path(args.out).stem}", table)
+
+
+if __name__ == "__main__":
+    main()
