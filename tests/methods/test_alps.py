@@ -102,3 +102,13 @@ def test_options_are_checked():
         ALPSOptions(iterations=0)
     result = invoke("prune", "--prune_method", "alps", "--alps_cg_iterations", "-1")
     assert result.exit_code != 0 and "--alps_cg_iterations must be at least 0" in result.output
+
+
+def test_a_gram_changed_in_place_is_decomposed_again():
+    weight, stats = layer_problem(rows=8, cols=32, tokens=256)
+    gram = stats.gram.clone()
+    alps_prune(weight, gram, 0.5)
+    gram.add_(50 * torch.eye(32))
+    again, _ = alps_prune(weight, gram, 0.5)
+    fresh, _ = alps_prune(weight, gram.clone(), 0.5)
+    assert torch.equal(again, fresh)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from secateurs.core.patterns import NMSparsity, SparsityPattern, Unstructured, _lowest, nm_mask
 from secateurs.core.spec import setting
@@ -78,6 +79,29 @@ def _normalised(gram: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Te
     return h / scale.unsqueeze(0) / scale.unsqueeze(1), scale
 
 
+# Layers fed the same input (q/k/v, gate/up) share one Gram tensor: its decomposition is
+# kept while the tensor lives and is unchanged (in-place edits bump its version).
+_DECOMPOSED: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+
+
+def _decomposed(
+    gram: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The normalised Gram, its scale, and its eigenvalues and eigenvectors, all float32.
+
+    The eigendecomposition, which serves every penalty's ridge inverse, is taken in float64;
+    the iterations run in float32, as in the authors' code.
+    """
+    kept = _DECOMPOSED.get(gram)
+    if kept is not None and kept[0] == gram._version:
+        return kept[1]
+    h, scale = _normalised(gram, DAMP)
+    eigenvalues, vectors = torch.linalg.eigh(h)
+    result = (h.float(), scale.float(), eigenvalues.float(), vectors.float())
+    _DECOMPOSED[gram] = (gram._version, result)
+    return result
+
+
 def refit_on_support(
     h: torch.Tensor, target: torch.Tensor, start: torch.Tensor, keep: torch.Tensor, steps: int
 ) -> torch.Tensor:
@@ -118,18 +142,14 @@ def alps_prune(
     ``int(cols * ratio)`` of each row (``"row"``).
     """
     options = options or ALPSOptions()
-    h64, scale64 = _normalised(gram.to(weight.device), DAMP)
-    # one eigendecomposition serves every penalty's ridge inverse; it is taken in float64,
-    # the iterations run in float32 (as the authors' code)
-    eigenvalues, vectors = torch.linalg.eigh(h64)
-    h, scale = h64.float(), scale64.float()
+    h, scale, eigenvalues, vectors = _decomposed(gram.to(weight.device))
     b0 = weight.detach().float() * scale.unsqueeze(0)
     target = b0 @ h
     project = _projector(weight.shape, ratio, nm, scope)
     pruned_count = max(int(project(b0).sum()), 1)
 
     def ridge_inverse(rho: float) -> torch.Tensor:
-        return ((vectors / (eigenvalues + rho).unsqueeze(0)) @ vectors.t()).float()
+        return (vectors / (eigenvalues + rho).unsqueeze(0)) @ vectors.t()
 
     rho = RHO
     inverse = ridge_inverse(rho)
