@@ -2,7 +2,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import invoke, make_model, make_windows
+from conftest import invoke, invoke_prune, make_model, make_windows
 from test_sparsegpt import layer_problem
 
 from secateurs.api import MethodPruner
@@ -112,3 +112,16 @@ def test_a_gram_changed_in_place_is_decomposed_again():
     again, _ = alps_prune(weight, gram, 0.5)
     fresh, _ = alps_prune(weight, gram.clone(), 0.5)
     assert torch.equal(again, fresh)
+
+
+def test_prunes_from_the_command_line_and_refuses_what_it_cannot_combine(tiny_model_dir, text_dir):
+    out = invoke_prune(tiny_model_dir, text_dir, "--prune_method", "alps", "--nsamples", "4",
+                       "--eval_limit", "1", "--sparsity_type", "2:4")  # fmt: skip
+    assert out.exit_code == 0, out.output
+    for args, message in (
+        (("--use_recovery",), "drop --use_recovery"),
+        (("--refine", "dsnot"), "alps chooses masks and updates weights itself"),
+        (("--sparsity_type", "neuron"), "alps prunes unstructured"),
+    ):
+        bad = invoke_prune(tiny_model_dir, text_dir, "--prune_method", "alps", *args)
+        assert bad.exit_code == 2 and message in bad.output, bad.output
