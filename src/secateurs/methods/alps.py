@@ -18,16 +18,17 @@ gradients), and unstructured masks are chosen over the whole layer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from secateurs.core.patterns import NMSparsity, SparsityPattern, Unstructured, _lowest, nm_mask
+from secateurs.core.patterns import SparsityPattern, _lowest, nm_mask
 from secateurs.core.spec import setting
 from secateurs.core.stats import ActivationStats, StatsRequest
 from secateurs.errors import SecateursError
 from secateurs.methods.registry import Method, register
-from secateurs.methods.sparsegpt import sparsegpt_saliency
+from secateurs.methods.sparsegpt import by_pattern, sparsegpt_saliency
 
 DAMP = 0.01
 RHO = 0.1
@@ -202,11 +203,9 @@ def solve(
     options: ALPSOptions | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The engine's entry: ALPS on one layer with its statistics' Gram."""
-    if isinstance(pattern, NMSparsity):
-        return alps_prune(weight, stats.gram, nm=(pattern.n, pattern.m), options=options)
-    if type(pattern) is not Unstructured:
-        raise SecateursError(f"alps prunes unstructured or N:M sparsity, not {pattern.describe()}")
-    return alps_prune(weight, stats.gram, ratio, scope=pattern.scope, options=options)
+    return by_pattern(
+        "alps", pattern, ratio, partial(alps_prune, weight, stats.gram, options=options)
+    )
 
 
 register(

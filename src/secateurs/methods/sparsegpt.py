@@ -11,7 +11,9 @@ Cholesky factor of ``H^-1``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -166,13 +168,26 @@ def solve(
     """The engine's entry: SparseGPT on one layer with its statistics' Gram as the Hessian."""
     options = options or SparseGPTOptions()
     common = {"block_size": options.block_size, "damp": options.damp, "layer": layer}
+    return by_pattern(
+        "sparsegpt", pattern, ratio, partial(sparsegpt_prune, weight, stats.gram, **common)
+    )
+
+
+def by_pattern(
+    method: str,
+    pattern: SparsityPattern,
+    ratio: float,
+    prune: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Call a layer solver with the pattern's N:M groups, or its unstructured ratio and scope;
+    refuse any other pattern in ``method``'s name."""
     if isinstance(pattern, NMSparsity):
-        return sparsegpt_prune(weight, stats.gram, nm=(pattern.n, pattern.m), **common)
+        return prune(nm=(pattern.n, pattern.m))
     if type(pattern) is not Unstructured:
         raise SecateursError(
-            f"sparsegpt prunes unstructured or N:M sparsity, not {pattern.describe()}"
+            f"{method} prunes unstructured or N:M sparsity, not {pattern.describe()}"
         )
-    return sparsegpt_prune(weight, stats.gram, ratio, scope=pattern.scope, **common)
+    return prune(ratio=ratio, scope=pattern.scope)
 
 
 def sparsegpt_saliency(weight: torch.Tensor, stats: ActivationStats | None) -> torch.Tensor:
