@@ -27,6 +27,7 @@ from secateurs.core.patterns import SparsityPattern, _lowest, nm_mask
 from secateurs.core.spec import setting
 from secateurs.core.stats import ActivationStats, StatsRequest
 from secateurs.errors import SecateursError
+from secateurs.methods.recovery import rows_conjugate_gradients
 from secateurs.methods.registry import Method, register
 from secateurs.methods.sparsegpt import by_pattern, sparsegpt_saliency
 
@@ -106,26 +107,13 @@ def _decomposed(
 def refit_on_support(
     h: torch.Tensor, target: torch.Tensor, start: torch.Tensor, keep: torch.Tensor, steps: int
 ) -> torch.Tensor:
-    """Conjugate gradients on ``B h = target`` for every row, entries outside ``keep`` held at 0.
-
-    Rows are independent systems ``h_SS b_S = target_S``; they run side by side, each with its
-    own step lengths, from ``start`` (zero outside ``keep``).
-    """
-    b = start * keep
-    residual = (target - b @ h) * keep
-    direction = residual.clone()
-    power = (residual * residual).sum(dim=1, keepdim=True)
-    for _ in range(steps):
-        curved = (direction @ h) * keep
-        denominator = (direction * curved).sum(dim=1, keepdim=True)
-        step = torch.where(denominator > 0, power / denominator, torch.zeros_like(power))
-        b = b + step * direction
-        residual = residual - step * curved
-        new_power = (residual * residual).sum(dim=1, keepdim=True)
-        ratio = torch.where(power > 0, new_power / power, torch.zeros_like(power))
-        direction = residual + ratio * direction
-        power = new_power
-    return b
+    """``steps`` conjugate-gradient steps on ``B h = target`` for every row, entries outside
+    ``keep`` held at 0: the independent systems ``h_SS b_S = target_S``, from ``start``."""
+    mask = keep.to(h.dtype)
+    precondition = 1.0 / (mask * h.diagonal() + (1.0 - mask))
+    return rows_conjugate_gradients(
+        lambda v: mask * (v @ h), mask * target, precondition, steps, 0.0, start * mask
+    )
 
 
 def alps_prune(

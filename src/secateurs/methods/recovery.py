@@ -6,6 +6,7 @@ applies it through :class:`secateurs.core.recovery.WeightRedistributor`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -114,23 +115,46 @@ class LeastSquaresStrategy(RecoveryStrategy):
 
         rhs = keep * ((weight * mask) @ gram)
         precondition = 1.0 / (keep * (torch.diagonal(gram) + lam) + (1.0 - keep))
-        update = torch.zeros_like(weight)
-        residual = rhs.clone()
-        direction = residual * precondition
-        rz = (residual * direction).sum(dim=1)
-        scale = rhs.norm(dim=1).clamp_min(1e-30)
-        for _ in range(self.max_iter):
-            if bool((residual.norm(dim=1) <= self.tol * scale).all()):
-                break
-            product = system(direction)
-            step = rz / (direction * product).sum(dim=1).clamp_min(1e-30)
-            update += step.unsqueeze(1) * direction
-            residual -= step.unsqueeze(1) * product
-            z = residual * precondition
-            rz_next = (residual * z).sum(dim=1)
-            direction = z + (rz_next / rz.clamp_min(1e-30)).unsqueeze(1) * direction
-            rz = rz_next
+        update = rows_conjugate_gradients(system, rhs, precondition, self.max_iter, self.tol)
         return (weight + update).masked_fill(mask, 0).to(dense.dtype)
+
+
+def rows_conjugate_gradients(
+    system: Callable[[torch.Tensor], torch.Tensor],
+    rhs: torch.Tensor,
+    precondition: torch.Tensor,
+    max_iter: int,
+    tol: float,
+    start: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Preconditioned conjugate gradients on ``system(x) = rhs`` for every row at once.
+
+    ``system`` applies a symmetric positive definite operator to each row (one matrix product
+    for all rows; a mask inside it restricts rows to their support), ``precondition`` scales the
+    residual element by element (Jacobi). From ``start`` (zeros if None), it stops when every
+    row's residual is within ``tol`` of its right-hand side's norm, or after ``max_iter`` steps.
+    """
+    if start is None:
+        solution = torch.zeros_like(rhs)
+        residual = rhs.clone()
+    else:
+        solution = start.clone()
+        residual = rhs - system(solution)
+    direction = residual * precondition
+    rz = (residual * direction).sum(dim=1)
+    scale = rhs.norm(dim=1).clamp_min(1e-30)
+    for _ in range(max_iter):
+        if bool((residual.norm(dim=1) <= tol * scale).all()):
+            break
+        product = system(direction)
+        step = rz / (direction * product).sum(dim=1).clamp_min(1e-30)
+        solution += step.unsqueeze(1) * direction
+        residual -= step.unsqueeze(1) * product
+        z = residual * precondition
+        rz_next = (residual * z).sum(dim=1)
+        direction = z + (rz_next / rz.clamp_min(1e-30)).unsqueeze(1) * direction
+        rz = rz_next
+    return solution
 
 
 STRATEGIES = {"inverse_wanda": InverseWandaStrategy, "least_squares": LeastSquaresStrategy}
@@ -144,4 +168,5 @@ __all__ = [
     "WeightRedistributor",
     "output_error",
     "relative_output_error",
+    "rows_conjugate_gradients",
 ]
