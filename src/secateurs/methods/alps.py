@@ -135,15 +135,16 @@ def alps_prune(
     b0 = weight.detach().float() * scale.unsqueeze(0)
     target = b0 @ h
     project = _projector(weight.shape, ratio, nm, scope)
-    pruned_count = max(int(project(b0).sum()), 1)
+    first = project(b0)
+    pruned_count = max(int(first.sum()), 1)
 
     def ridge_inverse(rho: float) -> torch.Tensor:
         return (vectors / (eigenvalues + rho).unsqueeze(0)) @ vectors.t()
 
     rho = RHO
     inverse = ridge_inverse(rho)
-    first = project(b0)
-    support, d = first, b0.masked_fill(first, 0)
+    d_start = b0.masked_fill(first, 0)
+    support, d = first, d_start
     dual = torch.zeros_like(b0)
     b = b0
     rho_raised = False
@@ -167,7 +168,7 @@ def alps_prune(
         elif change > 0:
             # the support moves while rho has only shrunk: start over with a smaller rho
             rho /= 5
-            b, d, dual = b0, b0.masked_fill(first, 0), torch.zeros_like(b0)
+            b, d, dual = b0, d_start, torch.zeros_like(b0)
         elif rho_raised:
             break
         else:
