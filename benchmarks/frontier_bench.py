@@ -6,7 +6,10 @@ same test windows (all of them by default). Rows:
 
 - ``wanda``, ``sparsegpt``, ``alps`` (Meng et al. 2024);
 - ``wanda+ls``: Wanda's mask, survivors refit by least squares (``--use_recovery``);
-- ``wanda+dsnot`` and ``wanda+ls+dsnot``: the mask refined by DSnoT first (``--refine dsnot``).
+- ``wanda+dsnot`` and ``wanda+ls+dsnot``: the mask refined by DSnoT first (``--refine dsnot``);
+- ``+recp`` and ``+rec``: block reconstruction (``--reconstruct pruned`` / ``dense``): each
+  block's ``o_proj`` and ``down_proj`` refit to the unpruned block on the pruned stream, or to
+  the dense model's block on the dense stream.
 
 Prune time is given as a ratio to SparseGPT's in the same run and setting, perplexity as a
 change against SparseGPT's; peak resident memory is the kernel's counter during the prune.
@@ -32,14 +35,28 @@ from secateurs.api import MethodPruner
 from secateurs.core.model import load_model
 from secateurs.core.patterns import effective_ratio, parse_pattern
 from secateurs.core.profiling import measure
-from secateurs.core.recovery import WeightRedistributor
+from secateurs.core.recovery import BlockReconstruction, WeightRedistributor
 from secateurs.evaluate.perplexity import check_sparsity, perplexity
 from secateurs.jobs.report import replace_marked_section
 from secateurs.methods.dsnot import MaskRefiner
-from secateurs.methods.recovery import LeastSquaresStrategy
+from secateurs.methods.recovery import LeastSquaresStrategy, MaskedRefit
 
 SETTINGS = ("0.5", "2:4", "4:8", "0.7")
-ROWS = ("sparsegpt", "wanda", "wanda+dsnot", "wanda+ls", "wanda+ls+dsnot", "alps")
+ROWS = (
+    "sparsegpt",
+    "sparsegpt+rec",
+    "wanda",
+    "wanda+dsnot",
+    "wanda+recp",
+    "wanda+rec",
+    "wanda+ls",
+    "wanda+ls+dsnot",
+    "wanda+ls+recp",
+    "wanda+ls+rec",
+    "alps",
+    "alps+rec",
+)
+STREAMS = {"recp": "pruned", "rec": "dense"}
 
 
 def pattern_of(setting: str) -> tuple[str, float]:
@@ -48,8 +65,10 @@ def pattern_of(setting: str) -> tuple[str, float]:
 
 
 def pruner_for(model, row: str, batch_size: int) -> MethodPruner:
-    """The pruner a row names: a method, with least squares and DSnoT where it says so."""
+    """The pruner a row names: a method, with least squares, DSnoT and block reconstruction
+    where it says so."""
     method, *extras = row.split("+")
+    stream = next((STREAMS[e] for e in extras if e in STREAMS), None)
     return MethodPruner(
         model,
         method,
@@ -57,6 +76,7 @@ def pruner_for(model, row: str, batch_size: int) -> MethodPruner:
         progress=False,
         redistributor=WeightRedistributor(LeastSquaresStrategy()) if "ls" in extras else None,
         refiner=MaskRefiner() if "dsnot" in extras else None,
+        reconstruction=None if stream is None else BlockReconstruction(MaskedRefit(), stream),
     )
 
 

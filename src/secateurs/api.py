@@ -29,6 +29,7 @@ from secateurs.core.patterns import (
     effective_ratio,
     parse_pattern,
 )
+from secateurs.core.recovery import BlockReconstruction
 from secateurs.core.stats import ActivationStats, StatsRequest
 from secateurs.data import text as data
 from secateurs.data.prompts import PromptBatch, text_batch
@@ -78,7 +79,9 @@ class BasePruner(ABC):
     (:mod:`secateurs.formats.streaming`);
     ``parallel`` calibrates on this process's share of the windows
     (:mod:`secateurs.jobs.distributed`). A ``refiner`` (DSnoT, :mod:`secateurs.methods.dsnot`)
-    changes each layer's mask before it is applied.
+    changes each layer's mask before it is applied; a ``reconstruction``
+    (:class:`secateurs.core.recovery.BlockReconstruction`) refits each block's output layers
+    after it is pruned.
     """
 
     default_scope = "row"
@@ -96,10 +99,12 @@ class BasePruner(ABC):
         store: BlockStore | None = None,
         parallel: DataParallel | None = None,
         refiner: MaskRefiner | None = None,
+        reconstruction: BlockReconstruction | None = None,
     ) -> None:
         self.model = model
         self.redistributor = redistributor
         self.refiner = refiner
+        self.reconstruction = reconstruction
         self.store = store
         self.parallel = parallel
         self.tokenizer = tokenizer
@@ -146,7 +151,12 @@ class BasePruner(ABC):
                     f"{pattern.describe()}"
                 )
             ratio = block_ratios
-        needs_data = self.calibrated or self.redistributor is not None or self.refiner is not None
+        needs_data = (
+            self.calibrated
+            or self.redistributor is not None
+            or self.refiner is not None
+            or self.reconstruction is not None
+        )
         metric = self.compute_pruning_metric
         return prune_sequential(
             self.model,
@@ -165,6 +175,7 @@ class BasePruner(ABC):
             store=self.store,
             parallel=self.parallel,
             refiner=self.refiner,
+            reconstruction=self.reconstruction,
         )
 
 

@@ -43,6 +43,7 @@ from secateurs.methods.selectivity import DEFAULT_IDF_FORM, IDF_FORMS
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 OFFLOAD_MODES = ("auto", "none", "disk")
 RECOVERIES = ("inverse_wanda", "least_squares")
+RECONSTRUCTIONS = ("none", "pruned", "dense")
 # The scores wandg_set_difference can take the difference of (methods with a whole-model pass).
 SET_DIFFERENCE_SCORES = ("wandg", "wanda_v2")
 # What `secateurs compare` runs without --methods.
@@ -219,12 +220,21 @@ class RecoverySpec:
         "Share of calibration tokens the error report samples, (0, 1]; 1 = exact "
         "(least_squares always reports exactly).",
     )
+    reconstruct: str = setting(
+        "none",
+        "Block reconstruction after each block is pruned (any method, with or without "
+        "--use_recovery): refit o_proj and down_proj on their surviving weights so the "
+        "attention and the block outputs match the unpruned ones. pruned: the unpruned block "
+        "on the pruned model's stream; dense: the dense model's block on its own stream (also "
+        "corrects earlier blocks' drift; one more forward pass per block); none.",
+    )
 
     def __post_init__(self) -> None:
         if self.recovery not in RECOVERIES:
             raise SecateursError(
                 f"unknown --recovery '{self.recovery}'; choose one of: {', '.join(RECOVERIES)}"
             )
+        _one_of(self.reconstruct, RECONSTRUCTIONS, "reconstruct")
 
 
 @dataclass(frozen=True)

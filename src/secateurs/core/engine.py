@@ -8,10 +8,12 @@ needed beyond the model is one block plus one buffer of calibration activations.
 from __future__ import annotations
 
 import contextlib
+import copy
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -34,8 +36,16 @@ from secateurs.core.model import (
 )
 from secateurs.core.patterns import SparsityPattern, zero_masked
 from secateurs.core.profiling import give_back_memory
-from secateurs.core.recovery import LayerRecovery, WeightRedistributor
+from secateurs.core.recovery import (
+    BlockReconstruction,
+    LayerReconstruction,
+    LayerRecovery,
+    WeightRedistributor,
+    output_error,
+)
 from secateurs.core.stats import ActivationStats, StatsRequest, token_classes
+from secateurs.core.targets import paired_target, target_error, without_bias
+from secateurs.core.units import HeadLayout, find_attention, find_mlp, head_layout
 from secateurs.errors import SecateursError
 
 MetricFn = Callable[[nn.Module, "ActivationStats | None"], torch.Tensor]
@@ -81,8 +91,10 @@ class PruneReport:
             "recover": 0.0,
             "solve": 0.0,
             "propagate": 0.0,
+            "reconstruct": 0.0,
         }
     )
+    reconstruction: list[LayerReconstruction] = field(default_factory=list)
     block_ratios: list[float] | None = None
     allocation: dict | None = None
 
@@ -112,6 +124,7 @@ class PruneReport:
             ),
             "block_ratios": self.block_ratios,
             "allocation": self.allocation,
+            "reconstruction": [asdict(r) for r in self.reconstruction] or None,
         }
 
 
@@ -392,6 +405,67 @@ class BlockStep:
     token_mask: torch.Tensor | None = None
     parallel: DataParallel | None = None
     refiner: MaskRefiner | None = None
+    reconstruction: BlockReconstruction | None = None
+    layout: HeadLayout | None = None
+
+
+def output_layers(block: nn.Module, layout: HeadLayout | None) -> list[str]:
+    """The sub-blocks' output layers in the order they run: attention's, then the MLP's."""
+    names = []
+    attention = find_attention(block, layout) if layout is not None else None
+    if attention is not None:
+        names.append(attention.consumer)
+    mlp = find_mlp(block)
+    if mlp is not None:
+        names.append(mlp.consumer)
+    return names
+
+
+def reconstruct_block(
+    step: BlockStep,
+    block: nn.Module,
+    original: nn.Module,
+    index: int,
+    inputs: BlockInputs,
+    reference: BlockInputs,
+    report: PruneReport,
+) -> None:
+    """Refit the block's output layers in turn on their surviving weights (see
+    :class:`secateurs.core.recovery.BlockReconstruction`): the attention's to its unpruned
+    output, the last (the MLP's) so that the block's output is the unpruned one."""
+    assert step.reconstruction is not None
+    names = output_layers(block, step.layout)
+    layers = find_linears(block)
+    for position, name in enumerate(names):
+        aim = "block" if position == len(names) - 1 else "layer"
+        target = paired_target(
+            block, original, name, index, inputs, reference, step.batch_size, aim, True
+        )
+        if target is None:  # the layer's output does not add to the block's (a norm follows)
+            aim = "layer"
+            target = paired_target(
+                block, original, name, index, inputs, reference, step.batch_size, aim, True
+            )
+        assert target is not None and target.gram is not None
+        layer = layers[name]
+        weight = weight_matrix(layer)
+        bias = getattr(layer, "bias", None)
+        if bias is not None:
+            target = without_bias(target, bias.detach())
+        mask = weight == 0
+        gram = target.gram.to(weight.device)
+        new = step.reconstruction.solve(weight, mask, gram, target.cross.to(weight.device))
+        full = f"{step.stack_name}.{index}.{name}"
+        require_finite(new, "weights from the block reconstruction", full)
+        energy = max(target.energy, 1e-30)
+        before = target_error(output_error(weight, gram), weight, None, target)
+        after = target_error(output_error(new, gram), new, None, target)
+        if after > before:  # conjugate gradients stopped early on a badly scaled system
+            new, after = weight.clone(), before
+        weight.copy_(new)
+        report.reconstruction.append(
+            LayerReconstruction(full, aim, math.sqrt(before / energy), math.sqrt(after / energy))
+        )
 
 
 def _apply_masks(
@@ -433,14 +507,19 @@ def prune_block(
     inputs: BlockInputs | None,
     report: PruneReport,
     propagate: bool = True,
+    dense: BlockInputs | None = None,
 ) -> None:
     """Calibrate, prune (and recover) block ``index``, then propagate ``inputs`` through it
-    (unless ``propagate`` is off: the last block's outputs feed nothing).
+    (unless ``propagate`` is off: the last block's outputs feed nothing). With a block
+    reconstruction the output layers are refit before propagation; ``dense`` is the dense
+    model's stream, which the unpruned block then carries on.
 
     The block moves to the compute device for the step and back where it was after.
     """
     home = next(block.parameters()).device
     block.to(step.device)
+    reconstructs = step.reconstruction is not None and inputs is not None
+    original = copy.deepcopy(block) if reconstructs else None
     layers = find_linears(block)
     stats: dict[str, ActivationStats] = {}
     if inputs is not None:
@@ -469,6 +548,15 @@ def prune_block(
         report.seconds["solve"] += time.perf_counter() - start
     _apply_masks(step, layers, stats, masks, prefix, report)
     del stats, masks
+    if original is not None:
+        assert inputs is not None
+        start = time.perf_counter()
+        reference = dense if dense is not None else inputs
+        reconstruct_block(step, block, original, index, inputs, reference, report)
+        if dense is not None and propagate:
+            dense.hidden = run_block(original, dense, step.batch_size, True, index=index)
+        report.seconds["reconstruct"] += time.perf_counter() - start
+        del original
     if inputs is not None and propagate:
         start = time.perf_counter()
         inputs.hidden = run_block(block, inputs, step.batch_size, True, index=index)
@@ -496,6 +584,7 @@ def prune_sequential(
     store: BlockStore | None = None,
     parallel: DataParallel | None = None,
     refiner: MaskRefiner | None = None,
+    reconstruction: BlockReconstruction | None = None,
 ) -> PruneReport:
     """Prune every linear layer of every decoder block, in block order.
 
@@ -512,7 +601,8 @@ def prune_sequential(
     weights are read before and written after each block (the model is a skeleton); with
     ``parallel`` this process calibrates on its share of ``windows`` only and the
     statistics are combined with the other processes'. A ``refiner`` changes each layer's
-    mask before it is applied (DSnoT).
+    mask before it is applied (DSnoT). A ``reconstruction`` refits each block's output layers
+    after it is pruned (:class:`secateurs.core.recovery.BlockReconstruction`).
     """
     device = torch.device(device)
     check_pattern_fits(model, pattern)
@@ -528,8 +618,17 @@ def prune_sequential(
                 "--refine; refine a score method's masks (wanda, magnitude, ...)"
             )
         refiner.check(pattern)
+    if reconstruction is not None and parallel is not None:
+        raise SecateursError(
+            "--reconstruct runs in one process only: its targets are not combined across "
+            "torchrun processes yet; launch without torchrun, or drop --reconstruct"
+        )
     calibrated = (
-        calibrated or redistributor is not None or solver is not None or refiner is not None
+        calibrated
+        or redistributor is not None
+        or solver is not None
+        or refiner is not None
+        or reconstruction is not None
     )
     if calibrated and (windows is None or windows.shape[0] == 0):
         raise ValueError("this method needs calibration windows")
@@ -562,6 +661,8 @@ def prune_sequential(
         token_mask,
         parallel,
         refiner,
+        reconstruction,
+        _layout_or_none(model) if reconstruction is not None else None,
     )
     if not isinstance(sparsity_ratio, (int, float)):
         report.block_ratios = step.ratios
@@ -571,15 +672,28 @@ def prune_sequential(
         with store.capturing(windows) if store is not None else contextlib.nullcontext():
             inputs = capture_block_inputs(model, windows, device, batch_size)
         report.seconds["capture"] += time.perf_counter() - start
+    dense = None
+    if inputs is not None and reconstruction is not None and reconstruction.stream == "dense":
+        dense = replace(inputs, hidden=inputs.hidden.clone())
     for index, block in enumerate(tqdm(blocks, desc="pruning blocks", disable=not progress)):
         if store is not None:
             store.load(index, block)
-        prune_block(step, block, index, inputs, report, propagate=index < len(blocks) - 1)
+        last = index == len(blocks) - 1
+        prune_block(step, block, index, inputs, report, propagate=not last, dense=dense)
         if store is not None:
             store.release(index, block)
     if report.alarms():
         warnings.warn(alarm_message(report.alarms()), ChannelCollapseWarning, stacklevel=2)
     return report
+
+
+def _layout_or_none(model: nn.Module) -> HeadLayout | None:
+    """The model's head layout; None where its config names no head count (then only the
+    MLP's output layer is refit)."""
+    try:
+        return head_layout(model.config)
+    except SecateursError:
+        return None
 
 
 def _warn_if_underdetermined(

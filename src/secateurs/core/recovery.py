@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -106,3 +107,42 @@ class WeightRedistributor:
             relative_error_before=relative_output_error(dense, pruned, gram),
             relative_error_after=relative_output_error(dense, new, gram),
         )
+
+
+# (weight, prune mask, X^T X of its inputs, X^T T with the target) -> new weight, mask kept zero
+MaskedSolve = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+STREAMS = ("pruned", "dense")
+
+
+@dataclass(frozen=True)
+class BlockReconstruction:
+    """After a block is pruned, refit the output layer of each sub-block (attention's
+    ``o_proj``, then the MLP's ``down_proj``) on its surviving weights, on the inputs the pruned
+    layers before it really give: ``o_proj`` to the unpruned ``o_proj``'s output, ``down_proj``
+    so that the block's output is the unpruned block's (see
+    :func:`secateurs.core.targets.paired_target`).
+
+    ``stream`` "pruned": the unpruned block runs on the pruned model's stream, as layer
+    recovery does. "dense": it runs on the dense model's own stream, so the refit also makes
+    up for the earlier blocks' drift, at one more forward pass per block and a second buffer
+    of activations.
+    """
+
+    solve: MaskedSolve
+    stream: str = "dense"
+
+    def __post_init__(self) -> None:
+        if self.stream not in STREAMS:
+            raise SecateursError(
+                f"unknown reconstruction stream '{self.stream}'; use {' or '.join(STREAMS)}"
+            )
+
+
+@dataclass
+class LayerReconstruction:
+    """One refit output layer: its relative error against the target before and after."""
+
+    layer: str
+    aim: str
+    relative_error_before: float
+    relative_error_after: float

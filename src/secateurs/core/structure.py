@@ -29,13 +29,13 @@ from tqdm.auto import tqdm
 from secateurs.core.engine import calibrate_block, run_block
 from secateurs.core.model import (
     BlockInputs,
-    block_output,
     capture_block_inputs,
     find_blocks,
     find_linears,
     weight_matrix,
 )
 from secateurs.core.stats import ActivationStats, StatsRequest
+from secateurs.core.targets import Target, paired_target, target_error
 from secateurs.core.units import (
     check_head_mode,
     choose_units,
@@ -140,16 +140,6 @@ class StructurePlan:
                 str(i): v for (i, j), v in sorted(self.similarity.items()) if j == i + 1
             },
         }
-
-
-@dataclass
-class Target:
-    """What a consumer's output should be, as sums over the calibration tokens of its kept
-    inputs times the target (``cross``, in x out), the target (``total``) and its energy."""
-
-    cross: torch.Tensor
-    total: torch.Tensor
-    energy: float
 
 
 def refit(
@@ -430,28 +420,15 @@ class StructurePruner:
         weight.copy_(new)
         reference = output_change(stats, dense) or 1.0
         if target is not None:
-            before = target_error(stats, plain, old_bias, target)
-            after = target_error(stats, new, None if bias is None else bias.data, target)
+            new_bias = None if bias is None else bias.data
+            before = target_error(output_change(stats, plain, old_bias), plain, old_bias, target)
+            after = target_error(output_change(stats, new, new_bias), new, new_bias, target)
             return math.sqrt(before / reference), math.sqrt(after / reference)
         shift = None if bias is None else bias.data - old_bias
         return (
             math.sqrt(output_change(stats, plain - dense) / reference),
             math.sqrt(output_change(stats, new - dense, shift) / reference),
         )
-
-
-def target_error(
-    stats: ActivationStats, weight: torch.Tensor, bias: torch.Tensor | None, target: Target
-) -> float:
-    """``sum over tokens of ||weight x + bias - t||^2`` from the sums alone."""
-    produced = float((weight.double() * target.cross.double().t()).sum())
-    if bias is not None:
-        produced += float(bias.double() @ target.total.double())
-    return max(output_change(stats, weight, bias) - 2 * produced + target.energy, 0.0)
-
-
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1]).double()
 
 
 def dense_target(
@@ -463,57 +440,11 @@ def dense_target(
     dense: BlockInputs,
     batch_size: int,
 ) -> Target | None:
-    """The output the consumer should give so that the block's output is the dense model's.
-
-    The block adds the consumer's output ``y`` to its residual stream (checked: a shift of
-    ``y`` must shift the block's output by as much; where a norm follows, as in Gemma-3,
-    None is returned and the layer's own output stays the target). Then ``t = y + (dense
-    block output - this block's output)``: matching it also corrects what the blocks before
-    (pruned, or removed) changed in the residual stream.
-    """
-    layer = find_linears(block)[consumer]
-    seen: dict[str, torch.Tensor] = {}
-    shift: dict[str, torch.Tensor | None] = {"delta": None}
-
-    def hook(_module, args, output):
-        seen["x"], seen["y"] = args[0], output
-        if shift["delta"] is not None:
-            return output + shift["delta"]
-        return None
-
-    handle = layer.register_forward_hook(hook)
-    cross = total = None
-    energy = 0.0
-    try:
-        with torch.no_grad():
-            for start in range(0, inputs.hidden.shape[0], batch_size):
-                rows = slice(start, start + batch_size)
-                batch, reference = inputs.hidden[rows], dense.hidden[rows]
-                args, kwargs = inputs.call_args(batch.shape[0], index)
-                out = block_output(block(batch, *args, **kwargs))
-                x, y = _flat(seen["x"]), _flat(seen["y"])
-                if start == 0 and not _adds_to_residual(block, batch, args, kwargs, out, shift):
-                    return None
-                want = block_output(original(reference, *args, **kwargs))
-                t = y + _flat(want) - _flat(out)
-                cross = x.t() @ t if cross is None else cross.add_(x.t() @ t)
-                total = t.sum(dim=0) if total is None else total.add_(t.sum(dim=0))
-                energy += float(t.square().sum())
-    finally:
-        handle.remove()
-    assert cross is not None and total is not None
-    return Target(cross, total, energy)
-
-
-def _adds_to_residual(block, batch, args, kwargs, out, shift) -> bool:
-    """Whether shifting the consumer's output by a constant shifts the block's output by it."""
-    delta = torch.full((out.shape[-1],), 0.5, dtype=out.dtype, device=out.device)
-    shift["delta"] = delta
-    try:
-        moved = block_output(block(batch, *args, **kwargs))
-    finally:
-        shift["delta"] = None
-    return bool(torch.allclose(moved - out, delta.expand_as(out), atol=1e-3, rtol=1e-3))
+    """The output the consumer should give so that the block's output is the dense model's
+    (see :func:`secateurs.core.targets.paired_target`): matching it also corrects what the
+    blocks before (pruned, or removed) changed in the residual stream. None where the
+    consumer does not add to the block's output (Gemma-3's post-FFN norm)."""
+    return paired_target(block, original, consumer, index, inputs, dense, batch_size, "block")
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ from secateurs.core.patterns import (
     effective_ratio,
     parse_pattern,
 )
+from secateurs.core.recovery import BlockReconstruction
 from secateurs.data import text
 from secateurs.errors import SecateursError
 from secateurs.evaluate.zeroshot import ZeroShotPlan, prepare_zero_shot
@@ -36,6 +37,7 @@ from secateurs.methods.dsnot import DSnoTOptions, MaskRefiner
 from secateurs.methods.recovery import (
     InverseWandaStrategy,
     LeastSquaresStrategy,
+    MaskedRefit,
     WeightRedistributor,
 )
 from secateurs.methods.registry import METHODS, Method, get_method
@@ -87,6 +89,14 @@ def make_redistributor(cfg: RunConfig) -> WeightRedistributor | None:
     return WeightRedistributor(strategy, spec.recovery_report_fraction)
 
 
+def make_reconstruction(cfg: RunConfig) -> BlockReconstruction | None:
+    """The block reconstruction asked for by the configuration, or None."""
+    spec = cfg.recovery
+    if spec.reconstruct == "none":
+        return None
+    return BlockReconstruction(MaskedRefit(spec.least_squares_damp), spec.reconstruct)
+
+
 def make_refiner(cfg: RunConfig) -> MaskRefiner | None:
     """The mask refinement asked for by the configuration, or None."""
     spec = cfg.sparsity
@@ -115,6 +125,7 @@ def needs_calibration(cfg: RunConfig, method: Method) -> bool:
         or cfg.recovery.use_recovery
         or cfg.sparsity.sparsity_allocation == "owl"
         or cfg.sparsity.refine != "none"
+        or cfg.recovery.reconstruct != "none"
         or method.whole_model is not None
     )
 
@@ -267,6 +278,8 @@ def check_parallel(cfg: RunConfig, method: Method) -> None:
         reason = "score files are written and read by one process"
     elif cfg.sparsity.sparsity_allocation == "owl":
         reason = "OWL's outlier pass is not split across processes"
+    elif cfg.recovery.reconstruct != "none":
+        reason = "block reconstruction's targets are not combined across processes"
     elif cfg.recovery.use_recovery and cfg.recovery.recovery_report_fraction < 1.0:
         reason = (
             "the recovery report samples tokens in one sequence (add "

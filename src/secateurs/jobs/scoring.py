@@ -108,6 +108,11 @@ def check_score_args(cfg: RunConfig, method: Method) -> None:
             "--use_recovery needs the block-by-block calibration; it does not combine with "
             "gradient scores, loaded scores or set difference"
         )
+    if cfg.recovery.reconstruct != "none" and uses_table(cfg, method):
+        raise SecateursError(
+            "--reconstruct needs the block-by-block calibration; it does not combine with "
+            "gradient scores, loaded scores or set difference"
+        )
     if cfg.safety.use_diff and not cfg.safety.load_wanda_score:
         check_base_config(cfg)
     if not (cfg.safety.dump_wanda_score or cfg.safety.load_wanda_score):

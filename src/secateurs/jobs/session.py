@@ -19,7 +19,13 @@ from secateurs.data import text
 from secateurs.data.prompts import PromptBatch
 from secateurs.evaluate.perplexity import perplexity
 from secateurs.evaluate.zeroshot import METRICS, ZeroShotPlan, evaluate_zero_shot
-from secateurs.jobs.plan import Plan, make_redistributor, make_refiner, needs_calibration
+from secateurs.jobs.plan import (
+    Plan,
+    make_reconstruction,
+    make_redistributor,
+    make_refiner,
+    needs_calibration,
+)
 from secateurs.jobs.scoring import (
     configured_pruner,
     load_base_weights,
@@ -160,6 +166,7 @@ def prune_loaded(
         progress=cfg.execution.progress,
         redistributor=make_redistributor(cfg),
         refiner=make_refiner(cfg),
+        reconstruction=make_reconstruction(cfg),
         store=store,
         parallel=parallel,
         base=load_base_weights(cfg, model, log),

@@ -157,6 +157,46 @@ def rows_conjugate_gradients(
     return solution
 
 
+@dataclass(frozen=True)
+class MaskedRefit:
+    """Refit a layer's surviving weights to a target output, the mask kept.
+
+    Each row solves ``(G_SS + lam I) w_S = C_S + lam w_S^old`` with ``G = X^T X`` of the
+    layer's actual inputs, ``C = X^T T`` with the target and ``lam = damp * mean(diag G)``: a
+    ridge towards the current weights. Solved for all rows at once by the same conjugate
+    gradients as :class:`LeastSquaresStrategy`, from the current weights. Used by block
+    reconstruction (:class:`secateurs.core.recovery.BlockReconstruction`), whose targets are
+    the unpruned sub-blocks' outputs: the local reconstruction of Roux et al. (arXiv
+    2510.14444) trains whole sub-blocks to match them by gradient descent; this refits the
+    convex part, each sub-block's output layer, exactly.
+    """
+
+    damp: float = 0.01
+    max_iter: int = 100
+    tol: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if not self.damp > 0.0:
+            raise SecateursError(f"damp must be > 0, got {self.damp}; 0.01 is the usual value")
+
+    def __call__(self, weight, mask, gram, cross):
+        gram = gram.float()
+        keep = (~mask).float()
+        current = weight.float() * keep
+        diagonal = torch.diagonal(gram)
+        lam = self.damp * diagonal.mean().clamp_min(1e-12)
+
+        def system(v: torch.Tensor) -> torch.Tensor:
+            return keep * (v @ gram + lam * v)
+
+        rhs = keep * (cross.t().float() + lam * current)
+        precondition = 1.0 / (keep * (diagonal + lam) + (1.0 - keep))
+        new = rows_conjugate_gradients(
+            system, rhs, precondition, self.max_iter, self.tol, start=current
+        )
+        return new.masked_fill(mask, 0).to(weight.dtype)
+
+
 STRATEGIES = {"inverse_wanda": InverseWandaStrategy, "least_squares": LeastSquaresStrategy}
 
 __all__ = [
@@ -164,6 +204,7 @@ __all__ = [
     "InverseWandaStrategy",
     "LayerRecovery",
     "LeastSquaresStrategy",
+    "MaskedRefit",
     "RecoveryStrategy",
     "WeightRedistributor",
     "output_error",
