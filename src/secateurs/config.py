@@ -228,6 +228,13 @@ class RecoverySpec:
         "on the pruned model's stream; dense: the dense model's block on its own stream (also "
         "corrects earlier blocks' drift; one more forward pass per block); none.",
     )
+    reconstruct_epochs: int = setting(
+        0,
+        "--reconstruct: then train every surviving weight of the block (Adam, pruned weights "
+        "kept zero) towards the unpruned block's output, this many passes over the "
+        "calibration windows; 0 refits only.",
+    )
+    reconstruct_lr: float = setting(1e-4, "--reconstruct_epochs: Adam's learning rate.")
 
     def __post_init__(self) -> None:
         if self.recovery not in RECOVERIES:

@@ -15,15 +15,23 @@ from secateurs.api import MethodPruner
 from secateurs.core.engine import output_layers
 from secateurs.core.model import capture_block_inputs, find_blocks, iter_prunable, weight_matrix
 from secateurs.core.recovery import BlockReconstruction
-from secateurs.core.targets import paired_target, target_error, without_bias
+from secateurs.core.targets import paired_target, reference_outputs, target_error, without_bias
 from secateurs.core.units import head_layout
 from secateurs.errors import SecateursError
 from secateurs.methods.recovery import MaskedRefit, output_error
 
 
-def _prune(arch: str, stream: str | None, sparsity_type: str = "unstructured", method="wanda"):
+def _prune(
+    arch: str,
+    stream: str | None,
+    sparsity_type: str = "unstructured",
+    method: str = "wanda",
+    epochs: int = 0,
+):
     model = make_model(arch)
-    reconstruction = None if stream is None else BlockReconstruction(MaskedRefit(), stream)
+    reconstruction = None
+    if stream is not None:
+        reconstruction = BlockReconstruction(MaskedRefit(), stream, epochs, 1e-4)
     pruner = MethodPruner(model, method, progress=False, reconstruction=reconstruction)
     report = pruner.prune(make_windows(8, 16), 0.5, sparsity_type)
     return model, report
@@ -73,11 +81,11 @@ def test_reconstruction_brings_the_outputs_closer_to_the_dense_model(arch, strea
 
 
 def test_nm_patterns_survive_and_sparsegpt_takes_it_too():
-    rebuilt, report = _prune("llama", "dense", "2:4")
+    rebuilt, _ = _prune("llama", "dense", "2:4")
     for name, layer in iter_prunable(rebuilt):
         groups = (weight_matrix(layer) == 0).reshape(-1, 4).sum(dim=1)
         assert bool((groups >= 2).all()), name
-    solved, solved_report = _prune("llama", "pruned", "unstructured", "sparsegpt")
+    _, solved_report = _prune("llama", "pruned", "unstructured", "sparsegpt")
     assert solved_report.reconstruction
     assert all(
         r.relative_error_after <= r.relative_error_before + 1e-9
@@ -85,9 +93,29 @@ def test_nm_patterns_survive_and_sparsegpt_takes_it_too():
     )
 
 
-def test_reconstruction_is_bit_identical_across_runs():
-    first, _ = _prune("qwen2", "dense")
-    second, _ = _prune("qwen2", "dense")
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
+@pytest.mark.parametrize("stream", ["pruned", "dense"])
+def test_training_keeps_zeros_and_lowers_the_block_error(arch, stream):
+    refit, _ = _prune(arch, stream)
+    trained, report = _prune(arch, stream, epochs=3)
+    blocks = find_blocks(trained)[1]
+    records = [r for r in report.reconstruction if r.aim == "train"]
+    assert len(records) == len(blocks)
+    assert all(r.relative_error_after <= r.relative_error_before for r in records)
+    assert any(r.relative_error_after < r.relative_error_before for r in records)
+    first = find_blocks(trained)[0] + ".0."
+    for (name, a), (_, b) in zip(iter_prunable(refit), iter_prunable(trained), strict=True):
+        zeros_a, zeros_b = weight_matrix(a) == 0, weight_matrix(b) == 0
+        assert torch.equal(zeros_a.sum(dim=1), zeros_b.sum(dim=1)), name
+        if name.startswith(first):
+            assert torch.equal(zeros_a, zeros_b), name
+    assert all(p.grad is None for p in trained.parameters())
+
+
+@pytest.mark.parametrize("epochs", [0, 2])
+def test_reconstruction_is_bit_identical_across_runs(epochs):
+    first, _ = _prune("qwen2", "dense", epochs=epochs)
+    second, _ = _prune("qwen2", "dense", epochs=epochs)
     for (name, a), (_, b) in zip(iter_prunable(first), iter_prunable(second), strict=True):
         assert torch.equal(weight_matrix(a), weight_matrix(b)), name
 
@@ -131,7 +159,8 @@ def test_paired_target_is_the_original_layers_output_and_the_error_formula_holds
             original(half, *args, **kwargs)
     handle.remove()
     twin_handle.remove()
-    target = paired_target(block, original, name, 0, inputs, inputs, 2, "layer", True)
+    wanted = reference_outputs(original, [name], 0, inputs, 2)
+    target = paired_target(block, name, 0, inputs, wanted, 2, "layer", True)
     x = torch.cat(seen["x"]).reshape(-1, seen["x"][0].shape[-1]).double()
     t = torch.cat(seen["y0"]).reshape(-1, seen["y0"][0].shape[-1]).double()
     assert torch.allclose(target.cross, x.t() @ t, atol=1e-6)
@@ -187,3 +216,9 @@ def test_the_command_refuses_reconstruction_where_it_cannot_run(tiny_model_dir, 
     assert "--reconstruct needs the block-by-block calibration" in table.output
     bad = invoke_prune(tiny_model_dir, text_dir, "--reconstruct", "teacher")
     assert bad.exit_code != 0 and "--reconstruct" in bad.output
+    alone = invoke_prune(tiny_model_dir, text_dir, "--reconstruct_epochs", "2")
+    assert alone.exit_code != 0 and "add --reconstruct dense" in alone.output
+    negative = invoke_prune(
+        tiny_model_dir, text_dir, "--reconstruct", "dense", "--reconstruct_epochs", "-1"
+    )
+    assert negative.exit_code != 0 and "--reconstruct_epochs must be 0 or more" in negative.output

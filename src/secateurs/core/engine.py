@@ -44,7 +44,13 @@ from secateurs.core.recovery import (
     output_error,
 )
 from secateurs.core.stats import ActivationStats, StatsRequest, token_classes
-from secateurs.core.targets import paired_target, target_error, without_bias
+from secateurs.core.targets import (
+    Target,
+    paired_target,
+    reference_outputs,
+    target_error,
+    without_bias,
+)
 from secateurs.core.units import HeadLayout, find_attention, find_mlp, head_layout
 from secateurs.errors import SecateursError
 
@@ -421,6 +427,14 @@ def output_layers(block: nn.Module, layout: HeadLayout | None) -> list[str]:
     return names
 
 
+def _target(step, block, name, index, inputs, wanted, aim) -> Target | None:
+    """A refit's target moments: products in float32 (float64 products are several times
+    slower on a CPU), summed in float64."""
+    return paired_target(
+        block, name, index, inputs, wanted, step.batch_size, aim, True, torch.float32
+    )
+
+
 def reconstruct_block(
     step: BlockStep,
     block: nn.Module,
@@ -429,23 +443,21 @@ def reconstruct_block(
     inputs: BlockInputs,
     reference: BlockInputs,
     report: PruneReport,
-) -> None:
+) -> torch.Tensor:
     """Refit the block's output layers in turn on their surviving weights (see
     :class:`secateurs.core.recovery.BlockReconstruction`): the attention's to its unpruned
-    output, the last (the MLP's) so that the block's output is the unpruned one."""
+    output, the last (the MLP's) so that the block's output is the unpruned one. Returns the
+    unpruned block's outputs on the ``reference`` stream."""
     assert step.reconstruction is not None
     names = output_layers(block, step.layout)
+    wanted = reference_outputs(original, names, index, reference, step.batch_size)
     layers = find_linears(block)
     for position, name in enumerate(names):
         aim = "block" if position == len(names) - 1 else "layer"
-        target = paired_target(
-            block, original, name, index, inputs, reference, step.batch_size, aim, True
-        )
+        target = _target(step, block, name, index, inputs, wanted, aim)
         if target is None:  # the layer's output does not add to the block's (a norm follows)
             aim = "layer"
-            target = paired_target(
-                block, original, name, index, inputs, reference, step.batch_size, aim, True
-            )
+            target = _target(step, block, name, index, inputs, wanted, aim)
         assert target is not None and target.gram is not None
         layer = layers[name]
         weight = weight_matrix(layer)
@@ -466,6 +478,78 @@ def reconstruct_block(
         report.reconstruction.append(
             LayerReconstruction(full, aim, math.sqrt(before / energy), math.sqrt(after / energy))
         )
+    return wanted.output
+
+
+def train_block(
+    step: BlockStep,
+    block: nn.Module,
+    index: int,
+    inputs: BlockInputs,
+    targets: torch.Tensor,
+    report: PruneReport,
+) -> None:
+    """Train the surviving weights of the block's linear layers towards ``targets`` (the
+    unpruned block's outputs), pruned weights held at zero (see
+    :class:`secateurs.core.recovery.BlockReconstruction`). Batches come in a seeded order;
+    the weights go back to what they were if the error on all windows did not fall."""
+    spec = step.reconstruction
+    assert spec is not None
+    weights = [layer.weight for layer in find_linears(block).values()]
+    masks = [w.detach() == 0 for w in weights]
+    before = [w.detach().clone() for w in weights]
+    trainable = {p: p.requires_grad for p in block.parameters()}
+    for p in block.parameters():
+        p.requires_grad_(False)
+    for w in weights:
+        w.requires_grad_(True)
+    optimizer = torch.optim.Adam(weights, lr=spec.lr)
+    order = torch.Generator().manual_seed(index)
+    count = inputs.hidden.shape[0]
+    starts = list(range(0, count, step.batch_size))
+
+    def batch_loss(rows: torch.Tensor | slice) -> torch.Tensor:
+        batch = inputs.hidden[rows]
+        args, kwargs = inputs.call_args(batch.shape[0], index)
+        out = block_output(block(batch, *args, **kwargs)).float()
+        return (out - targets[rows].float()).square().sum()
+
+    def total_error() -> float:
+        with torch.no_grad():
+            return sum(float(batch_loss(slice(start, start + step.batch_size))) for start in starts)
+
+    energy = max(float(targets.float().square().sum()), 1e-30)
+    start_error = total_error()
+    try:
+        for _ in range(spec.epochs):
+            shuffled = torch.randperm(count, generator=order)
+            for start in starts:
+                rows = shuffled[start : start + step.batch_size]
+                optimizer.zero_grad(set_to_none=True)
+                with torch.enable_grad():
+                    (batch_loss(rows) / (rows.numel() * targets[0].numel())).backward()
+                optimizer.step()
+                with torch.no_grad():
+                    for w, mask in zip(weights, masks, strict=True):
+                        w.masked_fill_(mask, 0)
+    finally:
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
+            p.grad = None
+    end_error = total_error()
+    if not end_error < start_error or not math.isfinite(end_error):
+        with torch.no_grad():
+            for w, old in zip(weights, before, strict=True):
+                w.copy_(old)
+        end_error = start_error
+    report.reconstruction.append(
+        LayerReconstruction(
+            f"{step.stack_name}.{index}",
+            "train",
+            math.sqrt(start_error / energy),
+            math.sqrt(end_error / energy),
+        )
+    )
 
 
 def _apply_masks(
@@ -549,12 +633,15 @@ def prune_block(
     _apply_masks(step, layers, stats, masks, prefix, report)
     del stats, masks
     if original is not None:
-        assert inputs is not None
+        assert inputs is not None and step.reconstruction is not None
         start = time.perf_counter()
         reference = dense if dense is not None else inputs
-        reconstruct_block(step, block, original, index, inputs, reference, report)
-        if dense is not None and propagate:
-            dense.hidden = run_block(original, dense, step.batch_size, True, index=index)
+        wanted = reconstruct_block(step, block, original, index, inputs, reference, report)
+        if dense is not None:  # the unpruned block's outputs are the dense stream's next step
+            dense.hidden = wanted
+        if step.reconstruction.epochs > 0:
+            train_block(step, block, index, inputs, wanted, report)
+        del wanted
         report.seconds["reconstruct"] += time.perf_counter() - start
         del original
     if inputs is not None and propagate:

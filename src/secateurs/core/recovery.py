@@ -126,16 +126,29 @@ class BlockReconstruction:
     recovery does. "dense": it runs on the dense model's own stream, so the refit also makes
     up for the earlier blocks' drift, at one more forward pass per block and a second buffer
     of activations.
+
+    With ``epochs`` > 0 the refit is followed by training: every surviving weight of the
+    block's linear layers, by Adam at ``lr`` on the mean squared error between the block's
+    output and the unpruned block's, over the calibration windows ``epochs`` times (the
+    local reconstruction of Roux et al., arXiv 2510.14444); the pruned weights stay zero.
     """
 
     solve: MaskedSolve
     stream: str = "dense"
+    epochs: int = 0
+    lr: float = 1e-4
 
     def __post_init__(self) -> None:
         if self.stream not in STREAMS:
             raise SecateursError(
                 f"unknown reconstruction stream '{self.stream}'; use {' or '.join(STREAMS)}"
             )
+        if self.epochs < 0:
+            raise SecateursError(
+                f"--reconstruct_epochs must be 0 or more, got {self.epochs}; 0 refits only"
+            )
+        if not self.lr > 0:
+            raise SecateursError(f"--reconstruct_lr must be > 0, got {self.lr}; try 1e-4")
 
 
 @dataclass

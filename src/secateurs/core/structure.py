@@ -35,7 +35,7 @@ from secateurs.core.model import (
     weight_matrix,
 )
 from secateurs.core.stats import ActivationStats, StatsRequest
-from secateurs.core.targets import Target, paired_target, target_error
+from secateurs.core.targets import Target, paired_target, reference_outputs, target_error
 from secateurs.core.units import (
     check_head_mode,
     choose_units,
@@ -444,7 +444,8 @@ def dense_target(
     (see :func:`secateurs.core.targets.paired_target`): matching it also corrects what the
     blocks before (pruned, or removed) changed in the residual stream. None where the
     consumer does not add to the block's output (Gemma-3's post-FFN norm)."""
-    return paired_target(block, original, consumer, index, inputs, dense, batch_size, "block")
+    wanted = reference_outputs(original, [], index, dense, batch_size)
+    return paired_target(block, consumer, index, inputs, wanted, batch_size, "block")
 
 
 @contextlib.contextmanager

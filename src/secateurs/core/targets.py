@@ -1,10 +1,11 @@
 """What a block's output layer should produce, measured on paired calibration tokens.
 
 A pruned block and the block as it was (``original``) run on the same windows: the pruned one
-on the pruned model's stream, the original on a *reference* stream (the same stream, or the
-dense model's own). Hooks on the output layer of a sub-block (``o_proj``, ``down_proj``) give
-its inputs ``x`` in the pruned block, and the target ``t`` it should produce for each token is
-summed into moments, so that a least-squares refit never holds the activations.
+on the pruned model's stream, the original once, on a *reference* stream (the same stream, or
+the dense model's own), its outputs kept. A hook on the output layer of a sub-block
+(``o_proj``, ``down_proj``) gives its inputs ``x`` in the pruned block, and the target ``t`` it
+should produce for each token is summed into moments, so that a least-squares refit never
+holds the activations.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from secateurs.core.model import BlockInputs, block_output, find_linears
+from secateurs.core.model import BlockInputs, block_output, find_linears, per_window
 
 AIMS = ("layer", "block")
 
@@ -58,32 +59,79 @@ def target_error(
     return max(output - 2 * produced + target.energy, 0.0)
 
 
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1]).double()
+def _flat(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).to(dtype)
+
+
+def _add(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
+    """Running sums are kept in float64 whatever the products were computed in."""
+    return term.double() if total is None else total.add_(term.double())
+
+
+@dataclass
+class Reference:
+    """The unpruned block's outputs for every window, and some of its layers' outputs."""
+
+    output: torch.Tensor
+    layers: dict[str, torch.Tensor]
+
+
+def reference_outputs(
+    original: nn.Module,
+    names: list[str],
+    index: int,
+    reference: BlockInputs,
+    batch_size: int,
+) -> Reference:
+    """One pass of ``original`` (block ``index``) over the ``reference`` stream, keeping its
+    outputs and those of the layers ``names`` (as windows x tokens x features)."""
+    linears = find_linears(original)
+    windows = reference.hidden.shape[0]
+    kept: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    batch_windows = [0]
+    handles = [
+        linears[name].register_forward_hook(
+            lambda _m, _a, out, n=name: kept[n].append(per_window(out, batch_windows[0]))
+        )
+        for name in names
+    ]
+    outputs = []
+    try:
+        with torch.no_grad():
+            for start in range(0, windows, batch_size):
+                batch = reference.hidden[start : start + batch_size]
+                batch_windows[0] = batch.shape[0]
+                args, kwargs = reference.call_args(batch.shape[0], index)
+                outputs.append(block_output(original(batch, *args, **kwargs)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return Reference(torch.cat(outputs), {name: torch.cat(kept[name]) for name in names})
 
 
 def paired_target(
     block: nn.Module,
-    original: nn.Module,
     layer_name: str,
     index: int,
     inputs: BlockInputs,
-    reference: BlockInputs,
+    wanted: Reference,
     batch_size: int,
     aim: str = "block",
     with_gram: bool = False,
+    dtype: torch.dtype = torch.float64,
 ) -> Target | None:
     """The output ``layer_name`` of ``block`` (number ``index``) should give, as moments.
 
-    ``aim`` "layer": the original layer's output on the ``reference`` stream. ``aim`` "block":
-    ``t = y + (original block output - this block's output)``, which also makes up for what the
-    other layers (and, on the dense stream, the blocks before) changed; it needs the layer's
-    output to add to the block's output (checked on the first batch: a shift of ``y`` must
-    shift the block's output by as much; where a norm follows, as in Gemma-3, None is
-    returned). ``with_gram`` also sums ``x^T x`` of the layer's inputs in ``block``.
+    ``wanted`` holds the unpruned block's outputs on a reference stream (the pruned model's,
+    or the dense model's own). ``aim`` "layer": the unpruned layer's output there. ``aim``
+    "block": ``t = y + (unpruned block output - this block's output)``, which also makes up
+    for what the other layers (and, on the dense stream, the blocks before) changed; it needs
+    the layer's output to add to the block's output (checked on the first batch: a shift of
+    ``y`` must shift the block's output by as much; where a norm follows, as in Gemma-3, None
+    is returned). ``with_gram`` also sums ``x^T x`` of the layer's inputs in ``block``. Each
+    batch's products are computed in ``dtype`` and summed in float64.
     """
     layer = find_linears(block)[layer_name]
-    twin = find_linears(original)[layer_name]
     seen: dict[str, torch.Tensor] = {}
     shift: dict[str, torch.Tensor | None] = {"delta": None}
 
@@ -93,39 +141,32 @@ def paired_target(
             return output + shift["delta"]
         return None
 
-    def twin_hook(_module, _args, output):
-        seen["y0"] = output
-
-    handles = [layer.register_forward_hook(hook), twin.register_forward_hook(twin_hook)]
+    handle = layer.register_forward_hook(hook)
     cross = total = gram = inputs_sum = None
     energy, tokens = 0.0, 0
     try:
         with torch.no_grad():
             for start in range(0, inputs.hidden.shape[0], batch_size):
                 rows = slice(start, start + batch_size)
-                batch, reference_batch = inputs.hidden[rows], reference.hidden[rows]
+                batch = inputs.hidden[rows]
                 args, kwargs = inputs.call_args(batch.shape[0], index)
                 out = block_output(block(batch, *args, **kwargs))
-                x, y = _flat(seen["x"]), _flat(seen["y"])
-                if (
-                    aim == "block"
-                    and start == 0
-                    and not _adds_to_residual(block, batch, args, kwargs, out, shift)
-                ):
-                    return None
-                want = block_output(original(reference_batch, *args, **kwargs))
-                t = y + _flat(want) - _flat(out) if aim == "block" else _flat(seen["y0"])
-                cross = x.t() @ t if cross is None else cross.add_(x.t() @ t)
-                total = t.sum(dim=0) if total is None else total.add_(t.sum(dim=0))
-                energy += float(t.square().sum())
+                x, y = _flat(seen["x"], dtype), _flat(seen["y"], dtype)
+                if aim == "block":
+                    if start == 0 and not _adds_to_residual(block, batch, args, kwargs, out, shift):
+                        return None
+                    t = y + _flat(wanted.output[rows], dtype) - _flat(out, dtype)
+                else:
+                    t = _flat(wanted.layers[layer_name][rows], dtype)
+                cross = _add(cross, x.t() @ t)
+                total = _add(total, t.sum(dim=0))
+                energy += float(t.square().sum(dtype=torch.float64))
                 tokens += x.shape[0]
                 if with_gram:
-                    gram = x.t() @ x if gram is None else gram.add_(x.t() @ x)
-                    batch_sum = x.sum(dim=0)
-                    inputs_sum = batch_sum if inputs_sum is None else inputs_sum.add_(batch_sum)
+                    gram = _add(gram, x.t() @ x)
+                    inputs_sum = _add(inputs_sum, x.sum(dim=0))
     finally:
-        for handle in handles:
-            handle.remove()
+        handle.remove()
     assert cross is not None and total is not None
     return Target(cross, total, energy, gram, inputs_sum, tokens)
 

@@ -93,8 +93,18 @@ def make_reconstruction(cfg: RunConfig) -> BlockReconstruction | None:
     """The block reconstruction asked for by the configuration, or None."""
     spec = cfg.recovery
     if spec.reconstruct == "none":
+        if spec.reconstruct_epochs:
+            raise SecateursError(
+                "--reconstruct_epochs trains after a block reconstruction: add "
+                "--reconstruct dense (or pruned)"
+            )
         return None
-    return BlockReconstruction(MaskedRefit(spec.least_squares_damp), spec.reconstruct)
+    return BlockReconstruction(
+        MaskedRefit(spec.least_squares_damp),
+        spec.reconstruct,
+        spec.reconstruct_epochs,
+        spec.reconstruct_lr,
+    )
 
 
 def make_refiner(cfg: RunConfig) -> MaskRefiner | None:
@@ -297,6 +307,7 @@ def check_run(cfg: RunConfig) -> tuple[Method, SparsityPattern, float]:
     """Every check that needs neither model nor data; the method, pattern and true ratio."""
     method = get_method(cfg.method.prune_method)
     make_redistributor(cfg)
+    make_reconstruction(cfg)
     spec = cfg.sparsity
     pattern = parse_pattern(spec.sparsity_type, spec.scope or method.scope, spec.use_variant)
     ratio = effective_ratio(pattern, spec.sparsity_ratio)

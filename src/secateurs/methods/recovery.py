@@ -172,7 +172,9 @@ class MaskedRefit:
     """
 
     damp: float = 0.01
-    max_iter: int = 100
+    # from the current weights, 10 iterations already give all but ~0.5% of the error drop
+    # that 100 do (SmolLM2 2:4, first 4 blocks); each costs one (out x in) @ (in x in) product
+    max_iter: int = 20
     tol: float = 1e-3
 
     def __post_init__(self) -> None:
