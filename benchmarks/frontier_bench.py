@@ -9,7 +9,8 @@ same test windows (all of them by default). Rows:
 - ``wanda+dsnot`` and ``wanda+ls+dsnot``: the mask refined by DSnoT first (``--refine dsnot``);
 - ``+recp`` and ``+rec``: block reconstruction (``--reconstruct pruned`` / ``dense``): each
   block's ``o_proj`` and ``down_proj`` refit to the unpruned block on the pruned stream, or to
-  the dense model's block on the dense stream.
+  the dense model's block on the dense stream; ``+train``: then every surviving weight of
+  the block trained towards it (``--reconstruct_epochs 4``, ``--train_lr``).
 
 Prune time is given as a ratio to SparseGPT's in the same run and setting, perplexity as a
 change against SparseGPT's; peak resident memory is the kernel's counter during the prune.
@@ -49,14 +50,17 @@ ROWS = (
     "wanda+dsnot",
     "wanda+recp",
     "wanda+rec",
+    "wanda+recp+train",
     "wanda+ls",
     "wanda+ls+dsnot",
     "wanda+ls+recp",
     "wanda+ls+rec",
+    "wanda+ls+recp+train",
     "alps",
     "alps+rec",
 )
 STREAMS = {"recp": "pruned", "rec": "dense"}
+TRAIN_EPOCHS = 4  # +train: Adam passes over the calibration windows per block
 
 
 def pattern_of(setting: str) -> tuple[str, float]:
@@ -64,11 +68,15 @@ def pattern_of(setting: str) -> tuple[str, float]:
     return ("unstructured", float(setting)) if ":" not in setting else (setting, 0.5)
 
 
-def pruner_for(model, row: str, batch_size: int) -> MethodPruner:
+def pruner_for(model, row: str, batch_size: int, lr: float = 1e-4) -> MethodPruner:
     """The pruner a row names: a method, with least squares, DSnoT and block reconstruction
     where it says so."""
     method, *extras = row.split("+")
     stream = next((STREAMS[e] for e in extras if e in STREAMS), None)
+    epochs = TRAIN_EPOCHS if "train" in extras else 0
+    reconstruction = None
+    if stream is not None:
+        reconstruction = BlockReconstruction(MaskedRefit(), stream, epochs, lr)
     return MethodPruner(
         model,
         method,
@@ -76,14 +84,14 @@ def pruner_for(model, row: str, batch_size: int) -> MethodPruner:
         progress=False,
         redistributor=WeightRedistributor(LeastSquaresStrategy()) if "ls" in extras else None,
         refiner=MaskRefiner() if "dsnot" in extras else None,
-        reconstruction=None if stream is None else BlockReconstruction(MaskedRefit(), stream),
+        reconstruction=reconstruction,
     )
 
 
 def run_row(dense, row: str, setting: str, windows, eval_windows, args) -> dict:
     model = copy.deepcopy(dense)
     sparsity_type, target = pattern_of(setting)
-    pruner = pruner_for(model, row, args.batch_size)
+    pruner = pruner_for(model, row, args.batch_size, args.train_lr)
     pattern = parse_pattern(sparsity_type, pruner.default_scope)
     ratio = effective_ratio(pattern, target)
     gc.collect()
@@ -101,7 +109,7 @@ def run_row(dense, row: str, setting: str, windows, eval_windows, args) -> dict:
         "pattern_ok": check.ok,
         "prune_s": memory.seconds,
         "peak_rss": memory.peak_rss,
-    }
+    } | ({"train_lr": args.train_lr} if "train" in row else {})
 
 
 def markdown(result: dict) -> str:
@@ -137,6 +145,7 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--eval_limit", type=int, default=None)
     parser.add_argument("--eval_batch_size", type=int, default=4)
+    parser.add_argument("--train_lr", type=float, default=1e-4, help="+train rows: Adam's lr")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     for setting in args.settings.split(","):

@@ -186,6 +186,10 @@ def test_the_command_reconstructs_and_reports(tiny_model_dir, text_dir, tmp_path
     assert result.exit_code == 0, result.output
     saved = json.loads((out / "secateurs.json").read_text())
     assert saved["config"]["reconstruct"] == "dense"
+    refits = saved["prune"]["reconstruction"]
+    assert {r["aim"] for r in refits} == {"layer", "block"}
+    assert all(r["relative_error_after"] <= r["relative_error_before"] for r in refits)
+    assert "reconstruction   dense stream, mean relative error" in result.output
 
 
 def test_streamed_reconstruction_saves_what_memory_saves(tiny_model_dir, text_dir, tmp_path):

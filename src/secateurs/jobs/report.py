@@ -55,6 +55,11 @@ def calibration_line(result: dict[str, Any]) -> str:
     )
 
 
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
 def summary_lines(result: dict[str, Any]) -> list[str]:
     """The lines `secateurs prune` prints at the end, and writes with --save_log."""
     if "perplexity" not in result:  # --dump_wanda_score stops before pruning
@@ -81,6 +86,21 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             6,
             f"recovery         {cfg['recovery']}: mean relative output error "
             f"{recovery['before']:.4f} -> {recovery['after']:.4f}",
+        )
+    refits = result["prune"].get("reconstruction")
+    if refits:
+        by_aim: dict[str, list[dict]] = {}
+        for refit in refits:
+            by_aim.setdefault(refit["aim"], []).append(refit)
+        parts = [
+            f"{aim} {_mean(r['relative_error_before'] for r in rows):.4f} -> "
+            f"{_mean(r['relative_error_after'] for r in rows):.4f}"
+            for aim, rows in by_aim.items()
+        ]
+        lines.insert(
+            6,
+            f"reconstruction   {cfg['reconstruct']} stream, mean relative error against the "
+            f"target: {', '.join(parts)}",
         )
     saved = result.get("saved_model")
     if saved:
