@@ -45,6 +45,7 @@ from secateurs.methods.recovery import LeastSquaresStrategy, MaskedRefit
 SETTINGS = ("0.5", "2:4", "4:8", "0.7")
 ROWS = (
     "sparsegpt",
+    "sparsegpt+recp",
     "sparsegpt+rec",
     "wanda",
     "wanda+dsnot",
@@ -57,6 +58,7 @@ ROWS = (
     "wanda+ls+rec",
     "wanda+ls+recp+train",
     "alps",
+    "alps+recp",
     "alps+rec",
 )
 STREAMS = {"recp": "pruned", "rec": "dense"}

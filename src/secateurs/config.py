@@ -225,8 +225,9 @@ class RecoverySpec:
         "Block reconstruction after each block is pruned (any method, with or without "
         "--use_recovery): refit o_proj and down_proj on their surviving weights so the "
         "attention and the block outputs match the unpruned ones. pruned: the unpruned block "
-        "on the pruned model's stream; dense: the dense model's block on its own stream (also "
-        "corrects earlier blocks' drift; one more forward pass per block); none.",
+        "on the pruned model's stream (the better of the two on SmolLM2, BENCHMARKS.md); "
+        "dense: the dense model's block on its own stream (aims to correct earlier blocks' "
+        "drift too); none.",
     )
     reconstruct_epochs: int = setting(
         0,
