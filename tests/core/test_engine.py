@@ -226,6 +226,7 @@ def test_report_times_every_phase():
         "recover",
         "solve",
         "propagate",
+        "reconstruct",
     }
     assert all(v >= 0 for v in report.seconds.values())
     assert len(report.to_dict()["layers"]) == 18
