@@ -123,9 +123,9 @@ class BlockReconstruction:
     :func:`secateurs.core.targets.paired_target`).
 
     ``stream`` "pruned": the unpruned block runs on the pruned model's stream, as layer
-    recovery does. "dense": it runs on the dense model's own stream, so the refit also makes
-    up for the earlier blocks' drift, at one more forward pass per block and a second buffer
-    of activations.
+    recovery does. "dense": it runs on the dense model's own stream, so the refit also aims to
+    make up for the earlier blocks' drift; its outputs are that stream's next step, so it
+    costs a second buffer of activations, not another pass.
 
     With ``epochs`` > 0 the refit is followed by training: every surviving weight of the
     block's linear layers, by Adam at ``lr`` on the mean squared error between the block's

@@ -103,16 +103,16 @@ def check_score_args(cfg: RunConfig, method: Method) -> None:
         raise SecateursError("--save_attack_res writes under --save DIR; pass --save")
     if cfg.safety.save_attack_res:
         ensure_free(attack_path(cfg), "attack responses")
-    if cfg.recovery.use_recovery and (cfg.safety.load_wanda_score or uses_table(cfg, method)):
-        raise SecateursError(
-            "--use_recovery needs the block-by-block calibration; it does not combine with "
-            "gradient scores, loaded scores or set difference"
-        )
-    if cfg.recovery.reconstruct != "none" and uses_table(cfg, method):
-        raise SecateursError(
-            "--reconstruct needs the block-by-block calibration; it does not combine with "
-            "gradient scores, loaded scores or set difference"
-        )
+    block_work = (
+        ("--use_recovery", cfg.recovery.use_recovery),
+        ("--reconstruct", cfg.recovery.reconstruct != "none"),
+    )
+    for flag, asked in block_work:
+        if asked and uses_table(cfg, method):  # a table: loaded scores, or a whole-model pass
+            raise SecateursError(
+                f"{flag} needs the block-by-block calibration; it does not combine with "
+                "gradient scores, loaded scores or set difference"
+            )
     if cfg.safety.use_diff and not cfg.safety.load_wanda_score:
         check_base_config(cfg)
     if not (cfg.safety.dump_wanda_score or cfg.safety.load_wanda_score):

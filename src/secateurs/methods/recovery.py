@@ -99,8 +99,7 @@ class LeastSquaresStrategy(RecoveryStrategy):
     request: StatsRequest = field(default=StatsRequest(gram=True), init=False)
 
     def __post_init__(self) -> None:
-        if not self.damp > 0.0:
-            raise SecateursError(f"damp must be > 0, got {self.damp}; 0.01 is the usual value")
+        _check_damp(self.damp)
         if self.max_iter < 1:
             raise SecateursError(f"max_iter must be at least 1, got {self.max_iter}")
 
@@ -108,15 +107,31 @@ class LeastSquaresStrategy(RecoveryStrategy):
         gram = stats.gram.to(dense.device).float()
         weight = dense.float()
         keep = (~mask).float()
-        lam = self.damp * torch.diagonal(gram).mean().clamp_min(1e-12)
-
-        def system(v: torch.Tensor) -> torch.Tensor:
-            return keep * (v @ gram + lam * v)
-
+        system, precondition, _ = masked_ridge(gram, keep, self.damp)
         rhs = keep * ((weight * mask) @ gram)
-        precondition = 1.0 / (keep * (torch.diagonal(gram) + lam) + (1.0 - keep))
         update = rows_conjugate_gradients(system, rhs, precondition, self.max_iter, self.tol)
         return (weight + update).masked_fill(mask, 0).to(dense.dtype)
+
+
+def _check_damp(damp: float) -> None:
+    if not damp > 0.0:
+        raise SecateursError(f"damp must be > 0, got {damp}; 0.01 is the usual value")
+
+
+def masked_ridge(
+    gram: torch.Tensor, keep: torch.Tensor, damp: float
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The ridge-damped normal equations of every row on its support, for
+    :func:`rows_conjugate_gradients`: ``v -> keep * (v G + lam v)``, its Jacobi preconditioner
+    (1 off the support) and ``lam = damp * mean(diag G)``."""
+    diagonal = torch.diagonal(gram)
+    lam = damp * diagonal.mean().clamp_min(1e-12)
+
+    def system(v: torch.Tensor) -> torch.Tensor:
+        return keep * (v @ gram + lam * v)
+
+    precondition = 1.0 / (keep * (diagonal + lam) + (1.0 - keep))
+    return system, precondition, lam
 
 
 def rows_conjugate_gradients(
@@ -178,21 +193,14 @@ class MaskedRefit:
     tol: float = 1e-3
 
     def __post_init__(self) -> None:
-        if not self.damp > 0.0:
-            raise SecateursError(f"damp must be > 0, got {self.damp}; 0.01 is the usual value")
+        _check_damp(self.damp)
 
     def __call__(self, weight, mask, gram, cross):
         gram = gram.float()
         keep = (~mask).float()
         current = weight.float() * keep
-        diagonal = torch.diagonal(gram)
-        lam = self.damp * diagonal.mean().clamp_min(1e-12)
-
-        def system(v: torch.Tensor) -> torch.Tensor:
-            return keep * (v @ gram + lam * v)
-
+        system, precondition, lam = masked_ridge(gram, keep, self.damp)
         rhs = keep * (cross.t().float() + lam * current)
-        precondition = 1.0 / (keep * (diagonal + lam) + (1.0 - keep))
         new = rows_conjugate_gradients(
             system, rhs, precondition, self.max_iter, self.tol, start=current
         )
