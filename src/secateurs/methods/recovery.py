@@ -187,8 +187,8 @@ class MaskedRefit:
     """
 
     damp: float = 0.01
-    # from the current weights, 10 iterations already give all but ~0.5% of the error drop
-    # that 100 do (SmolLM2 2:4, first 4 blocks); each costs one (out x in) @ (in x in) product
+    # from the current weights, 10 iterations already give 95-98% of the error drop that 100
+    # do (SmolLM2 2:4, first 4 blocks, 16 x 256); each costs one (out x in) @ (in x in) product
     max_iter: int = 20
     tol: float = 1e-3
 
