@@ -192,33 +192,52 @@ def one_setting(base, tokenizer, nsamples: int, seqlen: int, args) -> dict[str, 
                 flush=True,
             )
     profile = profile_wanda(copy.deepcopy(base), windows, args.batch_size)
-    return {
-        "nsamples": nsamples,
-        "seqlen": seqlen,
-        "forward_s_median": statistics.median(forwards),
-        "ratio_median": {name: statistics.median(values) for name, values in rows.items()},
-        "ratios": rows,
-        "phases": phases,
-        "profile": profile,
-    }
+    run = {"nsamples": nsamples, "seqlen": seqlen, "profile": profile}
+    if forwards:
+        run |= {
+            "forward_s_median": statistics.median(forwards),
+            "ratio_median": {name: statistics.median(values) for name, values in rows.items()},
+            "ratios": rows,
+            "phases": phases,
+        }
+    return run
+
+
+def block_weights(model) -> int:
+    """How many weights the decoder blocks' linear layers hold (what the masks cost scales with)."""
+    return sum(
+        weight_matrix(layer).numel()
+        for block in find_blocks(model)[1]
+        for layer in find_linears(block).values()
+    )
 
 
 def markdown(result: dict[str, Any]) -> str:
+    timed = [row for row in result["settings_runs"] if "ratio_median" in row]
     lines = [
         f"{result['model']} (fp32), Wanda / SparseGPT / the Wanda variant at 50% unstructured, "
         f"batch {result['settings']['batch_size']}, {result['settings']['repeats']} interleaved "
         f"repeats (median). Machine: {result['cpu']}, {result['machine']}; {result['date']}.",
-        "",
-        "| calibration | 1 forward s | wanda / 2 fwd | sparsegpt / 2 fwd | variant / 2 fwd |",
-        "|---|---|---|---|---|",
     ]
-    for row in result["settings_runs"]:
+    if timed:
+        lines += [
+            "",
+            "| calibration | 1 forward s | wanda / 2 fwd | sparsegpt / 2 fwd | variant / 2 fwd |",
+            "|---|---|---|---|---|",
+        ]
+    for row in timed:
         ratio = row["ratio_median"]
         lines.append(
             f"| {row['nsamples']} x {row['seqlen']} | {row['forward_s_median']:.2f} | "
             f"{ratio['wanda']:.3f} | {ratio['sparsegpt']:.3f} | {ratio['wanda variant']:.3f} |"
         )
-    lines += ["", "Where Wanda's time goes (one profiled run, seconds and share of the total):", ""]
+    weights = result["block_weights"]
+    lines += [
+        "",
+        "Where Wanda's time goes (one profiled run, seconds and share of the total; ns per "
+        f"block weight, {weights / 1e6:.1f} M weights):",
+        "",
+    ]
     lines.append(
         "| stage | "
         + " | ".join(f"{r['nsamples']} x {r['seqlen']}" for r in result["settings_runs"])
@@ -229,14 +248,19 @@ def markdown(result: dict[str, Any]) -> str:
         cells = []
         for row in result["settings_runs"]:
             profile = row["profile"]
-            cells.append(f"{profile[stage]:.2f} ({profile[stage] / profile['total']:.1%})")
+            cells.append(
+                f"{profile[stage]:.2f} ({profile[stage] / profile['total']:.1%}; "
+                f"{profile[stage] / weights * 1e9:.2f} ns)"
+            )
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = bench_parser(__doc__, "floor_bench")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="0: only the profile (a big shape, for example)"
+    )
     parser.add_argument("--settings", default="16x256,32x512")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -249,12 +273,13 @@ def main() -> None:
     result = result_header(args) | {
         "model": args.model,
         "cpu": cpu_model(),
+        "block_weights": block_weights(base),
         "settings_runs": runs,
     }
     save_result(args, result)
     table = markdown(result)
     print(table)
-    if args.markdown:
+    if args.markdown and args.repeats > 0:  # a profile alone does not replace the ratios
         replace_marked_section(ROOT / args.markdown, "floor_bench", table)
 
 

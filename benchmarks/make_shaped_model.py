@@ -117,12 +117,19 @@ class Planned:
         return count
 
 
-def shape_config(name: str, tokenizer_vocab: int, dtype: torch.dtype, tokenizer=None):
+def shape_config(
+    name: str, tokenizer_vocab: int, dtype: torch.dtype, tokenizer=None, layers: int | None = None
+):
     """The transformers ``LlamaConfig`` of shape ``name``, its vocabulary raised to the
-    tokenizer's where smaller, its special token ids the tokenizer's."""
+    tokenizer's where smaller, its special token ids the tokenizer's; ``layers`` blocks
+    instead of the shape's where given."""
     from transformers import LlamaConfig
 
     settings = dict(SHAPES[name])
+    if layers is not None:
+        if layers < 1:
+            raise ValueError(f"--layers must be at least 1, got {layers}")
+        settings["num_hidden_layers"] = layers
     settings["vocab_size"] = max(settings["vocab_size"], tokenizer_vocab)
     rope_theta = settings.pop("rope_theta")
     special = {}
@@ -223,6 +230,7 @@ def write_checkpoint(
     seed: int = 0,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress=None,
+    layers: int | None = None,
 ) -> dict[str, Any]:
     """Write the shards and index of a random model for ``config``; what was written."""
     tensors = plan_tensors(config)
@@ -279,6 +287,7 @@ def build(
     tokenizer: str = DEFAULT_TOKENIZER,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress=None,
+    layers: int | None = None,
 ) -> dict[str, Any]:
     """Write shape ``shape`` with seeded random weights and ``tokenizer`` into ``out`` (which
     must not exist; written into ``out.partial`` and renamed at the end); its manifest."""
@@ -290,7 +299,7 @@ def build(
         raise FileExistsError(f"{out} exists; give a new folder")
     started = time.perf_counter()
     loaded = load_tokenizer(tokenizer)
-    config = shape_config(shape, len(loaded), dtype, loaded)
+    config = shape_config(shape, len(loaded), dtype, loaded, layers)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -301,6 +310,7 @@ def build(
         seconds = time.perf_counter() - started
         manifest = {
             "shape": shape,
+            "layers": config.num_hidden_layers,
             "dtype": str(dtype).removeprefix("torch."),
             "seed": seed,
             "tokenizer": tokenizer,
@@ -337,6 +347,13 @@ def main(argv: list[str] | None = None) -> None:
         help="a built-in model name, hub id or folder whose tokenizer is saved with the model",
     )
     parser.add_argument("--shard_gb", type=float, default=DEFAULT_SHARD_BYTES / 2**30)
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="decoder blocks instead of the shape's (same widths): profile one block of a big "
+        "shape in memory, without writing the whole model",
+    )
     args = parser.parse_args(argv)
     shard_bytes = int(args.shard_gb * 2**30)
     manifest = build(
@@ -347,6 +364,7 @@ def main(argv: list[str] | None = None) -> None:
         args.tokenizer,
         shard_bytes,
         progress=lambda line: print(line, flush=True),
+        layers=args.layers,
     )
     gib = 2**30
     vocab = manifest["vocab_size"]

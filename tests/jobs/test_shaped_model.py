@@ -117,6 +117,17 @@ def test_vocabulary_raised_to_the_tokenizer():
     assert sum(t.numel for t in planned) == 1_235_814_400  # Llama-3.2-1B's count
 
 
+def test_fewer_layers_keep_the_widths():
+    full = shaped.shape_config("llama-2-7b", 49152, torch.float32)
+    short = shaped.shape_config("llama-2-7b", 49152, torch.float32, layers=2)
+    assert short.num_hidden_layers == 2 and full.num_hidden_layers == 32
+    assert (short.hidden_size, short.intermediate_size) == (4096, 11008)
+    blocks = {t.name.split(".")[2] for t in shaped.plan_tensors(short) if ".layers." in t.name}
+    assert blocks == {"0", "1"}
+    with pytest.raises(ValueError, match="--layers"):
+        shaped.shape_config("llama-2-7b", 49152, torch.float32, layers=0)
+
+
 def test_streamed_and_in_memory_prune_agree(tmp_path, tokenizer_dir, text_dir):
     model, _ = _build(tmp_path, tokenizer_dir)
     common = ("--prune_method", "wanda", "--nsamples", "8", "--eval_limit", "2", "--no_eval_dense")
