@@ -12,17 +12,21 @@ from conftest import invoke_prune, make_model, make_windows
 
 from secateurs.api import MethodPruner
 from secateurs.core.model import iter_prunable, weight_matrix
+from secateurs.core.recovery import BlockReconstruction
 from secateurs.errors import SecateursError
 from secateurs.jobs import distributed
-from secateurs.methods.recovery import LeastSquaresStrategy, WeightRedistributor
+from secateurs.methods.recovery import LeastSquaresStrategy, MaskedRefit, WeightRedistributor
 
-# one method per kind of statistic that is reduced: norms, Gram (solver and recovery), classes
+# one method per kind of statistic that is reduced: norms, Gram (solver and recovery), classes,
+# the block reconstruction's targets (on either stream): (method, recovery, reconstruction)
 CASES = {
-    "wanda": ("wanda", None),
-    "ria": ("ria", None),
-    "sparsegpt": ("sparsegpt", None),
-    "neuronrank_fisher": ("neuronrank_fisher", None),
-    "wanda+least_squares": ("wanda", "least_squares"),
+    "wanda": ("wanda", None, None),
+    "ria": ("ria", None, None),
+    "sparsegpt": ("sparsegpt", None, None),
+    "neuronrank_fisher": ("neuronrank_fisher", None, None),
+    "wanda+least_squares": ("wanda", "least_squares", None),
+    "wanda+reconstruct pruned": ("wanda", None, "pruned"),
+    "sparsegpt+reconstruct dense": ("sparsegpt", None, "dense"),
 }
 WINDOWS, BATCH = 10, 2  # 5 batches: shares of 3 and 2
 
@@ -34,11 +38,12 @@ def _free_port() -> int:
 
 
 def _masks(case: str, parallel=None) -> dict[str, torch.Tensor]:
-    method, recovery = CASES[case]
+    method, recovery, stream = CASES[case]
     model = make_model("llama")
     redistributor = (
         WeightRedistributor(LeastSquaresStrategy(), 1.0) if recovery is not None else None
     )
+    reconstruction = BlockReconstruction(MaskedRefit(), stream) if stream is not None else None
     pruner = MethodPruner(
         model,
         method,
@@ -46,6 +51,7 @@ def _masks(case: str, parallel=None) -> dict[str, torch.Tensor]:
         progress=False,
         redistributor=redistributor,
         parallel=parallel,
+        reconstruction=reconstruction,
         options={"neuronrank_max_classes": 8},
     )
     pruner.prune(make_windows(WINDOWS, 16), 0.5)
@@ -122,6 +128,7 @@ def test_batch_shares_are_whole_contiguous_batches():
         (("--prune_method", "magnitude"), "does not calibrate"),
         (("--sparsity_allocation", "owl"), "OWL"),
         (("--use_recovery",), "--recovery_report_fraction 1"),
+        (("--reconstruct", "pruned", "--reconstruct_epochs", "1"), "--reconstruct_epochs 0"),
     ],
 )
 def test_launched_runs_refuse_what_they_cannot_reproduce(

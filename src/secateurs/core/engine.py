@@ -45,6 +45,7 @@ from secateurs.core.recovery import (
 )
 from secateurs.core.stats import ActivationStats, StatsRequest, token_classes
 from secateurs.core.targets import (
+    CombineTargets,
     Target,
     paired_target,
     reference_outputs,
@@ -372,6 +373,7 @@ class DataParallel:
 
     rows: slice
     reduce: Callable[[dict[str, ActivationStats]], None]
+    combine_targets: CombineTargets | None = None
 
 
 class MaskRefiner(Protocol):
@@ -430,8 +432,9 @@ def output_layers(block: nn.Module, layout: HeadLayout | None) -> list[str]:
 def _target(step, block, name, index, inputs, wanted, aim) -> Target | None:
     """A refit's target moments: products in float32 (float64 products are several times
     slower on a CPU), summed in float64."""
+    combine = step.parallel.combine_targets if step.parallel is not None else None
     return paired_target(
-        block, name, index, inputs, wanted, step.batch_size, aim, True, torch.float32
+        block, name, index, inputs, wanted, step.batch_size, aim, True, torch.float32, combine
     )
 
 
@@ -705,10 +708,10 @@ def prune_sequential(
                 "--refine; refine a score method's masks (wanda, magnitude, ...)"
             )
         refiner.check(pattern)
-    if reconstruction is not None and parallel is not None:
+    if reconstruction is not None and parallel is not None and reconstruction.epochs > 0:
         raise SecateursError(
-            "--reconstruct runs in one process only: its targets are not combined across "
-            "torchrun processes yet; launch without torchrun, or drop --reconstruct"
+            "--reconstruct_epochs trains in one process only (its gradients are not combined "
+            "across torchrun processes); launch without torchrun, or use --reconstruct_epochs 0"
         )
     calibrated = (
         calibrated

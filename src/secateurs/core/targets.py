@@ -10,6 +10,7 @@ holds the activations.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -63,9 +64,47 @@ def _flat(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).to(dtype)
 
 
-def _add(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
+def _add(total: torch.Tensor | None, term: torch.Tensor | None) -> torch.Tensor | None:
     """Running sums are kept in float64 whatever the products were computed in."""
+    if term is None:
+        return total
     return term.double() if total is None else total.add_(term.double())
+
+
+@dataclass
+class BatchTarget:
+    """One batch's terms of a :class:`Target` (in float64), as they are summed."""
+
+    cross: torch.Tensor
+    total: torch.Tensor
+    energy: float
+    gram: torch.Tensor | None
+    inputs_sum: torch.Tensor | None
+    tokens: int
+
+
+# all processes' batch terms, in global batch order, from this process's (data parallel)
+CombineTargets = Callable[[list[BatchTarget]], list[BatchTarget]]
+
+
+class _Sums:
+    """The running sums of a target, folded batch by batch in the order they come."""
+
+    def __init__(self) -> None:
+        self.cross = self.total = self.gram = self.inputs_sum = None
+        self.energy, self.tokens = 0.0, 0
+
+    def fold(self, terms: BatchTarget) -> None:
+        self.cross = _add(self.cross, terms.cross)
+        self.total = _add(self.total, terms.total)
+        self.energy += terms.energy
+        self.tokens += terms.tokens
+        self.gram = _add(self.gram, terms.gram)
+        self.inputs_sum = _add(self.inputs_sum, terms.inputs_sum)
+
+    def target(self) -> Target:
+        assert self.cross is not None and self.total is not None
+        return Target(self.cross, self.total, self.energy, self.gram, self.inputs_sum, self.tokens)
 
 
 @dataclass
@@ -119,6 +158,7 @@ def paired_target(
     aim: str = "block",
     with_gram: bool = False,
     dtype: torch.dtype = torch.float64,
+    combine: CombineTargets | None = None,
 ) -> Target | None:
     """The output ``layer_name`` of ``block`` (number ``index``) should give, as moments.
 
@@ -129,7 +169,9 @@ def paired_target(
     the layer's output to add to the block's output (checked on the first batch: a shift of
     ``y`` must shift the block's output by as much; where a norm follows, as in Gemma-3, None
     is returned). ``with_gram`` also sums ``x^T x`` of the layer's inputs in ``block``. Each
-    batch's products are computed in ``dtype`` and summed in float64.
+    batch's products are computed in ``dtype`` and summed in float64. With ``combine`` (a
+    data-parallel run) the batches' terms are kept, combined with the other processes' and
+    folded in global batch order: the sums of one process, bit for bit.
     """
     layer = find_linears(block)[layer_name]
     seen: dict[str, torch.Tensor] = {}
@@ -142,8 +184,8 @@ def paired_target(
         return None
 
     handle = layer.register_forward_hook(hook)
-    cross = total = gram = inputs_sum = None
-    energy, tokens = 0.0, 0
+    sums = _Sums()
+    kept: list[BatchTarget] = []
     try:
         with torch.no_grad():
             for start in range(0, inputs.hidden.shape[0], batch_size):
@@ -158,17 +200,23 @@ def paired_target(
                     t = y + _flat(wanted.output[rows], dtype) - _flat(out, dtype)
                 else:
                     t = _flat(wanted.layers[layer_name][rows], dtype)
-                cross = _add(cross, x.t() @ t)
-                total = _add(total, t.sum(dim=0))
-                energy += float(t.square().sum(dtype=torch.float64))
-                tokens += x.shape[0]
-                if with_gram:
-                    gram = _add(gram, x.t() @ x)
-                    inputs_sum = _add(inputs_sum, x.sum(dim=0))
+                terms = BatchTarget(
+                    (x.t() @ t).double(),
+                    t.sum(dim=0).double(),
+                    float(t.square().sum(dtype=torch.float64)),
+                    (x.t() @ x).double() if with_gram else None,
+                    x.sum(dim=0).double() if with_gram else None,
+                    x.shape[0],
+                )
+                if combine is None:
+                    sums.fold(terms)
+                else:
+                    kept.append(terms)
     finally:
         handle.remove()
-    assert cross is not None and total is not None
-    return Target(cross, total, energy, gram, inputs_sum, tokens)
+    for terms in combine(kept) if combine is not None else ():
+        sums.fold(terms)
+    return sums.target()
 
 
 def _adds_to_residual(block, batch, args, kwargs, out, shift) -> bool:

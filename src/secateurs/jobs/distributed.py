@@ -10,9 +10,10 @@ broadcast from rank 0 would cost as much traffic as the terms and still need the
 updated alike on every rank (SparseGPT, recovery). Rank 0 alone evaluates and writes.
 
 Gloo on the CPU, NCCL on GPUs (one per rank, ``LOCAL_RANK``). The statistics that are
-combined: Wanda's norms, means, the Gram (SparseGPT's Hessian, least-squares recovery) and
-the class statistics; the streamed selectivity statistics (wanda_idf, wanda_select,
-wanda_spiky) fix their thresholds on the first batch, which only rank 0 sees, so those
+combined: Wanda's norms, means, the Gram (SparseGPT's Hessian, least-squares recovery), the
+class statistics and block reconstruction's target moments (its training, epochs > 0, is not
+combined). The streamed selectivity statistics (wanda_idf, wanda_select, wanda_spiky) fix
+their thresholds on the first batch, which only rank 0 sees, so those
 methods run in one process.
 """
 
@@ -33,6 +34,7 @@ from torch import nn
 from secateurs.core.engine import DataParallel
 from secateurs.core.model import iter_prunable, weight_matrix
 from secateurs.core.stats import ActivationStats, BatchTerms
+from secateurs.core.targets import BatchTarget
 from secateurs.errors import SecateursError
 
 
@@ -84,6 +86,7 @@ class Launch:
         return DataParallel(
             shares[self.rank],
             lambda stats: reduce_stats(stats, batches, batch_size, self.device),
+            lambda kept: combine_targets(kept, batches, self.device),
         )
 
     def local(self, cfg, log: Callable[[str], None]):
@@ -190,6 +193,30 @@ def reduce_stats(
             terms.sq = terms.sq[: terms.windows]
             layer.fold(terms)
         layer.terms = None
+
+
+def combine_targets(
+    kept: list[BatchTarget], batches: list[int], device: torch.device
+) -> list[BatchTarget]:
+    """Every rank's batch terms of a reconstruction target, in global batch order (each rank
+    then folds them as one process would: the same sums, bit for bit)."""
+    if len(kept) != batches[dist.get_rank()]:
+        raise RuntimeError(f"a target saw {len(kept)} batches, expected {batches}")
+    columns = {}
+    for field in fields(BatchTarget):
+        values = [getattr(t, field.name) for t in kept]
+        if values[0] is None:
+            columns[field.name] = None
+            continue
+        dtype = torch.int64 if field.name == "tokens" else torch.float64
+        tensors = [torch.as_tensor(v, dtype=dtype, device=device) for v in values]
+        columns[field.name] = _gather(tensors, batches, device)
+    combined = []
+    for index in range(sum(batches)):
+        row = {key: None if column is None else column[index] for key, column in columns.items()}
+        row["energy"], row["tokens"] = float(row["energy"]), int(row["tokens"])
+        combined.append(BatchTarget(**row))
+    return combined
 
 
 def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:

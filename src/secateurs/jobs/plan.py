@@ -288,8 +288,8 @@ def check_parallel(cfg: RunConfig, method: Method) -> None:
         reason = "score files are written and read by one process"
     elif cfg.sparsity.sparsity_allocation == "owl":
         reason = "OWL's outlier pass is not split across processes"
-    elif cfg.recovery.reconstruct != "none":
-        reason = "block reconstruction's targets are not combined across processes"
+    elif cfg.recovery.reconstruct != "none" and cfg.recovery.reconstruct_epochs > 0:
+        reason = "--reconstruct_epochs trains in one process (add --reconstruct_epochs 0)"
     elif cfg.recovery.use_recovery and cfg.recovery.recovery_report_fraction < 1.0:
         reason = (
             "the recovery report samples tokens in one sequence (add "
