@@ -160,6 +160,26 @@ def _gather(values: list[torch.Tensor], batches: list[int], device: torch.device
     return [row for part, count in zip(gathered, batches, strict=True) for row in part[:count]]
 
 
+def _gather_records(records: list, kind: type, batches: list[int], device, to_tensor) -> list:
+    """Every rank's per-batch ``records`` (dataclasses of ``kind``) as dicts of tensors (None
+    where a field is), in rank order then batch order; ``to_tensor(field, value)`` makes each
+    field travel."""
+    if len(records) != batches[dist.get_rank()]:
+        raise RuntimeError(f"{len(records)} batches seen, expected {batches}")
+    columns = {}
+    for field in fields(kind):
+        values = [getattr(record, field.name) for record in records]
+        columns[field.name] = (
+            None
+            if values[0] is None
+            else _gather([to_tensor(field.name, v) for v in values], batches, device)
+        )
+    return [
+        {key: None if column is None else column[index] for key, column in columns.items()}
+        for index in range(sum(batches))
+    ]
+
+
 def reduce_stats(
     stats: dict[str, ActivationStats], batches: list[int], batch_size: int, device: torch.device
 ) -> None:
@@ -167,29 +187,17 @@ def reduce_stats(
 
     Per-window terms (``sq``) are padded to ``batch_size`` rows to travel, then cut back.
     """
+
+    def to_tensor(key: str, value) -> torch.Tensor:
+        tensor = torch.as_tensor(value, device=device)
+        return _pad_rows(tensor, batch_size) if key == "sq" else tensor
+
     for name in sorted(stats):
         layer = stats[name]
-        terms = layer.terms
-        if len(terms) != batches[dist.get_rank()]:
-            raise RuntimeError(f"{name} saw {len(terms)} batches, expected {batches}")
-        columns = {}
-        for field in fields(BatchTerms):
-            values = [getattr(t, field.name) for t in terms]
-            if values[0] is None:
-                columns[field.name] = None
-                continue
-            tensors = [torch.as_tensor(v, device=device) for v in values]
-            if field.name == "sq":
-                tensors = [_pad_rows(t, batch_size) for t in tensors]
-            columns[field.name] = _gather(tensors, batches, device)
+        rows = _gather_records(layer.terms, BatchTerms, batches, device, to_tensor)
         layer.reset()
-        for index in range(sum(batches)):
-            terms = BatchTerms(
-                **{
-                    key: None if column is None else _scalar(key, column[index])
-                    for key, column in columns.items()
-                }
-            )
+        for row in rows:
+            terms = BatchTerms(**{key: _scalar(key, value) for key, value in row.items()})
             terms.sq = terms.sq[: terms.windows]
             layer.fold(terms)
         layer.terms = None
@@ -200,23 +208,16 @@ def combine_targets(
 ) -> list[BatchTarget]:
     """Every rank's batch terms of a reconstruction target, in global batch order (each rank
     then folds them as one process would: the same sums, bit for bit)."""
-    if len(kept) != batches[dist.get_rank()]:
-        raise RuntimeError(f"a target saw {len(kept)} batches, expected {batches}")
-    columns = {}
-    for field in fields(BatchTarget):
-        values = [getattr(t, field.name) for t in kept]
-        if values[0] is None:
-            columns[field.name] = None
-            continue
-        dtype = torch.int64 if field.name == "tokens" else torch.float64
-        tensors = [torch.as_tensor(v, dtype=dtype, device=device) for v in values]
-        columns[field.name] = _gather(tensors, batches, device)
-    combined = []
-    for index in range(sum(batches)):
-        row = {key: None if column is None else column[index] for key, column in columns.items()}
-        row["energy"], row["tokens"] = float(row["energy"]), int(row["tokens"])
-        combined.append(BatchTarget(**row))
-    return combined
+
+    def to_tensor(key: str, value) -> torch.Tensor:
+        dtype = torch.int64 if key == "tokens" else torch.float64
+        return torch.as_tensor(value, dtype=dtype, device=device)
+
+    rows = _gather_records(kept, BatchTarget, batches, device, to_tensor)
+    return [
+        BatchTarget(**(row | {"energy": float(row["energy"]), "tokens": int(row["tokens"])}))
+        for row in rows
+    ]
 
 
 def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
@@ -225,5 +226,7 @@ def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     return padded
 
 
-def _scalar(key: str, value: torch.Tensor):
+def _scalar(key: str, value: torch.Tensor | None):
+    if value is None:
+        return None
     return int(value) if key in ("windows", "tokens", "gram_tokens") else value
