@@ -1,5 +1,7 @@
 """Every run of the golden matrix gives, bit for bit, what ``golden.json`` recorded: the same
-perplexities and measured sparsity, the same masks and weights, the same refusals.
+perplexities and measured sparsity, the same masks and weights, the same refusals; on a
+machine of another kind than the recording one (float rounding differs), what its portable
+fingerprint allows (see ``record.py``).
 
 The file was recorded from commit 709b90a with ``tests/golden/record.py`` (see its docstring).
 A difference here is a change of behaviour; re-record only when the change is meant.
@@ -8,10 +10,20 @@ A difference here is a change of behaviour; re-record only when the change is me
 from __future__ import annotations
 
 import pytest
-from record import GOLDEN, Workspace, load_golden, record_run, runs
+from record import (
+    GOLDEN,
+    Workspace,
+    differences_elsewhere,
+    load_golden,
+    machine,
+    record_run,
+    recorded_machine,
+    runs,
+)
 
 RECORDED = load_golden()
 RUNS = runs()
+SAME_MACHINE = recorded_machine() == machine()
 
 
 @pytest.fixture(scope="module")
@@ -33,4 +45,18 @@ def test_the_golden_file_records_the_whole_matrix():
 )
 def test_run_matches_the_golden_file(run, workspace):
     assert run.key in RECORDED, f"{run.key} is not in {GOLDEN}"
-    assert record_run(run, workspace) == RECORDED[run.key]
+    got = record_run(run, workspace)
+    if SAME_MACHINE:
+        assert got == RECORDED[run.key]
+    else:
+        assert differences_elsewhere(got, RECORDED[run.key], run.group) == []
+
+
+def test_the_portable_fingerprint_passes_a_record_and_tells_methods_apart():
+    same = RECORDED["llama/wanda/unstructured"]
+    assert differences_elsewhere(same, same, "tiny") == []
+    for other in ("llama/magnitude/unstructured", "llama/ria/unstructured"):
+        assert differences_elsewhere(RECORDED[other], same, "tiny") != [], other
+    assert differences_elsewhere(RECORDED["llama/wanda/2:4"], same, "smollm2") != []
+    wanda, select = (RECORDED[f"smollm2-135m/{m}/unstructured"] for m in ("wanda", "wanda_select"))
+    assert differences_elsewhere(wanda, select, "smollm2") != []
