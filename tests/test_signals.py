@@ -62,13 +62,24 @@ def _temporary(parent: Path, name: str) -> Path | None:
     return next(iter(parent.glob(f".{name}.*.tmp")), None)
 
 
+def _default_hangup() -> None:
+    """The command's own SIGHUP behaviour even when the tests run under ``nohup`` (an ignored
+    signal stays ignored across exec, and the command rightly leaves it so)."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def _signal_when(
     command: list[str], out: Path, marker: Callable[[Path], bool], signum: int
 ) -> subprocess.CompletedProcess:
     """Run ``command``; send ``signum`` once its temporary output folder shows ``marker``."""
     env = dict(os.environ, PYTHONPATH=str(SRC))
     with subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_default_hangup,
     ) as process:
         deadline = time.monotonic() + 240
         while process.poll() is None and time.monotonic() < deadline:
