@@ -38,6 +38,7 @@ from secateurs.core.model import (
     capture_block_inputs,
     find_blocks,
     find_linears,
+    iter_prunable,
     load_model,
     load_tokenizer,
     weight_matrix,
@@ -205,11 +206,7 @@ def one_setting(base, tokenizer, nsamples: int, seqlen: int, args) -> dict[str, 
 
 def block_weights(model) -> int:
     """How many weights the decoder blocks' linear layers hold (what the masks cost scales with)."""
-    return sum(
-        weight_matrix(layer).numel()
-        for block in find_blocks(model)[1]
-        for layer in find_linears(block).values()
-    )
+    return sum(weight_matrix(layer).numel() for _, layer in iter_prunable(model))
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -230,7 +230,6 @@ def write_checkpoint(
     seed: int = 0,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress=None,
-    layers: int | None = None,
 ) -> dict[str, Any]:
     """Write the shards and index of a random model for ``config``; what was written."""
     tensors = plan_tensors(config)

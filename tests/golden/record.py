@@ -522,10 +522,11 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
     selected = [r for r in runs() if options.only in (None, r.group)]
     golden = load_golden(options.out) if options.only else {}
-    if options.only and recorded_machine(options.out) not in (None, machine()):
+    recorder = recorded_machine(options.out) if options.only else None
+    if recorder not in (None, machine()):
         raise SystemExit(
-            f"{options.out} was recorded on {recorded_machine(options.out)}, this is "
-            f"{machine()}: record every group here (no --only)"
+            f"{options.out} was recorded on {recorder}, this is {machine()}: record every "
+            "group here (no --only)"
         )
     known = {r.key for r in runs()} - {r.key for r in selected}
     golden = {k: v for k, v in golden.items() if k in known}  # drops keys no longer in runs()

@@ -160,12 +160,14 @@ def _gather(values: list[torch.Tensor], batches: list[int], device: torch.device
     return [row for part, count in zip(gathered, batches, strict=True) for row in part[:count]]
 
 
-def _gather_records(records: list, kind: type, batches: list[int], device, to_tensor) -> list:
-    """Every rank's per-batch ``records`` (dataclasses of ``kind``) as dicts of tensors (None
-    where a field is), in rank order then batch order; ``to_tensor(field, value)`` makes each
-    field travel."""
+def _gather_records(
+    records: list, kind: type, batches: list[int], device, to_tensor, what: str
+) -> list:
+    """Every rank's per-batch ``records`` (dataclasses of ``kind``) of ``what`` as dicts of
+    tensors (None where a field is), in rank order then batch order; ``to_tensor(field,
+    value)`` makes each field travel."""
     if len(records) != batches[dist.get_rank()]:
-        raise RuntimeError(f"{len(records)} batches seen, expected {batches}")
+        raise RuntimeError(f"{what} saw {len(records)} batches, expected {batches}")
     columns = {}
     for field in fields(kind):
         values = [getattr(record, field.name) for record in records]
@@ -194,7 +196,7 @@ def reduce_stats(
 
     for name in sorted(stats):
         layer = stats[name]
-        rows = _gather_records(layer.terms, BatchTerms, batches, device, to_tensor)
+        rows = _gather_records(layer.terms, BatchTerms, batches, device, to_tensor, name)
         layer.reset()
         for row in rows:
             terms = BatchTerms(**{key: _scalar(key, value) for key, value in row.items()})
@@ -213,7 +215,7 @@ def combine_targets(
         dtype = torch.int64 if key == "tokens" else torch.float64
         return torch.as_tensor(value, dtype=dtype, device=device)
 
-    rows = _gather_records(kept, BatchTarget, batches, device, to_tensor)
+    rows = _gather_records(kept, BatchTarget, batches, device, to_tensor, "a target")
     return [
         BatchTarget(**(row | {"energy": float(row["energy"]), "tokens": int(row["tokens"])}))
         for row in rows
