@@ -126,7 +126,7 @@ def configurations(args) -> list[tuple[str, str, dict]]:
                 configs.append((f"sd p={p} q={q}", "set_difference", {"p": p, "q": q}))
         for q in Q_GRID:
             configs.append((f"top safety q={q}", "neg_prune", {"q": q}))
-        for p, q in ((0.02, 0.02), (0.1, 0.02)):
+        for p, q in ((0.02, 0.005), (0.02, 0.02), (0.1, 0.02)):
             configs.append((f"random as p={p} q={q}", "random", {"p": p, "q": q}))
     if "ranks" in chosen:
         for u in UTILITY_RANKS:

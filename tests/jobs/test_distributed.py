@@ -15,18 +15,22 @@ from secateurs.core.model import iter_prunable, weight_matrix
 from secateurs.core.recovery import BlockReconstruction
 from secateurs.errors import SecateursError
 from secateurs.jobs import distributed
+from secateurs.methods.dsnot import MaskRefiner
 from secateurs.methods.recovery import LeastSquaresStrategy, MaskedRefit, WeightRedistributor
 
 # one method per kind of statistic that is reduced: norms, Gram (solver and recovery), classes,
-# the block reconstruction's targets (on either stream): (method, recovery, reconstruction)
+# the block reconstruction's targets (on either stream), the means DSnoT reads:
+# (method, recovery, reconstruction, refine)
 CASES = {
-    "wanda": ("wanda", None, None),
-    "ria": ("ria", None, None),
-    "sparsegpt": ("sparsegpt", None, None),
-    "neuronrank_fisher": ("neuronrank_fisher", None, None),
-    "wanda+least_squares": ("wanda", "least_squares", None),
-    "wanda+reconstruct pruned": ("wanda", None, "pruned"),
-    "sparsegpt+reconstruct dense": ("sparsegpt", None, "dense"),
+    "wanda": ("wanda", None, None, False),
+    "ria": ("ria", None, None, False),
+    "sparsegpt": ("sparsegpt", None, None, False),
+    "alps": ("alps", None, None, False),
+    "neuronrank_fisher": ("neuronrank_fisher", None, None, False),
+    "wanda+least_squares": ("wanda", "least_squares", None, False),
+    "wanda+dsnot": ("wanda", None, None, True),
+    "wanda+reconstruct pruned": ("wanda", None, "pruned", False),
+    "sparsegpt+reconstruct dense": ("sparsegpt", None, "dense", False),
 }
 WINDOWS, BATCH = 10, 2  # 5 batches: shares of 3 and 2
 
@@ -38,7 +42,7 @@ def _free_port() -> int:
 
 
 def _masks(case: str, parallel=None) -> dict[str, torch.Tensor]:
-    method, recovery, stream = CASES[case]
+    method, recovery, stream, refine = CASES[case]
     model = make_model("llama")
     redistributor = (
         WeightRedistributor(LeastSquaresStrategy(), 1.0) if recovery is not None else None
@@ -52,6 +56,7 @@ def _masks(case: str, parallel=None) -> dict[str, torch.Tensor]:
         redistributor=redistributor,
         parallel=parallel,
         reconstruction=reconstruction,
+        refiner=MaskRefiner() if refine else None,
         options={"neuronrank_max_classes": 8},
     )
     pruner.prune(make_windows(WINDOWS, 16), 0.5)
