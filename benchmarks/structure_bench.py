@@ -64,6 +64,15 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "flap_ls50": ("units", {"neurons": 0.5, "score": "flap"}),
     "ours_mix": ("units", {"neurons": 0.2, "heads": 0.34, "score": "ziplm"}),
     "ours_mix50": ("units", {"neurons": 0.4, "heads": 0.34, "score": "ziplm"}),
+    # the refit aimed at the dense model's block output in every block (--target dense)
+    "ours25_dense": ("units", {"neurons": 0.25, "score": "ziplm", "target": "dense"}),
+    "ours50_dense": ("units", {"neurons": 0.5, "score": "ziplm", "target": "dense"}),
+    "flap_ls25_dense": ("units", {"neurons": 0.25, "score": "flap", "target": "dense"}),
+    "flap_ls50_dense": ("units", {"neurons": 0.5, "score": "flap", "target": "dense"}),
+    "ours_mix_dense": (
+        "units",
+        {"neurons": 0.2, "heads": 0.34, "score": "ziplm", "target": "dense"},
+    ),
     "ours25_gemma_heads": ("units", {"neurons": 0.2, "heads": 0.25, "score": "ziplm"}),
 }
 
@@ -102,6 +111,7 @@ def prune_config(dense, label: str, windows, batch_size: int):
             heads=cfg.get("heads", 0.0),
             blocks=cfg.get("blocks", 0),
             compensation=cfg.get("compensation", "least_squares"),
+            target=cfg.get("target", "auto"),
         )
         width = unit_method(cfg.get("score", "ziplm"), "width").fn
         depth = unit_method(cfg.get("depth", "angular"), "depth").fn
@@ -278,7 +288,8 @@ def describe(config) -> str:
         parts.append(f"{cfg['blocks']} blocks by {cfg.get('depth', 'angular')}")
     method = cfg.get("score", "ziplm") if (cfg.get("neurons") or cfg.get("heads")) else ""
     compensation = cfg.get("compensation", "least_squares")
-    return f"({', '.join(parts)}; {' '.join(filter(None, (method, compensation)))})"
+    target = f"target {cfg['target']}" if cfg.get("target", "auto") != "auto" else ""
+    return f"({', '.join(parts)}; {' '.join(filter(None, (method, compensation, target)))})"
 
 
 def plot(result: dict, path: Path, model: str) -> None:

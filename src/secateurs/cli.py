@@ -614,11 +614,13 @@ def shrink(
         str,
         _flag(
             "target",
-            "What the refit matches: dense (the dense model's block output, which also makes up "
-            "for earlier blocks and removed ones) or layer (the layer's own output).",
+            "What the refit matches: layer (the layer's own output on the pruned model's "
+            "inputs), dense (the dense model's block output, which also makes up for earlier "
+            "blocks and removed ones, but fits the calibration text more than new text) or "
+            "auto (dense right after removed blocks, layer elsewhere).",
             _UNIT_METHODS,
         ),
-    ] = "dense",
+    ] = "auto",
     dataset: DatasetOpt = _DEFAULTS["dataset"],
     nsamples: Annotated[int, _flag("nsamples", "Calibration windows.", "Data")] = 32,
     seqlen: Annotated[int, _flag("seqlen", "Tokens per window.", "Data")] = 512,

@@ -54,7 +54,7 @@ from secateurs.core.units import (
 from secateurs.errors import SecateursError
 
 COMPENSATIONS = ("least_squares", "mean", "none")
-TARGETS = ("dense", "layer")
+TARGETS = ("auto", "dense", "layer")
 # score(weight, stats, units, remove) -> one value per unit, lowest removed first
 WidthScore = Callable[[torch.Tensor, ActivationStats, torch.Tensor, int], torch.Tensor]
 # choose(similarity band, blocks, remove) -> indices of the blocks to remove
@@ -71,7 +71,7 @@ class StructureSpec:
     head_mode: str = "query"
     compensation: str = "least_squares"
     damp: float = 0.01
-    target: str = "dense"
+    target: str = "auto"
 
     def __post_init__(self) -> None:
         for flag, value in (("--neurons", self.neurons), ("--heads", self.heads)):
@@ -88,7 +88,7 @@ class StructureSpec:
                 f"unknown --compensation '{self.compensation}': use {', '.join(COMPENSATIONS)}"
             )
         if self.target not in TARGETS:
-            raise SecateursError(f"unknown --target '{self.target}': use {' or '.join(TARGETS)}")
+            raise SecateursError(f"unknown --target '{self.target}': use {', '.join(TARGETS)}")
         if not (self.damp > 0 and math.isfinite(self.damp)):
             raise SecateursError(f"--damp must be a positive number, got {self.damp}")
 
@@ -292,8 +292,18 @@ class StructurePruner:
         """Whether an MLP refit aims at the dense model's outputs (so a dense path is run:
         only neuron refits and depth compensation read it)."""
         spec = self.spec
-        aims = spec.target == "dense" and spec.compensation == "least_squares"
-        return aims and bool(spec.neurons or spec.blocks)
+        if spec.compensation != "least_squares":
+            return False
+        if spec.target == "dense":
+            return bool(spec.neurons or spec.blocks)
+        return spec.target == "auto" and bool(spec.blocks)
+
+    def _aims_dense(self, after_gap: bool) -> bool:
+        """Whether this block's MLP refit aims at the dense model's block output: always
+        with ``dense``; with ``auto`` only right after removed blocks, which nothing else
+        makes up for. Elsewhere the layer's own output on the pruned stream carries over to
+        new text better (BENCHMARKS.md, structured pruning)."""
+        return self.spec.target == "dense" or (self.spec.target == "auto" and after_gap)
 
     def _compensates_depth(self) -> bool:
         """Removed blocks are made up for by refitting the MLP of the next kept block."""
@@ -332,7 +342,8 @@ class StructurePruner:
                     self._prune_heads(block, index, inputs, cut, labels)
                 after_gap = index - 1 in removed
                 if self.spec.neurons or (after_gap and self._compensates_depth()):
-                    self._prune_neurons(block, index, inputs, cut, labels, original, dense)
+                    aim = dense if self._aims_dense(after_gap) else None
+                    self._prune_neurons(block, index, inputs, cut, labels, original, aim)
                 run_block(block, inputs, self.batch_size, True, index=index)
                 if original is not None and dense is not None:
                     run_block(original, dense, self.batch_size, True, index=index)
