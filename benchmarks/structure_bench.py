@@ -365,7 +365,8 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     path = Path(args.out.replace(".json", f"_{Path(args.model).name}.json"))
     result = load_rows(path)
-    result["header"] = result_header(args)
+    if args.configs or args.recover or args.reload_check:  # a report keeps the runs' header
+        result["header"] = result_header(args)
     if args.configs:
         run_configs(args, result, path)
     if args.recover:
