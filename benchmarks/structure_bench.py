@@ -64,16 +64,12 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "flap_ls50": ("units", {"neurons": 0.5, "score": "flap"}),
     "ours_mix": ("units", {"neurons": 0.2, "heads": 0.34, "score": "ziplm"}),
     "ours_mix50": ("units", {"neurons": 0.4, "heads": 0.34, "score": "ziplm"}),
-    # the refit aimed at the dense model's block output in every block (--target dense)
-    "ours25_dense": ("units", {"neurons": 0.25, "score": "ziplm", "target": "dense"}),
-    "ours50_dense": ("units", {"neurons": 0.5, "score": "ziplm", "target": "dense"}),
-    "flap_ls25_dense": ("units", {"neurons": 0.25, "score": "flap", "target": "dense"}),
-    "flap_ls50_dense": ("units", {"neurons": 0.5, "score": "flap", "target": "dense"}),
-    "ours_mix_dense": (
-        "units",
-        {"neurons": 0.2, "heads": 0.34, "score": "ziplm", "target": "dense"},
-    ),
     "ours25_gemma_heads": ("units", {"neurons": 0.2, "heads": 0.25, "score": "ziplm"}),
+}
+# the same rows with the refit aimed at the dense model's block output in every block
+CONFIGS |= {
+    f"{label}_dense": ("units", CONFIGS[label][1] | {"target": "dense"})
+    for label in ("ours25", "ours50", "flap_ls25", "flap_ls50", "ours_mix")
 }
 
 
