@@ -143,12 +143,12 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     parser = bench_parser(__doc__, "frontier_bench")
-    parser.add_argument("--settings", default=",".join(SETTINGS))
-    parser.add_argument("--rows", default=",".join(ROWS))
-    parser.add_argument("--eval_limit", type=int, default=None)
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated")
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated methods")
+    parser.add_argument("--eval_limit", type=int, default=None, help="test windows (all)")
     parser.add_argument("--eval_batch_size", type=int, default=4)
     parser.add_argument("--train_lr", type=float, default=1e-4, help="+train rows: Adam's lr")
-    parser.add_argument("--report", action="store_true")
+    parser.add_argument("--report", action="store_true", help="rewrite the table only")
     args = parser.parse_args()
     for setting in args.settings.split(","):
         if setting not in SETTINGS:

@@ -342,20 +342,24 @@ def report(args, result: dict) -> None:
 
 def main() -> None:
     parser = bench_parser(__doc__, "structure_bench")
-    parser.add_argument("--configs", default="")
-    parser.add_argument("--eval_limit", type=int, default=32)
-    parser.add_argument("--cloze_limit", type=int, default=200)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--redo_dense", action="store_true")
-    parser.add_argument("--save_models", default="/tmp/structure_models")
-    parser.add_argument("--recover", default="")
-    parser.add_argument("--minutes", type=float, default=12.0)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--configs", default="", help="comma-separated row names (all)")
+    parser.add_argument("--eval_limit", type=int, default=32, help="test windows")
+    parser.add_argument("--cloze_limit", type=int, default=200, help="wiki-cloze items")
+    parser.add_argument("--repeats", type=int, default=3, help="timings per speed figure")
+    parser.add_argument("--redo_dense", action="store_true", help="measure the dense row again")
+    parser.add_argument(
+        "--save_models", default="/tmp/structure_models", help="where rows are saved"
+    )
+    parser.add_argument(
+        "--recover", default="", help="one saved row to distil from the dense model"
+    )
+    parser.add_argument("--minutes", type=float, default=12.0, help="recovery time per row")
+    parser.add_argument("--lr", type=float, default=1e-4, help="recovery learning rate")
     parser.add_argument("--lm_weight", type=float, default=1.0, help="label loss beside the KL")
-    parser.add_argument("--train_batch", type=int, default=4)
-    parser.add_argument("--train_samples", type=int, default=512)
-    parser.add_argument("--train_seqlen", type=int, default=256)
-    parser.add_argument("--report", action="store_true")
+    parser.add_argument("--train_batch", type=int, default=4, help="recovery batch")
+    parser.add_argument("--train_samples", type=int, default=512, help="recovery windows")
+    parser.add_argument("--train_seqlen", type=int, default=256, help="recovery window length")
+    parser.add_argument("--report", action="store_true", help="rewrite table and plot only")
     parser.add_argument("--reload_check", default="", help="saved rows to reload without secateurs")
     args = parser.parse_args()
     transformers.utils.logging.disable_progress_bar()
