@@ -359,7 +359,9 @@ def main() -> None:
     parser.add_argument("--train_batch", type=int, default=4, help="recovery batch")
     parser.add_argument("--train_samples", type=int, default=512, help="recovery windows")
     parser.add_argument("--train_seqlen", type=int, default=256, help="recovery window length")
-    parser.add_argument("--report", action="store_true", help="rewrite table and plot (after any run asked for)")
+    parser.add_argument(
+        "--report", action="store_true", help="rewrite table and plot (after any run asked for)"
+    )
     parser.add_argument("--reload_check", default="", help="saved rows to reload without secateurs")
     args = parser.parse_args()
     transformers.utils.logging.disable_progress_bar()
