@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -22,6 +23,7 @@ from secateurs.formats.streaming import (
     checkpoint_files,
     parse_memory,
     streamed_perplexity,
+    write_shard,
 )
 
 CPU = torch.device("cpu")
@@ -215,7 +217,8 @@ def test_one_block_holds_weights_at_a_time(tmp_path):
         resident.append(sum(not b.weight.is_meta for b in _layers(store)))
 
     store.load = counting_load
-    MethodPruner(skeleton, "wanda", progress=False, store=store).prune(make_windows(4, 16), 0.5)
+    with contextlib.closing(store):
+        MethodPruner(skeleton, "wanda", progress=False, store=store).prune(make_windows(4, 16), 0.5)
     assert resident == [1] * len(store.blocks)
     assert all(p.is_meta for p in skeleton.parameters())
 
@@ -223,3 +226,37 @@ def test_one_block_holds_weights_at_a_time(tmp_path):
 def _layers(store: DiskBlocks) -> list[torch.nn.Module]:
     """The first linear layer of every block."""
     return [next(m for m in b.modules() if isinstance(m, torch.nn.Linear)) for b in store.blocks]
+
+
+def test_write_shard_reads_back_as_safetensors_with_every_tensor_aligned(tmp_path):
+    tensors = {
+        "b.weight": torch.randn(3, 5).to(torch.bfloat16),
+        "a.weight": torch.randn(4, 7),
+        "c.scalar": torch.tensor(2.5),
+        "d.empty": torch.zeros(0, 3),
+        "e.index": torch.arange(5),
+        "f.flags": torch.tensor([True, False, True]),
+    }
+    write_shard(tmp_path / "x.safetensors", tensors)
+    back = load_file(tmp_path / "x.safetensors")
+    assert back.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
+    start, header = streaming.shard_header(tmp_path / "x.safetensors")
+    for name, entry in header.items():
+        assert (start + entry["data_offsets"][0]) % tensors[name].element_size() == 0, name
+
+
+def test_a_failed_shard_write_fails_the_run(tmp_path, monkeypatch):
+    """The background writer's error reaches the engine's caller, not a silent thread."""
+    source = _sharded(tmp_path, "llama")
+    real = streaming.write_shard
+
+    def failing(path, tensors):
+        if path.name.startswith("model-00003"):
+            raise OSError(28, "No space left on device")
+        real(path, tensors)
+
+    monkeypatch.setattr(streaming, "write_shard", failing)
+    with pytest.raises(OSError, match="No space left"):
+        _streamed(source, tmp_path / "out", "wanda", make_windows(4, 16), sparsity_ratio=0.5)

@@ -15,11 +15,11 @@ import contextlib
 import json
 import re
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -184,7 +184,13 @@ def _tie_head(model: nn.Module) -> None:
 
 class DiskBlocks:
     """Reads blocks from a checkpoint folder and writes the pruned ones to ``out`` (a
-    :class:`secateurs.core.engine.BlockStore`); each block becomes its own output shard."""
+    :class:`secateurs.core.engine.BlockStore`); each block becomes its own output shard.
+
+    A block's shard is written by a background thread while the engine prunes the next block,
+    so the disk's write time hides behind computation; at most one block waits to be written,
+    which bounds the memory it costs to one block. Close the store (``with
+    contextlib.closing(store)``) so no write outlives a failed run's output folder.
+    """
 
     def __init__(
         self, model: nn.Module, source: Path, dtype: torch.dtype, out: Path | None = None
@@ -201,10 +207,16 @@ class DiskBlocks:
         self.total_size = 0
         self.zeros: dict[str, tuple[int, int]] = {}
         self.head_name: str | None = None  # the head weight's checkpoint name, once loaded
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
 
     def _read(self, prefix: str, names: list[str], mapped: bool = False) -> dict[str, torch.Tensor]:
         """The tensors ``prefix + name`` in ``self.dtype``, each shard opened once and closed.
 
+        A tensor stored in ``self.dtype`` is read into memory of its own: a tensor that
+        safetensors hands out is a view of a private mapping of the file, and the first write
+        to each of its pages (the masks zeroing weights) then copies the page, which took
+        twice as long as reading the whole block.
         ``mapped`` tensors stored in ``self.dtype`` are views of a private mapping of the
         shard instead of copies: only the pages a computation touches (the embedding rows of
         the windows' tokens) become resident, and the mapping goes with the last view.
@@ -213,15 +225,21 @@ class DiskBlocks:
         for name in names:
             by_shard.setdefault(self.files[prefix + name], []).append(name)
         tensors, large_views = {}, set()
+        wanted = _DTYPE_NAMES.get(self.dtype)
         for shard, members in by_shard.items():
             views = self._views(shard, [prefix + n for n in members]) if mapped else {}
-            with safe_open(shard, "pt") as handle:
+            start, header = shard_header(shard)
+            with safe_open(shard, "pt") as handle, open(shard, "rb", buffering=0) as file:
                 for name in members:
-                    tensor = views.get(prefix + name)
-                    if tensor is None:
-                        tensor = handle.get_tensor(prefix + name)
-                    elif tensor.numel() * tensor.element_size() > _CHECK_MAPPED_BYTES:
-                        large_views.add(name)
+                    key = prefix + name
+                    tensor = views.get(key)
+                    if tensor is not None:
+                        if tensor.numel() * tensor.element_size() > _CHECK_MAPPED_BYTES:
+                            large_views.add(name)
+                    elif header[key]["dtype"] == wanted:
+                        tensor = _read_tensor(file, start, header[key], shard, key)
+                    else:
+                        tensor = handle.get_tensor(key)
                     if tensor.is_floating_point():
                         tensor = tensor.to(self.dtype)
                     tensors[name] = tensor
@@ -362,24 +380,47 @@ class DiskBlocks:
         self._materialize(block, f"{self.stack_name}.{index}.")
 
     def release(self, index: int, block: nn.Module) -> None:
-        """Write the pruned block to its own shard, count its zeros, free it."""
+        """Count the pruned block's zeros, hand it to the shard writer, free it."""
         prefix = f"{self.stack_name}.{index}."
         for name, layer in find_linears(block).items():
             weight = weight_matrix(layer)
-            self.zeros[prefix + name] = (int((weight == 0).sum()), weight.numel())
+            self.zeros[prefix + name] = (
+                weight.numel() - int(weight.count_nonzero()),
+                weight.numel(),
+            )
         if self.out is not None:
-            tensors = {prefix + n: t for n, t in block.state_dict().items()}
+            tensors = {prefix + n: t.detach().contiguous() for n, t in block.state_dict().items()}
             self._write(index + 2, tensors)
         _free(block)
         give_back_memory()
 
     def _write(self, number: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Queue ``tensors`` as shard ``number``, once the previous shard is on disk."""
         shard = self._shard_name(number)
-        tensors = {n: t.detach().contiguous() for n, t in tensors.items()}
-        save_file(tensors, self.out / shard, metadata={"format": "pt"})
         for name, tensor in tensors.items():
             self.weight_map[name] = shard
             self.total_size += tensor.numel() * tensor.element_size()
+        self._wait_for_writes()
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="secateurs-shards")
+        self._pending = self._writer.submit(write_shard, self.out / shard, tensors)
+
+    def _wait_for_writes(self) -> None:
+        """Wait for the shard being written; its error, if any, is raised here."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Wait for the shard being written and stop the writer.
+
+        A write's error is :meth:`finish`'s (or the next release's) to raise: a run that
+        fails elsewhere reports its own error, and its folder is removed anyway.
+        """
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
+        self._pending = None
 
     def write_outer(self) -> None:
         """The unchanged outer modules as the first shard; a tied head is saved once.
@@ -396,23 +437,13 @@ class DiskBlocks:
             stored.add(tensor.data_ptr())
             tensors[name] = tensor
         shard = self._shard_name(1)
-        entries, offset = {}, 0
-        for name, tensor in tensors.items():
-            size = tensor.numel() * tensor.element_size()
-            entries[name] = {
-                "dtype": _DTYPE_NAMES[tensor.dtype],
-                "shape": list(tensor.shape),
-                "data_offsets": [offset, offset + size],
-            }
-            offset += size
-            self.weight_map[name] = shard
-        self.total_size += offset
-        header = json.dumps({"__metadata__": {"format": "pt"}} | entries).encode()
-        header += b" " * (-len(header) % 8)
+        tensors = _in_file_order(tensors)
         with open(self.out / shard, "wb") as file:
-            file.write(len(header).to_bytes(8, "little") + header)
+            file.write(_header(tensors))
             for name, tensor in tensors.items():
                 self._copy_tensor(file, name, tensor)
+                self.weight_map[name] = shard
+                self.total_size += tensor.numel() * tensor.element_size()
         self.free_outer()
 
     def _copy_tensor(self, file, name: str, tensor: torch.Tensor) -> None:
@@ -425,7 +456,7 @@ class DiskBlocks:
                 begin, end = entry["data_offsets"]
                 self._copy_checked(file, source, start + begin, end - begin, name, tensor.dtype)
                 return
-        file.write(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        _write_bytes(file, tensor.detach().contiguous().cpu())
 
     def _copy_checked(
         self, file, source: Path, offset: int, size: int, name: str, dtype: torch.dtype
@@ -441,10 +472,7 @@ class DiskBlocks:
                 # a buffered reader fills the whole chunk, so a chunk holds whole values
                 got = reader.readinto(buffer[: min(len(buffer), left)])
                 if not got:
-                    raise SecateursError(
-                        f"{source} ends inside tensor '{name}': the file is truncated; "
-                        "download or save the model again"
-                    )
+                    raise _truncated(source, name)
                 file.write(buffer[:got])
                 left -= got
                 if not dtype.is_floating_point:
@@ -460,7 +488,9 @@ class DiskBlocks:
         return f"model-{number:05d}-of-{self.shards:05d}.safetensors"
 
     def finish(self) -> None:
-        """The index file, config and generation config of the output folder."""
+        """The index file, config and generation config of the output folder, once every
+        shard is written."""
+        self._wait_for_writes()
         write_index(self.out, self.weight_map, self.total_size)
         self.model.config.save_pretrained(self.out)
         generation = getattr(self.model, "generation_config", None)
@@ -494,6 +524,72 @@ class DiskBlocks:
                 name: _as_matrix(handle.get_tensor(f"{prefix}{name}.weight"), layers[name])
                 for name in names
             }
+
+
+def _in_file_order(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Widest dtype first, then by name, as safetensors orders a file: every tensor then
+    starts at a multiple of its element size, so a mapping of the file can view it."""
+    order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+    return {name: tensors[name] for name in order}
+
+
+def _header(tensors: dict[str, torch.Tensor]) -> bytes:
+    """A safetensors header (its length, then JSON padded to 8 bytes) for ``tensors`` stored
+    one after another in this order."""
+    entries, offset = {}, 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        entries[name] = {
+            "dtype": _DTYPE_NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    header = json.dumps({"__metadata__": {"format": "pt"}} | entries, separators=(",", ":"))
+    header = header.encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header
+
+
+def _write_bytes(file, tensor: torch.Tensor) -> None:
+    """Append a contiguous CPU tensor's bytes, written from its own memory (no copy)."""
+    if tensor.numel():
+        file.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write contiguous CPU ``tensors`` as one safetensors file.
+
+    The bytes go to the file straight from the tensors' memory: ``save_file`` first copies
+    every tensor into a bytes object, a second copy of a whole block (772 MiB at 7B).
+    """
+    tensors = _in_file_order(tensors)
+    with open(path, "wb") as file:
+        file.write(_header(tensors))
+        for tensor in tensors.values():
+            _write_bytes(file, tensor)
+
+
+def _truncated(shard: Path, name: str) -> SecateursError:
+    return SecateursError(
+        f"{shard} ends inside tensor '{name}': the file is truncated; "
+        "download or save the model again"
+    )
+
+
+def _read_tensor(file, start: int, entry: dict, shard: Path, name: str) -> torch.Tensor:
+    """The tensor of header ``entry``, read from the open unbuffered ``file`` into new memory."""
+    tensor = torch.empty(entry["shape"], dtype=_STORED_DTYPES[entry["dtype"]])
+    buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    begin, end = entry["data_offsets"]
+    file.seek(start + begin)
+    done = 0
+    while done < end - begin:  # one read returns at most about 2 GiB on Linux
+        got = file.readinto(buffer[done:])
+        if not got:
+            raise _truncated(shard, name)
+        done += got
+    return tensor
 
 
 def _read_rows(shard: Path, name: str, rows: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ folder, so an interrupted run leaves nothing behind. The blocks come from
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -60,11 +61,12 @@ def run_streamed(
     result: dict[str, Any] | None = None
     try:
         with atomic_dir(Path(cfg.output.save_model)) as tmp:
-            store = DiskBlocks(model, folder, plan.dtype, tmp)
-            start = time.perf_counter()
-            store.write_outer()
-            report, memory = prune_loaded(model, plan, prepared, log, store=store)
-            store.finish()
+            # closed before the folder is published or removed: no shard write outlives it
+            with contextlib.closing(DiskBlocks(model, folder, plan.dtype, tmp)) as store:
+                start = time.perf_counter()
+                store.write_outer()
+                report, memory = prune_loaded(model, plan, prepared, log, store=store)
+                store.finish()
             prepared.tokenizer.save_pretrained(tmp)
             timings["prune"] = time.perf_counter() - start
             ratios = report.block_ratios or [plan.ratio] * len(store.blocks)
