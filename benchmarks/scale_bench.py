@@ -21,13 +21,18 @@ peak memory against the largest block's bytes. Each saved folder is checked shar
 expects present with its shape (a skeleton on the meta device), and the zeros of every 2-D
 block weight, against the run's own sparsity record.
 
+With ``--in_memory``, each model whose weights take at most half of the memory is pruned
+once more with the whole model in memory (``--offload none``, the same calibration batch),
+and its saved folder is compared with the streamed one tensor by tensor: same zeros in
+every block weight, same values.
+
 Before each run the source folder is dropped from the page cache (``posix_fadvise
 DONTNEED``; ``--cache warm`` keeps it), so the reads are the disk's whenever the folder does
 not fit in memory anyway. Make a model with ``benchmarks/make_shaped_model.py``:
 
     python benchmarks/make_shaped_model.py --config 1b --out /data/shaped-1b
     python benchmarks/scale_bench.py --models /data/shaped-1b --methods wanda,sparsegpt \\
-        --work /data/scale-work
+        --work /data/scale-work --in_memory
 
 Writes benchmarks/results/scale_bench.json and its table between the markers
 ``scale_bench`` in BENCHMARKS.md. The work folder needs room for one saved copy of the
@@ -290,7 +295,10 @@ class Sampler(threading.Thread):
                 self.samples.append(sample)
 
 
-def prune_command(args, model: Path, method: str, save: Path, result: Path) -> list[str]:
+def prune_command(
+    args, model: Path, method: str, save: Path, result: Path, streamed: bool = True
+) -> list[str]:
+    """The ``secateurs prune`` command of one run, streamed or with the model in memory."""
     return [
         sys.executable,
         "-m",
@@ -305,13 +313,15 @@ def prune_command(args, model: Path, method: str, save: Path, result: Path) -> l
         "--sparsity_ratio",
         str(args.sparsity_ratio),
         "--offload",
-        "disk",
+        "disk" if streamed else "none",
         "--save_model",
         str(save),
         "--save_json",
         str(result),
         "--nsamples",
         str(args.nsamples),
+        "--batch_size",
+        str(args.batch_size),
         "--seqlen",
         str(args.seqlen),
         "--eval_limit",
@@ -387,11 +397,69 @@ def one_run(args, model: Path, info: dict, method: str, work: Path, band: dict) 
     start = time.perf_counter()
     row["check"] = check_saved(save, saved["sparsity"].get("layers"))
     row["check"]["seconds"] = time.perf_counter() - start
+    if args.in_memory and fits_in_memory(info):
+        row["in_memory"] = in_memory_run(args, model, method, work, tag, save)
     if not args.keep:
         shutil.rmtree(save, ignore_errors=True)
     brief = {k: row[k] for k in ("wall_s", "peak_rss", "disk_read_bytes", "disk_write_bytes")}
     print(f"{tag}: {brief}, timings {saved['timings']}, phases {phases}", flush=True)
     return row
+
+
+def fits_in_memory(info: dict) -> bool:
+    """Whether the model's weights take at most half of this machine's memory (the in-memory
+    run holds them, plus the saved copy's buffers)."""
+    return info["weight_bytes"] <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2
+
+
+def in_memory_run(args, model: Path, method: str, work: Path, tag: str, streamed: Path) -> dict:
+    """The same prune with the whole model in memory, and whether its saved weights equal
+    the streamed run's (masks and values)."""
+    save, result_file, log = (
+        work / f"{tag}-memory",
+        work / f"{tag}-memory.json",
+        work / f"{tag}-memory.log",
+    )
+    shutil.rmtree(save, ignore_errors=True)
+    if args.cache == "cold":
+        drop_cache(model)
+    print(f"{tag}: in memory, log in {log}", flush=True)
+    command = prune_command(args, model, method, save, result_file, streamed=False)
+    run = run_process(command, log, args.sample_s)
+    out = {k: run[k] for k in ("returncode", "wall_s", "peak_rss")}
+    if run["returncode"] == 0 and result_file.is_file():
+        saved = json.loads(result_file.read_text())
+        out["prune_s"] = saved["timings"]["prune"]
+        out |= compare_saved(streamed, save)
+    else:
+        print(f"{tag} in memory: failed ({run['returncode']})\n{run['tail']}", flush=True)
+    if not args.keep:
+        shutil.rmtree(save, ignore_errors=True)
+    return out
+
+
+def compare_saved(first: Path, second: Path) -> dict[str, Any]:
+    """Tensor by tensor (one pair in memory at a time): do two saved folders hold the same
+    names, the same zeros in every 2-D block weight, and the same values?"""
+    one, two = weight_map(first), weight_map(second)
+    masks = values = True
+    differing: list[str] = []
+    for name in sorted(set(one) & set(two)):
+        with safe_open(first / one[name], "pt") as a, safe_open(second / two[name], "pt") as b:
+            x, y = a.get_tensor(name), b.get_tensor(name)
+        same = x.shape == y.shape and torch.equal(x, y)
+        if block_of(name) is not None and x.dim() == 2 and not torch.equal(x == 0, y == 0):
+            masks = False
+        if not same:
+            values = False
+            differing.append(name)
+    tied = {"lm_head.weight"}  # saved once by a tied model, whichever way it was written
+    return {
+        "same_names": set(one) - tied == set(two) - tied,
+        "identical_masks": masks,
+        "identical_weights": values,
+        "differing": differing[:5],
+    }
 
 
 def cost_law(row: dict, info: dict, args) -> dict[str, float]:
@@ -495,7 +563,8 @@ def table(args, result: dict) -> str:
     lines = [
         f"Streamed pruning (`--offload disk`) of LlamaForCausalLM-shaped checkpoints with "
         f"seeded random weights (`benchmarks/make_shaped_model.py`), {args.nsamples} x "
-        f"{args.seqlen} calibration windows, sparsity {args.sparsity_ratio}, one evaluation "
+        f"{args.seqlen} calibration windows ({getattr(args, 'batch_size', 1)} per forward), "
+        f"sparsity {args.sparsity_ratio}, one evaluation "
         f"window, no dense evaluation; each run its own process, source "
         f"{'dropped from' if args.cache == 'cold' else 'left in'} the page cache before it; "
         f"{result['machine']}, {result['date']}. Disk: {band['write'] / MiB:.0f} MiB/s write "
@@ -567,6 +636,29 @@ def table(args, result: dict) -> str:
                 f"| {guess['peak_rss'] / GiB:.1f} GiB | {guess['weight_bytes'] / GiB:.1f} GiB "
                 f"| {guess['disk_bytes'] / GiB:.1f} GiB |"
             )
+    compared = [row for row in result["runs"] if row.get("in_memory")]
+    if compared:
+        lines += [
+            "",
+            "The same prune with the whole model in memory (`--offload none`), for the models "
+            "that fit in half of this machine's memory, against the streamed run's saved folder:",
+            "",
+            "| model | method | in memory: prune s | wall s | peak RSS | streamed peak RSS "
+            "| masks identical | weights identical |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for row in compared:
+            mem = row["in_memory"]
+            name = models[row["folder"]]["name"]
+            if "prune_s" not in mem:
+                lines.append(f"| {name} | {row['method']} | failed ({mem['returncode']}) |||||")
+                continue
+            lines.append(
+                f"| {name} | {row['method']} | {mem['prune_s']:.1f} | {mem['wall_s']:.1f} "
+                f"| {mem['peak_rss'] / GiB:.2f} GiB | {row['peak_rss'] / GiB:.2f} GiB "
+                f"| {'yes' if mem['identical_masks'] else 'no'} "
+                f"| {'yes' if mem['identical_weights'] else 'no: ' + ', '.join(mem['differing'])} |"
+            )
     lines += [
         "",
         "Saved folders, read back one shard at a time:",
@@ -592,20 +684,48 @@ def table(args, result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="", help="model folders, comma-separated")
-    parser.add_argument("--methods", default="wanda,sparsegpt")
-    parser.add_argument("--dataset", default="wiki-sample")
-    parser.add_argument("--nsamples", type=int, default=8)
-    parser.add_argument("--seqlen", type=int, default=128)
-    parser.add_argument("--eval_limit", type=int, default=1)
-    parser.add_argument("--sparsity_ratio", type=float, default=0.5)
+    parser.add_argument(
+        "--methods", default="wanda,sparsegpt", help="prune methods, comma-separated"
+    )
+    parser.add_argument("--dataset", default="wiki-sample", help="calibration text")
+    parser.add_argument("--nsamples", type=int, default=8, help="calibration windows")
+    parser.add_argument("--seqlen", type=int, default=128, help="tokens per window")
+    parser.add_argument(
+        "--batch_size",
+        type=int,
+        default=1,
+        help="calibration windows per forward, in both runs of a model (a Gram's float sums "
+        "depend on it, so SparseGPT's masks do too)",
+    )
+    parser.add_argument("--eval_limit", type=int, default=1, help="evaluation windows")
+    parser.add_argument("--sparsity_ratio", type=float, default=0.5, help="weights removed")
     parser.add_argument("--extra", default="", help="more prune flags, one string")
     parser.add_argument("--work", default=None, help="folder for saved models and logs")
     parser.add_argument("--keep", action="store_true", help="keep the saved folders")
-    parser.add_argument("--cache", choices=("cold", "warm"), default="cold")
-    parser.add_argument("--bandwidth_mib", type=int, default=1024)
+    parser.add_argument(
+        "--in_memory",
+        action="store_true",
+        help="also prune each model that fits in half the memory with the model in memory, "
+        "and compare its saved weights and masks with the streamed run's",
+    )
+    parser.add_argument(
+        "--cache",
+        choices=("cold", "warm"),
+        default="cold",
+        help="drop each source folder from the page cache before its run (cold) or not",
+    )
+    parser.add_argument(
+        "--bandwidth_mib", type=int, default=1024, help="size of the disk bandwidth probe file"
+    )
     parser.add_argument("--sample_s", type=float, default=1.0, help="/proc sampling period")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale_bench.json"))
-    parser.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"))
+    parser.add_argument(
+        "--out",
+        default=str(ROOT / "benchmarks" / "results" / "scale_bench.json"),
+        help="results JSON (rewritten after every run)",
+    )
+    parser.add_argument(
+        "--markdown", default=str(ROOT / "BENCHMARKS.md"), help="file whose table is rewritten"
+    )
     parser.add_argument("--section", default="scale_bench", help="BENCHMARKS.md marker")
     parser.add_argument(
         "--predict",

@@ -184,3 +184,49 @@ def test_solve_refuses_the_variant():
     assert int(mask.sum()) == 16
     _, mask = solve(weight, stats, Unstructured("row"), 0.5, "x")
     assert bool((mask.sum(dim=1) == 4).all())
+
+
+def test_inverse_factor_is_the_upper_factor_of_the_damped_inverse():
+    from secateurs.methods.sparsegpt import inverse_factor
+
+    _, stats = layer_problem(rows=4, cols=48)
+    gram = stats.gram.clone()
+    gram[:, 5] = gram[5, :] = 0  # a channel that never fired
+    before = gram.clone()
+    h = gram.double()
+    h[5, 5] = 1.0
+    h += 0.01 * torch.diagonal(h).mean() * torch.eye(48, dtype=torch.float64)
+    expected = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
+    factor = inverse_factor(gram, 0.01)
+    assert factor.dtype == torch.float32
+    torch.testing.assert_close(factor.double(), expected, rtol=1e-5, atol=1e-7)
+    assert torch.equal(factor, factor.triu())
+    assert torch.equal(gram, before)  # the Gram is left as it was
+
+
+def test_layers_sharing_a_gram_share_one_factorisation(monkeypatch):
+    """q/k/v and gate/up see one input: one factorisation each, and the same weights as a
+    factorisation per layer."""
+    from secateurs.methods import sparsegpt
+
+    calls = []
+    real = sparsegpt.inverse_factor
+
+    def counting(gram, damp, layer=""):
+        calls.append(layer)
+        return real(gram, damp, layer)
+
+    monkeypatch.setattr(sparsegpt, "inverse_factor", counting)
+    shared = make_model("llama")
+    MethodPruner(shared, "sparsegpt", progress=False).prune(make_windows(), 0.5)
+    assert len(calls) == 4 * shared.config.num_hidden_layers  # q/k/v, o, gate/up, down
+
+    class EveryTime:
+        def get(self, gram, damp, layer):
+            return real(gram, damp, layer)
+
+    monkeypatch.setattr(sparsegpt, "_LAST_FACTOR", EveryTime())
+    single = make_model("llama")
+    MethodPruner(single, "sparsegpt", progress=False).prune(make_windows(), 0.5)
+    for name, tensor in shared.state_dict().items():
+        assert torch.equal(tensor, single.state_dict()[name]), name
