@@ -361,19 +361,30 @@ def run_process(command: list[str], log: Path, every: float) -> dict[str, Any]:
     }
 
 
-def one_run(args, model: Path, info: dict, method: str, work: Path, band: dict) -> dict:
-    tag = f"{info['name']}-{method}".replace("/", "_")
+def launch(
+    args, model: Path, method: str, work: Path, tag: str, streamed: bool = True
+) -> tuple[dict, Path, dict | None]:
+    """One ``secateurs prune`` process saving to ``work / tag``: its measurements, its saved
+    folder, and its JSON result (None if it failed, with its log's tail printed)."""
     save, result_file, log = work / tag, work / f"{tag}.json", work / f"{tag}.log"
     shutil.rmtree(save, ignore_errors=True)
     if args.cache == "cold":
         drop_cache(model)
     print(f"{tag}: running, log in {log}", flush=True)
-    row = run_process(prune_command(args, model, method, save, result_file), log, args.sample_s)
-    row |= {"model": info["name"], "folder": str(model), "method": method}
+    command = prune_command(args, model, method, save, result_file, streamed)
+    row = run_process(command, log, args.sample_s)
     if row["returncode"] != 0 or not result_file.is_file():
         print(f"{tag}: failed ({row['returncode']})\n{row['tail']}", flush=True)
+        return row, save, None
+    return row, save, json.loads(result_file.read_text())
+
+
+def one_run(args, model: Path, info: dict, method: str, work: Path, band: dict) -> dict:
+    tag = f"{info['name']}-{method}".replace("/", "_")
+    row, save, saved = launch(args, model, method, work, tag)
+    row |= {"model": info["name"], "folder": str(model), "method": method}
+    if saved is None:
         return row
-    saved = json.loads(result_file.read_text())
     phases = saved["prune"]["seconds"]
     row |= {
         "timings": saved["timings"],
@@ -415,24 +426,11 @@ def fits_in_memory(info: dict) -> bool:
 def in_memory_run(args, model: Path, method: str, work: Path, tag: str, streamed: Path) -> dict:
     """The same prune with the whole model in memory, and whether its saved weights equal
     the streamed run's (masks and values)."""
-    save, result_file, log = (
-        work / f"{tag}-memory",
-        work / f"{tag}-memory.json",
-        work / f"{tag}-memory.log",
-    )
-    shutil.rmtree(save, ignore_errors=True)
-    if args.cache == "cold":
-        drop_cache(model)
-    print(f"{tag}: in memory, log in {log}", flush=True)
-    command = prune_command(args, model, method, save, result_file, streamed=False)
-    run = run_process(command, log, args.sample_s)
+    run, save, saved = launch(args, model, method, work, f"{tag}-memory", streamed=False)
     out = {k: run[k] for k in ("returncode", "wall_s", "peak_rss")}
-    if run["returncode"] == 0 and result_file.is_file():
-        saved = json.loads(result_file.read_text())
+    if saved is not None:
         out["prune_s"] = saved["timings"]["prune"]
         out |= compare_saved(streamed, save)
-    else:
-        print(f"{tag} in memory: failed ({run['returncode']})\n{run['tail']}", flush=True)
     if not args.keep:
         shutil.rmtree(save, ignore_errors=True)
     return out

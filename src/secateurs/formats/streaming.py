@@ -217,6 +217,7 @@ class DiskBlocks:
         safetensors hands out is a view of a private mapping of the file, and the first write
         to each of its pages (the masks zeroing weights) then copies the page, which took
         twice as long as reading the whole block.
+
         ``mapped`` tensors stored in ``self.dtype`` are views of a private mapping of the
         shard instead of copies: only the pages a computation touches (the embedding rows of
         the windows' tokens) become resident, and the mapping goes with the last view.
@@ -227,8 +228,10 @@ class DiskBlocks:
         tensors, large_views = {}, set()
         wanted = _DTYPE_NAMES.get(self.dtype)
         for shard, members in by_shard.items():
-            views = self._views(shard, [prefix + n for n in members]) if mapped else {}
             start, header = shard_header(shard)
+            views = (
+                self._views(shard, start, header, [prefix + n for n in members]) if mapped else {}
+            )
             with safe_open(shard, "pt") as handle, open(shard, "rb", buffering=0) as file:
                 for name in members:
                     key = prefix + name
@@ -252,9 +255,11 @@ class DiskBlocks:
         named = ((prefix + name, tensor) for name, tensor in tensors.items())
         check_finite_weights(str(self.source), named, where)
 
-    def _views(self, shard: Path, names: list[str]) -> dict[str, torch.Tensor]:
-        """Views of a shard's mapping for the ``names`` stored in ``self.dtype`` and aligned."""
-        start, header = shard_header(shard)
+    def _views(
+        self, shard: Path, start: int, header: dict[str, dict], names: list[str]
+    ) -> dict[str, torch.Tensor]:
+        """Views of a shard's mapping (its data at ``start``, its parsed ``header``) for the
+        ``names`` stored in ``self.dtype`` and aligned."""
         wanted = _DTYPE_NAMES.get(self.dtype)
         fits = [
             n
@@ -551,10 +556,15 @@ def _header(tensors: dict[str, torch.Tensor]) -> bytes:
     return len(header).to_bytes(8, "little") + header
 
 
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """The memory of a contiguous CPU tensor as bytes (no copy)."""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
 def _write_bytes(file, tensor: torch.Tensor) -> None:
     """Append a contiguous CPU tensor's bytes, written from its own memory (no copy)."""
     if tensor.numel():
-        file.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+        file.write(_bytes_of(tensor))
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -580,7 +590,7 @@ def _truncated(shard: Path, name: str) -> SecateursError:
 def _read_tensor(file, start: int, entry: dict, shard: Path, name: str) -> torch.Tensor:
     """The tensor of header ``entry``, read from the open unbuffered ``file`` into new memory."""
     tensor = torch.empty(entry["shape"], dtype=_STORED_DTYPES[entry["dtype"]])
-    buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    buffer = _bytes_of(tensor)
     begin, end = entry["data_offsets"]
     file.seek(start + begin)
     done = 0

@@ -18,6 +18,7 @@ from functools import partial
 
 import torch
 
+from secateurs.core.model import all_finite
 from secateurs.core.patterns import SCOPES, NMSparsity, SparsityPattern, Unstructured, _lowest
 from secateurs.core.spec import setting
 from secateurs.core.stats import ActivationStats, StatsRequest
@@ -49,7 +50,7 @@ def inverse_factor(hessian: torch.Tensor, damp: float = DAMP, layer: str = "") -
             continue
         torch.cholesky_inverse(h, out=h)
         torch.linalg.cholesky_ex(h, upper=True, out=(h, info))
-        if int(info) == 0 and bool(torch.isfinite(h).all()):
+        if int(info) == 0 and all_finite(h):
             return h.float()
     raise SecateursError(
         f"SparseGPT could not factor the Hessian of {layer or 'a layer'} even with dampening "
