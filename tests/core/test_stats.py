@@ -74,6 +74,29 @@ def test_full_gram_is_exact_and_sampled_gram_is_reproducible():
     assert torch.equal(grams[0], grams[1])
 
 
+def test_gram_folded_in_bands_equals_the_whole_product(monkeypatch):
+    """A Gram too wide for one temporary is folded a band of columns at a time, to the same
+    sums as whole products; kept terms (a data-parallel run) carry the whole product."""
+    from secateurs.core import stats as module
+
+    x = torch.randn(3, 40, 37)
+    whole = torch.zeros(37, 37)
+    for batch in x.split(1):
+        flat = batch.reshape(-1, 37)
+        whole += flat.T @ flat
+    monkeypatch.setattr(module, "GRAM_BAND_BYTES", 4 * 40 * 5)  # five columns a band
+    banded = ActivationStats(37, request=StatsRequest(gram=True))
+    kept = ActivationStats(37, request=StatsRequest(gram=True), keep_terms=True)
+    for batch in x.split(1):
+        banded.add_batch(batch)
+        kept.add_batch(batch)
+    # a band's product may take another BLAS path than the whole one at this tiny width
+    torch.testing.assert_close(banded.gram, whole, rtol=1e-6, atol=1e-5)
+    assert torch.equal(kept.gram, whole)
+    assert banded.gram_tokens == kept.gram_tokens == 120
+    assert all(terms.gram is not None for terms in kept.terms)
+
+
 def test_exact_selectivity_matches_a_direct_computation():
     x = torch.tensor(
         [[0.0, 1.0, -4.0], [0.5, -1.0, 0.0], [0.1, 2.0, 0.0], [-0.2, 1.0, 0.0], [0.3, -3.0, 8.0]]

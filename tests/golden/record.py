@@ -26,10 +26,10 @@ windows move by up to 5% in perplexity between an AVX-512 Xeon and an AVX2 EPYC)
 flipped by float rounding pass, another method, ratio or pattern does not; behaviour is held
 bit for bit only on the recording kind of machine.
 
-    python tests/golden/record.py --out tests/golden/golden.json [--only tiny|extras|smollm2]
+    python tests/golden/record.py [--only tiny|extras|smollm2] [--method NAME]
 
 ``--only`` rewrites only that group's keys of an existing file and keeps the others (keys no
-longer in the matrix are dropped).
+longer in the matrix are dropped); ``--method NAME`` likewise only the runs of one method.
 """
 
 from __future__ import annotations
@@ -514,19 +514,32 @@ def check_frozen_lists() -> None:
         )
 
 
+def method_of(run: Run) -> str:
+    """The ``--prune_method`` a run names."""
+    return run.args[run.args.index("--prune_method") + 1]
+
+
 def main(argv: list[str] | None = None) -> int:
     check_frozen_lists()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=GOLDEN)
     parser.add_argument("--only", choices=GROUPS, help="record (and replace) one group only")
+    parser.add_argument(
+        "--method", help="record (and replace) only the runs of this --prune_method"
+    )
     options = parser.parse_args(argv)
-    selected = [r for r in runs() if options.only in (None, r.group)]
-    golden = load_golden(options.out) if options.only else {}
-    recorder = recorded_machine(options.out) if options.only else None
+    selected = [
+        r
+        for r in runs()
+        if options.only in (None, r.group) and options.method in (None, method_of(r))
+    ]
+    partial = bool(options.only or options.method)
+    golden = load_golden(options.out) if partial else {}
+    recorder = recorded_machine(options.out) if partial else None
     if recorder not in (None, machine()):
         raise SystemExit(
             f"{options.out} was recorded on {recorder}, this is {machine()}: record every "
-            "group here (no --only)"
+            "group here (no --only or --method)"
         )
     known = {r.key for r in runs()} - {r.key for r in selected}
     golden = {k: v for k, v in golden.items() if k in known}  # drops keys no longer in runs()

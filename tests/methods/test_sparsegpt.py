@@ -198,8 +198,10 @@ def test_inverse_factor_is_the_upper_factor_of_the_damped_inverse():
     h += 0.01 * torch.diagonal(h).mean() * torch.eye(48, dtype=torch.float64)
     expected = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
     factor = inverse_factor(gram, 0.01)
-    assert factor.dtype == torch.float32
-    torch.testing.assert_close(factor.double(), expected, rtol=1e-5, atol=1e-7)
+    assert factor.dtype == torch.float32 and factor.is_contiguous()
+    # float32 LAPACK, as the reference: within a few float32 steps of the float64 factor
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(factor.double(), expected, rtol=1e-4, atol=1e-5 * scale)
     assert torch.equal(factor, factor.triu())
     assert torch.equal(gram, before)  # the Gram is left as it was
 

@@ -351,6 +351,10 @@ def token_classes(
     return lookup[ids].view(windows.shape)
 
 
+# the most bytes of one temporary Gram band (see ActivationStats._fold_gram)
+GRAM_BAND_BYTES = 64 * 2**20
+
+
 @dataclass
 class BatchTerms:
     """What one batch adds to a layer's statistics, before it is folded in.
@@ -440,7 +444,10 @@ class ActivationStats:
             fraction = self.request.gram_fraction
             rows = flat if fraction >= 1.0 else flat[self._sample(flat.shape[0], fraction)]
             terms.gram_tokens = rows.shape[0]
-            terms.gram = rows.t() @ rows
+            if self.terms is None:
+                self._fold_gram(rows)
+            else:  # kept for a data-parallel gather: the whole product
+                terms.gram = rows.t() @ rows
         if self._selectivity is not None:
             self._selectivity.add(flat)
         if self._classes is not None:
@@ -451,6 +458,17 @@ class ActivationStats:
         if self.terms is not None:
             self.terms.append(terms)
         self.fold(terms)
+
+    def _fold_gram(self, rows: torch.Tensor) -> None:
+        """Add ``rows^T rows`` to the Gram a band of columns at a time, so that the product's
+        temporary stays within ``GRAM_BAND_BYTES`` (485 MB whole at 11008 channels). Bands
+        apply from 4097 channels; there the sums were those of the whole product bit for bit
+        (AMD EPYC, 4096-11008 channels, 128-16384 tokens)."""
+        columns = rows.shape[1]
+        band = max(1, GRAM_BAND_BYTES // (rows.element_size() * columns))
+        for start in range(0, columns, band):
+            stop = min(start + band, columns)
+            self._gram[:, start:stop].add_(rows.t() @ rows[:, start:stop])
 
     def fold(self, terms: BatchTerms) -> None:
         """Add one batch's terms (the selectivity statistics are not among them)."""
@@ -465,7 +483,8 @@ class ActivationStats:
             self._sum.add_(terms.sum.double())
         if self._gram is not None:
             self.gram_tokens += terms.gram_tokens
-            self._gram.add_(terms.gram)
+            if terms.gram is not None:
+                self._gram.add_(terms.gram)
         if self._classes is not None:
             self._classes.fold(terms.class_counts, terms.class_sums, terms.class_squares)
 
