@@ -14,10 +14,13 @@ same test windows (all of them by default). Rows:
 
 Prune time is given as a ratio to SparseGPT's in the same run and setting, perplexity as a
 change against SparseGPT's; peak resident memory is the kernel's counter during the prune.
+``--cloze_limit N`` also measures ``wiki-cloze`` accuracy (lm-eval, first N items) of the
+dense model and of each row run in that call (the issue asks it of the best three).
 Rows already in the results file are kept (a row run again replaces its old self), so the grid
 can be run in parts: ``--rows`` and ``--settings`` pick them.
 
     python benchmarks/frontier_bench.py --settings 2:4,0.7 --rows sparsegpt,wanda+ls,alps
+    python benchmarks/frontier_bench.py --settings 2:4 --rows alps+recp --cloze_limit 200
     python benchmarks/frontier_bench.py --report
 
 Writes benchmarks/results/frontier_bench[_MODEL].json and its table in BENCHMARKS.md.
@@ -38,6 +41,7 @@ from secateurs.core.patterns import effective_ratio, parse_pattern
 from secateurs.core.profiling import measure
 from secateurs.core.recovery import BlockReconstruction, WeightRedistributor
 from secateurs.evaluate.perplexity import check_sparsity, perplexity
+from secateurs.evaluate.zeroshot import evaluate_zero_shot, prepare_zero_shot
 from secateurs.jobs.report import replace_marked_section
 from secateurs.methods.dsnot import MaskRefiner
 from secateurs.methods.recovery import LeastSquaresStrategy, MaskedRefit
@@ -90,7 +94,12 @@ def pruner_for(model, row: str, batch_size: int, lr: float = 1e-4) -> MethodPrun
     )
 
 
-def run_row(dense, row: str, setting: str, windows, eval_windows, args) -> dict:
+def cloze(model, tokenizer, plan) -> float:
+    """``wiki-cloze`` accuracy of ``model`` on the prepared items."""
+    return evaluate_zero_shot(model, tokenizer, plan, False)["wiki-cloze"]["acc"]
+
+
+def run_row(dense, row: str, setting: str, windows, eval_windows, args, zero_shot=None) -> dict:
     model = copy.deepcopy(dense)
     sparsity_type, target = pattern_of(setting)
     pruner = pruner_for(model, row, args.batch_size, args.train_lr)
@@ -101,17 +110,22 @@ def run_row(dense, row: str, setting: str, windows, eval_windows, args) -> dict:
         pruner.prune(windows, ratio, sparsity_type)
     check = check_sparsity(model, pattern, ratio)
     ppl = perplexity(model, eval_windows, batch_size=args.eval_batch_size, progress=False)
+    accuracy = None if zero_shot is None else cloze(model, *zero_shot)
     del model
     gc.collect()
-    return {
-        "row": row,
-        "setting": setting,
-        "ppl": ppl,
-        "sparsity": check.overall,
-        "pattern_ok": check.ok,
-        "prune_s": memory.seconds,
-        "peak_rss": memory.peak_rss,
-    } | ({"train_lr": args.train_lr} if "train" in row else {})
+    return (
+        {
+            "row": row,
+            "setting": setting,
+            "ppl": ppl,
+            "sparsity": check.overall,
+            "pattern_ok": check.ok,
+            "prune_s": memory.seconds,
+            "peak_rss": memory.peak_rss,
+        }
+        | ({"train_lr": args.train_lr} if "train" in row else {})
+        | ({"cloze_acc": accuracy, "cloze_limit": args.cloze_limit} if zero_shot else {})
+    )
 
 
 def markdown(result: dict) -> str:
@@ -121,11 +135,11 @@ def markdown(result: dict) -> str:
         f"(seed 0), perplexity on {result['eval_windows']} test windows (dense "
         f"{result['dense_ppl']:.2f}). {result['header']['machine']}; "
         f"{result['header']['date']}. Time and perplexity against SparseGPT at the same setting, "
-        "in the same run.",
+        "in the same run." + cloze_note(result),
         "",
         "| setting | method | ppl | vs sparsegpt | prune s | time / sparsegpt | sparsity | "
-        "peak RSS |",
-        "|---|---|---|---|---|---|---|---|",
+        "peak RSS | cloze |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for setting in SETTINGS:
         rows = [r for r in result["rows"] if r["setting"] == setting]
@@ -136,9 +150,20 @@ def markdown(result: dict) -> str:
             name = f"{float(setting):.0%} unstructured" if ":" not in setting else setting
             lines.append(
                 f"| {name} | {r['row']} | {r['ppl']:.2f} | {versus} | {r['prune_s']:.1f} | "
-                f"{ratio} | {r['sparsity']:.4f} | {r['peak_rss'] / 2**20:,.0f} MiB |"
+                f"{ratio} | {r['sparsity']:.4f} | {r['peak_rss'] / 2**20:,.0f} MiB | "
+                f"{format(r['cloze_acc'], '.3f') if 'cloze_acc' in r else ''} |"
             )
     return "\n".join(lines)
+
+
+def cloze_note(result: dict) -> str:
+    """The sentence naming the cloze items and the dense model's accuracy, where measured."""
+    if "dense_cloze" not in result:
+        return ""
+    return (
+        f" `wiki-cloze` accuracy on its first {result['cloze_limit']} items where given "
+        f"(dense {result['dense_cloze']:.3f})."
+    )
 
 
 def main() -> None:
@@ -148,6 +173,12 @@ def main() -> None:
     parser.add_argument("--eval_limit", type=int, default=None, help="test windows (all)")
     parser.add_argument("--eval_batch_size", type=int, default=4)
     parser.add_argument("--train_lr", type=float, default=1e-4, help="+train rows: Adam's lr")
+    parser.add_argument(
+        "--cloze_limit",
+        type=int,
+        default=0,
+        help="also measure wiki-cloze accuracy on this many items for the rows run (0: none)",
+    )
     parser.add_argument("--report", action="store_true", help="rewrite the table only")
     args = parser.parse_args()
     for setting in args.settings.split(","):
@@ -160,9 +191,19 @@ def main() -> None:
     result = json.loads(path.read_text()) if path.exists() else {"rows": []}
     if result["rows"] and result["header"]["settings"]["model"] != args.model:
         parser.error(f"{path} holds another model's rows; give --out")
+    if args.cloze_limit and result.get("cloze_limit", args.cloze_limit) != args.cloze_limit:
+        parser.error(
+            f"{path} holds cloze accuracies on {result['cloze_limit']} items; give "
+            f"--cloze_limit {result['cloze_limit']} (or another --out)"
+        )
     if not args.report:
-        dense, _ = load_model(args.model)
+        dense, tokenizer = load_model(args.model)
         windows, eval_windows = bench_windows(args, args.eval_limit)
+        zero_shot = None
+        if args.cloze_limit:
+            zero_shot = (tokenizer, prepare_zero_shot("wiki-cloze", args.cloze_limit))
+            if "dense_cloze" not in result:
+                result |= {"dense_cloze": cloze(dense, *zero_shot), "cloze_limit": args.cloze_limit}
         if "dense_ppl" not in result:
             result["dense_ppl"] = perplexity(
                 dense, eval_windows, batch_size=args.eval_batch_size, progress=False
@@ -170,7 +211,7 @@ def main() -> None:
         result |= {"header": result_header(args), "eval_windows": int(eval_windows.shape[0])}
         for setting in args.settings.split(","):
             for row in args.rows.split(","):
-                measured = run_row(dense, row, setting, windows, eval_windows, args)
+                measured = run_row(dense, row, setting, windows, eval_windows, args, zero_shot)
                 result["rows"] = [
                     r for r in result["rows"] if (r["row"], r["setting"]) != (row, setting)
                 ] + [measured]

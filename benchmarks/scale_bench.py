@@ -368,6 +368,7 @@ def launch(
     folder, and its JSON result (None if it failed, with its log's tail printed)."""
     save, result_file, log = work / tag, work / f"{tag}.json", work / f"{tag}.log"
     shutil.rmtree(save, ignore_errors=True)
+    result_file.unlink(missing_ok=True)  # a result left by an earlier run is not this run's
     if args.cache == "cold":
         drop_cache(model)
     print(f"{tag}: running, log in {log}", flush=True)

@@ -35,10 +35,10 @@ RETRIES = 4
 def inverse_factor(hessian: torch.Tensor, damp: float = DAMP, layer: str = "") -> torch.Tensor:
     """Upper Cholesky factor of ``(H + lambda I)^-1`` with ``lambda = damp * mean(diag H)``.
 
-    Computed in float32, as the reference, in one column-major buffer with each LAPACK step in
-    place: the Cholesky factor, the inverse from it (``potri``, the reference's
-    ``cholesky_inverse``), the lower factor ``L`` of that, whose transpose is the upper factor
-    and, in that buffer, already a row-major tensor. At 11008 columns (LLaMA-2-7B's
+    Computed in float32, as the reference and llm-compressor, in one column-major buffer with
+    each LAPACK step in place: the Cholesky factor, the inverse from it (``potri``, the
+    reference's ``cholesky_inverse``), the lower factor ``L`` of that, whose transpose is the
+    upper factor and, in that buffer, already a row-major tensor. At 11008 columns (LLaMA-2-7B's
     ``down_proj``) this holds 485 MB beside the Gram, where float64 copies in and out of each
     step held four times as much and took twice as long. A singular or indefinite ``H`` is
     retried from ``H`` with ten times the dampening, up to ``RETRIES`` times; then the layer
