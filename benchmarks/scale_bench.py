@@ -398,6 +398,7 @@ def one_run(args, model: Path, info: dict, method: str, work: Path, band: dict) 
         "saved_bytes": folder_bytes(save, "*.safetensors"),
     }
     forward = phases["propagate"]
+    row["bandwidth"] = band  # rows of other sweeps (--append) keep the disk they were timed on
     row["floor"] = {
         "forward_s": forward,
         "read_s": row["source_bytes"] / band["read"],
@@ -557,8 +558,36 @@ def predict(result: dict, shapes: list[str], args) -> list[dict[str, Any]]:
 # ---- report --------------------------------------------------------------------------------
 
 
+def merge_runs(previous: dict, result: dict) -> dict:
+    """``previous`` with ``result``'s runs in place of its runs of the same model and method,
+    and the others added after them."""
+    new = {(row["folder"], row["method"]): row for row in result["runs"]}
+    runs = []
+    for row in previous["runs"]:
+        runs.append(new.pop((row["folder"], row["method"]), None) or row)
+        runs[-1].setdefault("bandwidth", previous["bandwidth"])
+    return result | {
+        "models": previous["models"] | result["models"],
+        "runs": runs + list(new.values()),
+    }
+
+
+def disk_note(result: dict) -> str:
+    """The measured disk bandwidth, one figure per sweep when rows come from several."""
+    sweeps: dict[str, list[str]] = {}
+    for row in result["runs"]:
+        band = row.get("bandwidth", result["bandwidth"])
+        speed = f"{band['write'] / MiB:.0f} MiB/s write (fsynced), {band['read'] / MiB:.0f} MiB/s"
+        name = result["models"][row["folder"]]["name"]
+        sweeps.setdefault(speed, []).append(f"{name} {row['method']}")
+    probe = f"{result['bandwidth']['bytes'] / GiB:.1f} GiB sequential file"
+    if len(sweeps) == 1:
+        return f"Disk: {next(iter(sweeps))} cold read, {probe}."
+    parts = "; ".join(f"{speed} ({', '.join(rows)})" for speed, rows in sweeps.items())
+    return f"Disk, measured before each sweep on a {probe} (write, cold read): {parts}."
+
+
 def table(args, result: dict) -> str:
-    band = result["bandwidth"]
     lines = [
         f"Streamed pruning (`--offload disk`) of LlamaForCausalLM-shaped checkpoints with "
         f"seeded random weights (`benchmarks/make_shaped_model.py`), {args.nsamples} x "
@@ -566,9 +595,7 @@ def table(args, result: dict) -> str:
         f"sparsity {args.sparsity_ratio}, one evaluation "
         f"window, no dense evaluation; each run its own process, source "
         f"{'dropped from' if args.cache == 'cold' else 'left in'} the page cache before it; "
-        f"{result['machine']}, {result['date']}. Disk: {band['write'] / MiB:.0f} MiB/s write "
-        f"(fsynced), {band['read'] / MiB:.0f} MiB/s cold read, "
-        f"{band['bytes'] / GiB:.1f} GiB sequential file.",
+        f"{result['machine']}, {result['date']}. {disk_note(result)}",
         "",
         "| model | method | parameters | weights | wall s | CPU s | prune s | calibrate / score "
         "/ solve / propagate s | prune outside phases s | floor s | prune / floor | peak RSS "
@@ -734,6 +761,12 @@ def main() -> None:
     parser.add_argument(
         "--render", action="store_true", help="only write the table of the --out JSON again"
     )
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the runs already in --out that this sweep does not repeat (same model and "
+        "method), so a long sweep can be run in parts",
+    )
     args = parser.parse_args()
     if args.render:
         result = json.loads(Path(args.out).read_text())
@@ -753,6 +786,8 @@ def main() -> None:
     folders = [Path(m) for m in args.models.split(",") if m]
     if not folders:
         parser.error("give --models DIR[,DIR...] (or --render)")
+    if args.append and not Path(args.out).is_file():
+        parser.error(f"--append keeps the runs of --out, and {args.out} is not a file")
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="scale-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     result = result_header(args)  # the machine line names the threads the runs get
@@ -765,6 +800,7 @@ def main() -> None:
     )
     result["models"] = {str(f): describe_model(f) for f in folders}
     result["runs"] = []
+    previous = json.loads(Path(args.out).read_text()) if args.append else None
     for folder in folders:
         info = result["models"][str(folder)]
         for method in args.methods.split(","):
@@ -772,7 +808,9 @@ def main() -> None:
             if "timings" in row:
                 row["cost"] = cost_law(row, info, args)
             result["runs"].append(row)
-            save_result(args, result)  # after every run: a long sweep keeps what it has
+            save_result(args, merge_runs(previous, result) if previous else result)
+    if previous:
+        result = merge_runs(previous, result)
     shapes = [x for x in args.predict.split(",") if x]
     result["predictions"] = predict(result, shapes, args)
     save_result(args, result)
