@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import gc
 import json
+from datetime import datetime
 from pathlib import Path
 
 from _common import ROOT, bench_parser, bench_windows, result_header, save_result
@@ -134,8 +135,8 @@ def markdown(result: dict) -> str:
         f"{settings['model']} (fp32), calibration {settings['nsamples']} x {settings['seqlen']} "
         f"(seed 0), perplexity on {result['eval_windows']} test windows (dense "
         f"{result['dense_ppl']:.2f}). {result['header']['machine']}; "
-        f"{result['header']['date']}. Time and perplexity against SparseGPT at the same setting, "
-        "in the same run." + cloze_note(result),
+        f"{result['header']['date']}. Time and perplexity against SparseGPT at the same setting"
+        f"{time_note(result)}." + cloze_note(result),
         "",
         "| setting | method | ppl | vs sparsegpt | prune s | time / sparsegpt | sparsity | "
         "peak RSS | cloze |",
@@ -147,6 +148,8 @@ def markdown(result: dict) -> str:
         for r in sorted(rows, key=lambda r: ROWS.index(r["row"])):
             versus = f"{r['ppl'] / base['ppl'] - 1:+.1%}" if base else "n/a"
             ratio = f"{r['prune_s'] / base['prune_s']:.2f}x" if base else "n/a"
+            if base and not same_call(r, base):
+                ratio = f"({ratio})"
             name = f"{float(setting):.0%} unstructured" if ":" not in setting else setting
             lines.append(
                 f"| {name} | {r['row']} | {r['ppl']:.2f} | {versus} | {r['prune_s']:.1f} | "
@@ -154,6 +157,26 @@ def markdown(result: dict) -> str:
                 f"{format(r['cloze_acc'], '.3f') if 'cloze_acc' in r else ''} |"
             )
     return "\n".join(lines)
+
+
+def same_call(row: dict, base: dict) -> bool:
+    """Whether two rows were timed in one call of this script (rows before calls were
+    recorded count as another call)."""
+    return row is base or (row.get("call") is not None and row.get("call") == base.get("call"))
+
+
+def time_note(result: dict) -> str:
+    """Where time ratios cross calls, say so: this machine's speed varies between them."""
+    bases = {r["setting"]: r for r in result["rows"] if r["row"] == "sparsegpt"}
+    crossed = any(
+        r["setting"] in bases and not same_call(r, bases[r["setting"]]) for r in result["rows"]
+    )
+    if not crossed:
+        return ", in the same run"
+    return (
+        ", in the same run; a time ratio in parentheses is against the SparseGPT row of another "
+        "call of the script (another day or load of this shared machine), so it is only indicative"
+    )
 
 
 def cloze_note(result: dict) -> str:
@@ -209,9 +232,11 @@ def main() -> None:
                 dense, eval_windows, batch_size=args.eval_batch_size, progress=False
             )
         result |= {"header": result_header(args), "eval_windows": int(eval_windows.shape[0])}
+        call = datetime.now().isoformat(timespec="seconds")  # rows timed under the same load
         for setting in args.settings.split(","):
             for row in args.rows.split(","):
                 measured = run_row(dense, row, setting, windows, eval_windows, args, zero_shot)
+                measured["call"] = call
                 result["rows"] = [
                     r for r in result["rows"] if (r["row"], r["setting"]) != (row, setting)
                 ] + [measured]
