@@ -131,17 +131,7 @@ def run_row(dense, row: str, setting: str, windows, eval_windows, args, zero_sho
 
 def markdown(result: dict) -> str:
     settings = result["header"]["settings"]
-    lines = [
-        f"{settings['model']} (fp32), calibration {settings['nsamples']} x {settings['seqlen']} "
-        f"(seed 0), perplexity on {result['eval_windows']} test windows (dense "
-        f"{result['dense_ppl']:.2f}). {result['header']['machine']}; "
-        f"{result['header']['date']}. Time and perplexity against SparseGPT at the same setting"
-        f"{time_note(result)}." + cloze_note(result),
-        "",
-        "| setting | method | ppl | vs sparsegpt | prune s | time / sparsegpt | sparsity | "
-        "peak RSS | cloze |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    body, crossed = [], False
     for setting in SETTINGS:
         rows = [r for r in result["rows"] if r["setting"] == setting]
         base = next((r for r in rows if r["row"] == "sparsegpt"), None)
@@ -149,34 +139,40 @@ def markdown(result: dict) -> str:
             versus = f"{r['ppl'] / base['ppl'] - 1:+.1%}" if base else "n/a"
             ratio = f"{r['prune_s'] / base['prune_s']:.2f}x" if base else "n/a"
             if base and not same_call(r, base):
-                ratio = f"({ratio})"
+                ratio, crossed = f"({ratio})", True
             name = f"{float(setting):.0%} unstructured" if ":" not in setting else setting
-            lines.append(
+            body.append(
                 f"| {name} | {r['row']} | {r['ppl']:.2f} | {versus} | {r['prune_s']:.1f} | "
                 f"{ratio} | {r['sparsity']:.4f} | {r['peak_rss'] / 2**20:,.0f} MiB | "
                 f"{format(r['cloze_acc'], '.3f') if 'cloze_acc' in r else ''} |"
             )
-    return "\n".join(lines)
+    # this machine's speed varies between calls, so a ratio across them is marked
+    across = (
+        "; a time ratio in parentheses is against the SparseGPT row of another call of the "
+        "script (another day or load of this shared machine), so it is only indicative"
+        if crossed
+        else ""
+    )
+    return "\n".join(
+        [
+            f"{settings['model']} (fp32), calibration {settings['nsamples']} x "
+            f"{settings['seqlen']} (seed 0), perplexity on {result['eval_windows']} test windows "
+            f"(dense {result['dense_ppl']:.2f}). {result['header']['machine']}; "
+            f"{result['header']['date']}. Time and perplexity against SparseGPT at the same "
+            f"setting, in the same run{across}." + cloze_note(result),
+            "",
+            "| setting | method | ppl | vs sparsegpt | prune s | time / sparsegpt | sparsity | "
+            "peak RSS | cloze |",
+            "|---|---|---|---|---|---|---|---|---|",
+            *body,
+        ]
+    )
 
 
 def same_call(row: dict, base: dict) -> bool:
     """Whether two rows were timed in one call of this script (rows before calls were
     recorded count as another call)."""
     return row is base or (row.get("call") is not None and row.get("call") == base.get("call"))
-
-
-def time_note(result: dict) -> str:
-    """Where time ratios cross calls, say so: this machine's speed varies between them."""
-    bases = {r["setting"]: r for r in result["rows"] if r["row"] == "sparsegpt"}
-    crossed = any(
-        r["setting"] in bases and not same_call(r, bases[r["setting"]]) for r in result["rows"]
-    )
-    if not crossed:
-        return ", in the same run"
-    return (
-        ", in the same run; a time ratio in parentheses is against the SparseGPT row of another "
-        "call of the script (another day or load of this shared machine), so it is only indicative"
-    )
 
 
 def cloze_note(result: dict) -> str:
