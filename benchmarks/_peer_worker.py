@@ -27,7 +27,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "secateurs"
 def _profiling():
     """``secateurs.core.profiling`` loaded from its file: it needs only the standard library and
     torch, so the peer's venv can use it without importing the package."""
-    spec = importlib.util.spec_from_file_location("_profiling", SRC / "profiling.py")
+    spec = importlib.util.spec_from_file_location("_profiling", SRC / "core" / "profiling.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -35,15 +35,11 @@ def _profiling():
 
 
 def prune_secateurs(model, ids: torch.Tensor, method: str, pattern: str, batch_size: int):
-    from secateurs.api import MethodPruner
-    from secateurs.methods.recovery import LeastSquaresStrategy, WeightRedistributor
+    # the frontier benchmark's row names (alps, sparsegpt+recp, ...) build the same pruners here
+    from frontier_bench import pruner_for
 
-    redistributor = None
-    if method == "wanda+least_squares":
-        method, redistributor = "wanda", WeightRedistributor(LeastSquaresStrategy())
-    pruner = MethodPruner(
-        model, method, batch_size=batch_size, progress=False, redistributor=redistributor
-    )
+    row = "wanda+ls" if method == "wanda+least_squares" else method
+    pruner = pruner_for(model, row, batch_size)
     return lambda: pruner.prune(ids, 0.5, pattern)
 
 

@@ -1,7 +1,9 @@
 """Peer benchmark: secateurs against llm-compressor on the same model, data and threads.
 
 llm-compressor (``llmcompressor==0.14.0.1``) runs its Wanda and SparseGPT modifiers; secateurs
-runs wanda, sparsegpt and wanda + least-squares recovery; both at 50% unstructured and 2:4.
+runs wanda, sparsegpt, wanda + least-squares recovery and the frontier's methods (``alps``,
+``sparsegpt+recp``, ``alps+recp``: ``frontier_bench.py``'s rows), which llm-compressor lacks and
+which are compared with its SparseGPT; both at 50% unstructured and 2:4.
 Every run is a process of its own (``_peer_worker.py``; llm-compressor's under ``.venv-peer``,
 made by ``make peer-venv``, because it pins an older transformers) on the same fp32 model
 folder, the same calibration token ids and the same thread count; the runs are interleaved
@@ -45,6 +47,9 @@ RUNS = [
     ("sparsegpt", "llmcompressor"),
     ("sparsegpt", "secateurs"),
     ("wanda+least_squares", "secateurs"),
+    ("alps", "secateurs"),
+    ("sparsegpt+recp", "secateurs"),
+    ("alps+recp", "secateurs"),
 ]
 PATTERNS = ("unstructured", "2:4")
 WORKER = Path(__file__).resolve().parent / "_peer_worker.py"
@@ -118,8 +123,12 @@ def summarise(runs: list[dict]) -> list[dict]:
         )
     theirs = {(r["method"], r["pattern"]): r for r in table if r["tool"] == "llmcompressor"}
     for row in table:
-        peer = theirs.get((row["method"], row["pattern"]))
+        # a method llm-compressor lacks is held against its SparseGPT, the yardstick
+        peer = theirs.get((row["method"], row["pattern"])) or theirs.get(
+            ("sparsegpt", row["pattern"])
+        )
         if row["tool"] == "secateurs" and peer is not None:
+            row["against"] = f"{peer['method']} (llmcompressor)"
             row["time_ours_over_theirs"] = row["prune_s"] / peer["prune_s"]
             row["ppl_ours_over_theirs"] = row["ppl"] / peer["ppl"]
             row["peak_ours_over_theirs"] = row["peak_rss"] / peer["peak_rss"]
@@ -133,13 +142,14 @@ def fmt(value, spec: str) -> str:
 
 def table_md(rows: list[dict]) -> str:
     head = (
-        "| method | pattern | tool | ppl | prune s | peak RSS | added by pruning "
+        "| method | pattern | tool | ppl | prune s | peak RSS | added by pruning | against "
         "| time ours/theirs | ppl ours/theirs | peak ours/theirs | added ours/theirs |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     body = [
         f"| {r['method']} | {r['pattern']} | {r['tool']} | {r['ppl']:.2f} | {r['prune_s']:.1f} "
         f"| {r['peak_rss'] / 2**20:,.0f} MiB | {r['peak_added'] / 2**20:,.0f} MiB "
+        f"| {r.get('against', '-')} "
         f"| {fmt(r.get('time_ours_over_theirs'), '.2f')} "
         f"| {fmt(r.get('ppl_ours_over_theirs'), '.3f')} "
         f"| {fmt(r.get('peak_ours_over_theirs'), '.2f')} "
