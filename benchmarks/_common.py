@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from secateurs.core.model import load_tokenizer
+from secateurs.core.model import load_config, load_tokenizer
 from secateurs.data import text as data
 from secateurs.io import atomic_write_text
 from secateurs.jobs.report import versions
@@ -41,13 +41,23 @@ def bench_parser(doc: str, name: str) -> argparse.ArgumentParser:
     return parser
 
 
-def bench_windows(args: argparse.Namespace, eval_limit: int | None = None):
-    """The seeded calibration windows and the first ``eval_limit`` test windows (all if None)."""
-    tokenizer = load_tokenizer(args.model)
+def bench_windows(
+    args: argparse.Namespace,
+    eval_limit: int | None = None,
+    nsamples: int | None = None,
+    seqlen: int | None = None,
+):
+    """The seeded calibration windows (``--nsamples`` x ``--seqlen`` unless given) and the first
+    ``eval_limit`` test windows (all if None) of ``--seqlen`` tokens, each starting with BOS
+    where the family needs it (``--window_bos auto``, as `secateurs prune` does: Gemma)."""
+    config, tokenizer = load_config(args.model), load_tokenizer(args.model)
+    bos = data.window_bos_token("auto", config, tokenizer)
     source = data.resolve_source(args.dataset)
-    windows = data.calibration_windows(tokenizer, source, args.nsamples, args.seqlen, seed=0)
+    windows = data.calibration_windows(
+        tokenizer, source, nsamples or args.nsamples, seqlen or args.seqlen, 0, bos
+    )
     tokens = data.evaluation_tokens(tokenizer, source)
-    return windows, data.evaluation_windows(tokens, args.seqlen, eval_limit, source)
+    return windows, data.evaluation_windows(tokens, args.seqlen, eval_limit, source, bos)
 
 
 def result_header(args: argparse.Namespace) -> dict[str, Any]:

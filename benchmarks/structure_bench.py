@@ -28,12 +28,11 @@ from pathlib import Path
 
 import torch
 import transformers
-from _common import ROOT, bench_parser, result_header
+from _common import ROOT, bench_parser, bench_windows, result_header
 
 from secateurs.api import WandaPruner
-from secateurs.core.model import load_config, load_model, load_tokenizer, parameter_count
+from secateurs.core.model import load_model, parameter_count
 from secateurs.core.structure import StructurePruner, StructureSpec
-from secateurs.data import text
 from secateurs.data.prompts import text_batch
 from secateurs.evaluate.perplexity import perplexity
 from secateurs.evaluate.speed import measure_speed
@@ -42,7 +41,6 @@ from secateurs.formats.shrink import cut_structure, shrink_mlps
 from secateurs.io import atomic_write_text
 from secateurs.jobs.finetune import LoraOptions, finetune
 from secateurs.jobs.report import replace_marked_section
-from secateurs.jobs.session import load_eval_windows
 from secateurs.methods.units import unit_method
 
 # label: (kind, settings). kind "neuron" is today's masked-then-cut Wanda neuron pruning.
@@ -71,16 +69,6 @@ CONFIGS |= {
     f"{label}_dense": ("units", CONFIGS[label][1] | {"target": "dense"})
     for label in ("ours25", "ours50", "flap_ls25", "flap_ls50", "ours_mix")
 }
-
-
-def windows_for(args, eval_limit: int | None, nsamples: int, seqlen: int):
-    """Calibration and test windows, each starting with BOS where the family needs it
-    (``--window_bos auto``, as `secateurs prune` and `shrink` do: Gemma)."""
-    config, tokenizer = load_config(args.model), load_tokenizer(args.model)
-    bos = text.window_bos_token("auto", config, tokenizer)
-    source = text.resolve_source(args.dataset)
-    calibration = text.calibration_windows(tokenizer, source, nsamples, seqlen, 0, bos)
-    return calibration, load_eval_windows(tokenizer, args.dataset, args.seqlen, eval_limit, bos)
 
 
 def speeds(model, repeats: int) -> dict:
@@ -132,7 +120,7 @@ def save_rows(path: Path, result: dict) -> None:
 
 def run_configs(args, result: dict, path: Path) -> None:
     dense, tokenizer = load_model(args.model)
-    windows, eval_windows = windows_for(args, args.eval_limit, args.nsamples, args.seqlen)
+    windows, eval_windows = bench_windows(args, args.eval_limit)
     plan = prepare_zero_shot("wiki-cloze", args.cloze_limit)
     if "dense" not in result["rows"] or args.redo_dense:
         row = quality(dense, tokenizer, eval_windows, plan)
@@ -165,7 +153,7 @@ def recover(args, result: dict, path: Path) -> None:
     dense, tokenizer = load_model(args.model)
     folder = Path(args.save_models) / label
     model, _ = load_model(str(folder), tokenizer=tokenizer)
-    train_windows, eval_windows = windows_for(
+    train_windows, eval_windows = bench_windows(
         args, args.eval_limit, args.train_samples, args.train_seqlen
     )
     batch = text_batch(train_windows)
@@ -214,7 +202,7 @@ def reload_check(args, result: dict, path: Path) -> None:
     from _common import run_isolated
     from safetensors.torch import save_file
 
-    _, eval_windows = windows_for(args, args.eval_limit, 1, args.seqlen)
+    _, eval_windows = bench_windows(args, args.eval_limit, 1, args.seqlen)
     with tempfile.TemporaryDirectory() as folder:
         file = Path(folder) / "windows.safetensors"
         save_file({"windows": eval_windows.contiguous()}, file)
