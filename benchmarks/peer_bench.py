@@ -169,6 +169,7 @@ def main() -> None:
     parser.add_argument("--patterns", default=",".join(PATTERNS))
     parser.add_argument("--methods", default=None, help="only these methods (comma-separated)")
     parser.add_argument("--keep", default=None, help="keep every run's pruned weights here")
+    parser.add_argument("--section", default="peer_bench", help="BENCHMARKS.md marker")
     args = parser.parse_args()
     if not Path(args.peer_python).exists():
         sys.exit(f"no peer venv at {args.peer_python}: run `make peer-venv` first")
@@ -213,7 +214,7 @@ def main() -> None:
     }
     save_result(args, result)
     print(table_md(rows))
-    replace_marked_section(Path(args.markdown), "peer_bench", table_md(rows))
+    replace_marked_section(Path(args.markdown), args.section, table_md(rows))
 
 
 if __name__ == "__main__":
