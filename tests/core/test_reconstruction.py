@@ -13,7 +13,13 @@ from safetensors.torch import load_file
 
 from secateurs.api import MethodPruner
 from secateurs.core.engine import output_layers
-from secateurs.core.model import capture_block_inputs, find_blocks, iter_prunable, weight_matrix
+from secateurs.core.model import (
+    block_output,
+    capture_block_inputs,
+    find_blocks,
+    iter_prunable,
+    weight_matrix,
+)
 from secateurs.core.recovery import BlockReconstruction
 from secateurs.core.targets import paired_target, reference_outputs, target_error, without_bias
 from secateurs.core.units import head_layout
@@ -226,3 +232,45 @@ def test_the_command_refuses_reconstruction_where_it_cannot_run(tiny_model_dir, 
         tiny_model_dir, text_dir, "--reconstruct", "dense", "--reconstruct_epochs", "-1"
     )
     assert negative.exit_code != 0 and "--reconstruct_epochs must be 0 or more" in negative.output
+
+
+def _block_gap(block, original, inputs) -> float:
+    """Squared distance between two blocks' outputs on ``inputs`` (batches of 4 windows)."""
+    args, kwargs = inputs.call_args(4, 0)
+    gap = 0.0
+    with torch.no_grad():
+        for start in range(0, inputs.hidden.shape[0], 4):
+            batch = inputs.hidden[start : start + 4]
+            mine = block_output(block(batch, *args, **kwargs))
+            theirs = block_output(original(batch, *args, **kwargs))
+            gap += float((mine - theirs).square().sum())
+    return gap
+
+
+def test_the_block_aim_reaches_through_gemmas_post_norm_and_its_refit_closes_the_gap():
+    model = make_model("gemma3")
+    inputs = capture_block_inputs(model, make_windows(8, 16), "cpu", 4)
+    block = find_blocks(model)[1][0]
+    original = copy.deepcopy(block)
+    name = output_layers(block, head_layout(model.config))[-1]
+    wanted = reference_outputs(original, [name], 0, inputs, 4)
+    layer = dict(block.named_modules())[name]
+    # unpruned, the target is the layer's own output: the weighted fit changes nothing
+    same = paired_target(block, name, 0, inputs, wanted, 4, "block", True)
+    assert same is not None
+    w = layer.weight.detach().double()
+    assert target_error(output_error(w, same.gram), w, None, same) < 1e-8 * same.energy
+    # pruned, the refit towards it brings the block's output nearer the unpruned block's
+    up = dict(block.named_modules())[name.replace("down_proj", "up_proj")]
+    with torch.no_grad():
+        for weight in (layer.weight, up.weight):
+            weight.masked_fill_(weight.abs() < weight.abs().median(), 0)
+    before = _block_gap(block, original, inputs)
+    target = paired_target(block, name, 0, inputs, wanted, 4, "block", True)
+    mask = layer.weight == 0
+    new = MaskedRefit(damp=1e-4, max_iter=200)(
+        layer.weight, mask, target.gram, target.cross.float()
+    )
+    with torch.no_grad():
+        layer.weight.copy_(new)
+    assert _block_gap(block, original, inputs) < 0.9 * before

@@ -161,7 +161,8 @@ def refit(
     zero) and the new bias.
     """
     tokens = max(stats.tokens, 1)
-    moment = stats.gram.double() / tokens
+    weighted = target is not None and target.weighted
+    moment = (target.gram if weighted else stats.gram).double() / tokens
     dense = weight.double()
     mean = stats.mean.double()
     if target is None:  # the layer's own output, W x + b
@@ -453,8 +454,9 @@ def dense_target(
 ) -> Target | None:
     """The output the consumer should give so that the block's output is the dense model's
     (see :func:`secateurs.core.targets.paired_target`): matching it also corrects what the
-    blocks before (pruned, or removed) changed in the residual stream. None where the
-    consumer does not add to the block's output (Gemma-3's post-FFN norm)."""
+    blocks before (pruned, or removed) changed in the residual stream; through the norm that
+    follows it where one does (Gemma-3's post-FFN norm), as a weighted target. None where
+    neither way reaches the block's output."""
     wanted = reference_outputs(original, [], index, dense, batch_size)
     return paired_target(block, consumer, index, inputs, wanted, batch_size, "block")
 

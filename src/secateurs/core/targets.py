@@ -10,6 +10,7 @@ holds the activations.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,7 +26,9 @@ AIMS = ("layer", "block")
 class Target:
     """Sums over the calibration tokens of a layer's inputs times the target (``cross``,
     in x out), of the target (``total``), its energy, and (when asked) the inputs' own
-    ``gram`` (in x in), their sum and the token count."""
+    ``gram`` (in x in), their sum and the token count. ``weighted``: every token's terms
+    carry a weight (a target through a norm), so a fit must use this ``gram``, always given
+    then, rather than the plain one of the inputs."""
 
     cross: torch.Tensor
     total: torch.Tensor
@@ -33,6 +36,7 @@ class Target:
     gram: torch.Tensor | None = None
     inputs_sum: torch.Tensor | None = None
     tokens: int = 0
+    weighted: bool = False
 
 
 def without_bias(target: Target, bias: torch.Tensor) -> Target:
@@ -46,6 +50,7 @@ def without_bias(target: Target, bias: torch.Tensor) -> Target:
         target.gram,
         target.inputs_sum,
         target.tokens,
+        target.weighted,
     )
 
 
@@ -163,49 +168,69 @@ def paired_target(
     """The output ``layer_name`` of ``block`` (number ``index``) should give, as moments.
 
     ``wanted`` holds the unpruned block's outputs on a reference stream (the pruned model's,
-    or the dense model's own). ``aim`` "layer": the unpruned layer's output there. ``aim``
-    "block": ``t = y + (unpruned block output - this block's output)``, which also makes up
-    for what the other layers (and, on the dense stream, the blocks before) changed; it needs
-    the layer's output to add to the block's output (checked on the first batch: a shift of
-    ``y`` must shift the block's output by as much; where a norm follows, as in Gemma-3, None
-    is returned). ``with_gram`` also sums ``x^T x`` of the layer's inputs in ``block``. Each
-    batch's products are computed in ``dtype`` and summed in float64. With ``combine`` (a
-    data-parallel run) the batches' terms are kept, combined with the other processes' and
-    folded in global batch order: the sums of one process, bit for bit.
+    or the dense model's own). ``aim`` "layer": the unpruned layer's output there (the block
+    runs only as far as the layer). ``aim`` "block": ``t = y + (unpruned block output - this
+    block's output)``, which also makes up for what the other layers (and, on the dense
+    stream, the blocks before) changed; it needs the layer's output to add to the block's
+    output (checked on the first batch: a shift of ``y`` must shift the block's output by as
+    much). Where an RMS norm ``n(y) = g y / rms(y)`` stands between the layer and the
+    residual sum (Gemma-3's post-attention and post-MLP norms) the correction goes back
+    through the norm, linearised at ``y``: ``t = y + rms(y) (wanted - out) / g``, each
+    token's terms weighted by ``1 / rms(y)^2`` so that the fit minimises the error the
+    block's output sees (channels whose gain is under a tenth of the median take no
+    correction: they barely reach the output and would be blown up). Where neither holds,
+    None is returned. ``with_gram`` also sums ``x^T x`` of the layer's inputs in ``block``
+    (always, for a weighted target). Each batch's products are computed in ``dtype`` and
+    summed in float64. With ``combine`` (a data-parallel run) the batches' terms are kept,
+    combined with the other processes' and folded in global batch order: the sums of one
+    process, bit for bit.
     """
     layer = find_linears(block)[layer_name]
     seen: dict[str, torch.Tensor] = {}
-    shift: dict[str, torch.Tensor | None] = {"delta": None}
 
     def hook(_module, args, output):
         seen["x"], seen["y"] = args[0], output
-        if shift["delta"] is not None:
-            return output + shift["delta"]
-        return None
+        if aim == "layer":
+            raise _Enough
 
     handle = layer.register_forward_hook(hook)
     sums = _Sums()
     kept: list[BatchTarget] = []
+    relay: NormRelay | None = None
     try:
         with torch.no_grad():
             for start in range(0, inputs.hidden.shape[0], batch_size):
                 rows = slice(start, start + batch_size)
                 batch = inputs.hidden[rows]
                 args, kwargs = inputs.call_args(batch.shape[0], index)
-                out = block_output(block(batch, *args, **kwargs))
-                x, y = _flat(seen["x"], dtype), _flat(seen["y"], dtype)
-                if aim == "block":
-                    if start == 0 and not _adds_to_residual(block, batch, args, kwargs, out, shift):
-                        return None
-                    t = y + _flat(wanted.output[rows], dtype) - _flat(out, dtype)
-                else:
+                if aim == "layer":
+                    with contextlib.suppress(_Enough):
+                        block(batch, *args, **kwargs)
+                    x = _flat(seen["x"], dtype)
                     t = _flat(wanted.layers[layer_name][rows], dtype)
+                else:
+                    if start == 0:
+                        out, route = _first_pass(block, layer, seen, batch, args, kwargs)
+                        if route is None:
+                            return None
+                        relay = route if isinstance(route, NormRelay) else None
+                    else:
+                        out = block_output(block(batch, *args, **kwargs))
+                    x, y = _flat(seen["x"], dtype), _flat(seen["y"], dtype)
+                    reach, got = _flat(wanted.output[rows], dtype), _flat(out, dtype)
+                    if relay is None:
+                        t = y + reach - got
+                    else:
+                        scale = relay.rms(y)
+                        t = y + scale * (reach - got) * relay.inverse_gain.to(dtype)
+                        x, t = x / scale, t / scale
+                gram = with_gram or relay is not None
                 terms = BatchTarget(
                     (x.t() @ t).double(),
                     t.sum(dim=0).double(),
                     float(t.square().sum(dtype=torch.float64)),
-                    (x.t() @ x).double() if with_gram else None,
-                    x.sum(dim=0).double() if with_gram else None,
+                    (x.t() @ x).double() if gram else None,
+                    x.sum(dim=0).double() if gram else None,
                     x.shape[0],
                 )
                 if combine is None:
@@ -216,15 +241,85 @@ def paired_target(
         handle.remove()
     for terms in combine(kept) if combine is not None else ():
         sums.fold(terms)
-    return sums.target()
+    target = sums.target()
+    target.weighted = relay is not None
+    return target
 
 
-def _adds_to_residual(block, batch, args, kwargs, out, shift) -> bool:
-    """Whether shifting the layer's output by a constant shifts the block's output by it."""
+class _Enough(Exception):
+    """Raised from a hook once a pass has what it needs from the block."""
+
+
+@dataclass(frozen=True)
+class NormRelay:
+    """An RMS norm ``n(y) = gain * y / sqrt(mean(y^2) + eps)`` between a layer and the
+    residual sum, and the inverse of its gain where that is usable (0 elsewhere)."""
+
+    gain: torch.Tensor
+    eps: float
+    inverse_gain: torch.Tensor
+
+    def rms(self, y: torch.Tensor) -> torch.Tensor:
+        """Each token's root mean square (with the norm's eps), as a column."""
+        return (y.square().mean(dim=-1, keepdim=True) + self.eps).sqrt()
+
+
+# a channel whose gain is under this share of the median takes no correction through the norm
+SMALL_GAIN = 0.1
+
+
+def _first_pass(block, layer, seen, batch, args, kwargs):
+    """The block's output on the first batch, and how the layer's output reaches it: "sum"
+    (added to the residual), a :class:`NormRelay` (through an RMS norm, then added), or None.
+    The modules fed the layer's output tensor itself are noted on the way."""
+    fed: list[tuple[nn.Module, torch.Tensor]] = []
+
+    def record(module, args_, output):
+        if args_ and args_[0] is seen.get("y"):
+            fed.append((module, output))
+
+    handles = [m.register_forward_hook(record) for m in block.modules() if m not in (block, layer)]
+    try:
+        out = block_output(block(batch, *args, **kwargs))
+    finally:
+        for handle in handles:
+            handle.remove()
+    relay = None
+    if len(fed) == 1 and getattr(layer, "bias", None) is None:  # weighted sums leave no bias
+        relay = _as_rms_norm(*fed[0], seen["y"])
+    shifted = fed[0][0] if relay is not None else layer
+    first = dict(seen)  # the probe's pass must not replace the layer's tensors of this one
+    adds = _adds_to_residual(block, shifted, batch, args, kwargs, out)
+    seen.update(first)
+    if not adds:
+        return out, None
+    return out, relay if relay is not None else "sum"
+
+
+def _as_rms_norm(module: nn.Module, normed: torch.Tensor, y: torch.Tensor) -> NormRelay | None:
+    """``module`` as an RMS norm with a per-channel gain, if its output ``normed`` of ``y``
+    says it is one; else None."""
+    eps = getattr(module, "eps", getattr(module, "variance_epsilon", None))
+    if not isinstance(eps, float):
+        return None
+    y = y.float()
+    with torch.no_grad():  # on a row of ones, an RMS norm gives its gain / sqrt(1 + eps)
+        ones = torch.ones(1, y.shape[-1], dtype=y.dtype, device=y.device)
+        gain = module(ones).float().squeeze(0) * (1.0 + eps) ** 0.5
+    relay = NormRelay(gain, eps, torch.zeros_like(gain))
+    if not torch.allclose(normed.float(), gain * y / relay.rms(y), rtol=1e-3, atol=1e-5):
+        return None
+    usable = gain.abs() >= SMALL_GAIN * gain.abs().median()
+    inverse = torch.where(usable, 1.0 / gain.where(usable, torch.ones_like(gain)), 0.0)
+    return NormRelay(gain, eps, inverse)
+
+
+def _adds_to_residual(block, module, batch, args, kwargs, out) -> bool:
+    """Whether shifting ``module``'s output by a constant shifts the block's output by it."""
     delta = torch.full((out.shape[-1],), 0.5, dtype=out.dtype, device=out.device)
-    shift["delta"] = delta
+    handle = module.register_forward_hook(lambda _m, _a, output: output + delta)
     try:
         moved = block_output(block(batch, *args, **kwargs))
     finally:
-        shift["delta"] = None
+        handle.remove()
     return bool(torch.allclose(moved - out, delta.expand_as(out), atol=1e-3, rtol=1e-3))
