@@ -31,7 +31,10 @@ CASES = {
     "wanda+dsnot": ("wanda", None, None, True),
     "wanda+reconstruct pruned": ("wanda", None, "pruned", False),
     "sparsegpt+reconstruct dense": ("sparsegpt", None, "dense", False),
+    "gemma3 wanda+reconstruct pruned": ("wanda", None, "pruned", False),
 }
+# the block aim through Gemma-3's post norms (weighted targets) on the tiny Gemma-3
+ARCH = {"gemma3 wanda+reconstruct pruned": "gemma3"}
 WINDOWS, BATCH = 10, 2  # 5 batches: shares of 3 and 2
 
 
@@ -43,7 +46,7 @@ def _free_port() -> int:
 
 def _masks(case: str, parallel=None) -> dict[str, torch.Tensor]:
     method, recovery, stream, refine = CASES[case]
-    model = make_model("llama")
+    model = make_model(ARCH.get(case, "llama"))
     redistributor = (
         WeightRedistributor(LeastSquaresStrategy(), 1.0) if recovery is not None else None
     )

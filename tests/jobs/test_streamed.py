@@ -110,3 +110,19 @@ def test_a_tied_head_is_counted_once_when_streamed(text_dir, tmp_path):
     expected = sum(p.numel() for p in model.parameters())
     assert _result(tmp_path / "m")["model"]["parameters"] == expected
     assert _result(tmp_path / "d")["model"]["parameters"] == expected
+
+
+def test_gemma_reconstruction_through_its_post_norms_streams_as_in_memory(text_dir, tmp_path):
+    folder = tmp_path / "tiny-gemma3"
+    make_model("gemma3").save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    common = ("--nsamples", "4", "--eval_limit", "2", "--reconstruct", "pruned")
+    common += ("--batch_size", "1", "--no_eval_dense")
+    for name, extra in (("m", ()), ("d", ("--offload", "disk"))):
+        out = invoke_prune(folder, text_dir, *common, "--save_model", tmp_path / name, *extra)
+        assert out.exit_code == 0, out.output
+    in_memory, streamed = _tensors(tmp_path / "m"), _tensors(tmp_path / "d")
+    assert in_memory.keys() == streamed.keys()
+    assert all(torch.equal(in_memory[k], streamed[k]) for k in in_memory)
+    refits = _result(tmp_path / "m")["prune"]["reconstruction"]
+    assert [r["aim"] for r in refits[1::2]] == ["block"] * (len(refits) // 2)

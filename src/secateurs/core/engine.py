@@ -458,7 +458,7 @@ def reconstruct_block(
     for position, name in enumerate(names):
         aim = "block" if position == len(names) - 1 else "layer"
         target = _target(step, block, name, index, inputs, wanted, aim)
-        if target is None:  # the layer's output does not add to the block's (a norm follows)
+        if target is None:  # no route from the layer to the block output to aim along
             aim = "layer"
             target = _target(step, block, name, index, inputs, wanted, aim)
         assert target is not None and target.gram is not None
