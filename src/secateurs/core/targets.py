@@ -26,9 +26,9 @@ AIMS = ("layer", "block")
 class Target:
     """Sums over the calibration tokens of a layer's inputs times the target (``cross``,
     in x out), of the target (``total``), its energy, and (when asked) the inputs' own
-    ``gram`` (in x in), their sum and the token count. ``weighted``: every token's terms
-    carry a weight (a target through a norm), so a fit must use this ``gram``, always given
-    then, rather than the plain one of the inputs."""
+    ``gram`` (in x in), their sum and the token count. A target through a norm weighs each
+    token's terms, so a fit must use its ``gram`` (always given then), not the inputs' plain
+    one."""
 
     cross: torch.Tensor
     total: torch.Tensor
@@ -36,7 +36,6 @@ class Target:
     gram: torch.Tensor | None = None
     inputs_sum: torch.Tensor | None = None
     tokens: int = 0
-    weighted: bool = False
 
 
 def without_bias(target: Target, bias: torch.Tensor) -> Target:
@@ -50,7 +49,6 @@ def without_bias(target: Target, bias: torch.Tensor) -> Target:
         target.gram,
         target.inputs_sum,
         target.tokens,
-        target.weighted,
     )
 
 
@@ -164,6 +162,7 @@ def paired_target(
     with_gram: bool = False,
     dtype: torch.dtype = torch.float64,
     combine: CombineTargets | None = None,
+    through_norms: bool = True,
 ) -> Target | None:
     """The output ``layer_name`` of ``block`` (number ``index``) should give, as moments.
 
@@ -178,12 +177,12 @@ def paired_target(
     through the norm, linearised at ``y``: ``t = y + rms(y) (wanted - out) / g``, each
     token's terms weighted by ``1 / rms(y)^2`` so that the fit minimises the error the
     block's output sees (channels whose gain is under a tenth of the median take no
-    correction: they barely reach the output and would be blown up). Where neither holds,
-    None is returned. ``with_gram`` also sums ``x^T x`` of the layer's inputs in ``block``
-    (always, for a weighted target). Each batch's products are computed in ``dtype`` and
-    summed in float64. With ``combine`` (a data-parallel run) the batches' terms are kept,
-    combined with the other processes' and folded in global batch order: the sums of one
-    process, bit for bit.
+    correction: they barely reach the output and would be blown up); ``through_norms`` off
+    leaves that route out. Where neither holds, None is returned. ``with_gram`` also sums
+    ``x^T x`` of the layer's inputs in ``block`` (always, for a weighted target). Each
+    batch's products are computed in ``dtype`` and summed in float64. With ``combine`` (a
+    data-parallel run) the batches' terms are kept, combined with the other processes' and
+    folded in global batch order: the sums of one process, bit for bit.
     """
     layer = find_linears(block)[layer_name]
     seen: dict[str, torch.Tensor] = {}
@@ -210,7 +209,9 @@ def paired_target(
                     t = _flat(wanted.layers[layer_name][rows], dtype)
                 else:
                     if start == 0:
-                        out, route = _first_pass(block, layer, seen, batch, args, kwargs)
+                        out, route = _first_pass(
+                            block, layer, seen, batch, args, kwargs, through_norms
+                        )
                         if route is None:
                             return None
                         relay = route if isinstance(route, NormRelay) else None
@@ -241,9 +242,7 @@ def paired_target(
         handle.remove()
     for terms in combine(kept) if combine is not None else ():
         sums.fold(terms)
-    target = sums.target()
-    target.weighted = relay is not None
-    return target
+    return sums.target()
 
 
 class _Enough(Exception):
@@ -268,7 +267,7 @@ class NormRelay:
 SMALL_GAIN = 0.1
 
 
-def _first_pass(block, layer, seen, batch, args, kwargs):
+def _first_pass(block, layer, seen, batch, args, kwargs, through_norms=True):
     """The block's output on the first batch, and how the layer's output reaches it: "sum"
     (added to the residual), a :class:`NormRelay` (through an RMS norm, then added), or None.
     The modules fed the layer's output tensor itself are noted on the way."""
@@ -285,7 +284,8 @@ def _first_pass(block, layer, seen, batch, args, kwargs):
         for handle in handles:
             handle.remove()
     relay = None
-    if len(fed) == 1 and getattr(layer, "bias", None) is None:  # weighted sums leave no bias
+    # weighted sums leave no room for a bias
+    if through_norms and len(fed) == 1 and getattr(layer, "bias", None) is None:
         relay = _as_rms_norm(*fed[0], seen["y"])
     shifted = fed[0][0] if relay is not None else layer
     first = dict(seen)  # the probe's pass must not replace the layer's tensors of this one
