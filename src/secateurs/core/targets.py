@@ -209,12 +209,11 @@ def paired_target(
                     t = _flat(wanted.layers[layer_name][rows], dtype)
                 else:
                     if start == 0:
-                        out, route = _first_pass(
+                        out, reaches, relay = _first_pass(
                             block, layer, seen, batch, args, kwargs, through_norms
                         )
-                        if route is None:
+                        if not reaches:
                             return None
-                        relay = route if isinstance(route, NormRelay) else None
                     else:
                         out = block_output(block(batch, *args, **kwargs))
                     x, y = _flat(seen["x"], dtype), _flat(seen["y"], dtype)
@@ -260,17 +259,22 @@ class NormRelay:
 
     def rms(self, y: torch.Tensor) -> torch.Tensor:
         """Each token's root mean square (with the norm's eps), as a column."""
-        return (y.square().mean(dim=-1, keepdim=True) + self.eps).sqrt()
+        return _token_rms(y, self.eps)
+
+
+def _token_rms(y: torch.Tensor, eps: float) -> torch.Tensor:
+    return (y.square().mean(dim=-1, keepdim=True) + eps).sqrt()
 
 
 # a channel whose gain is under this share of the median takes no correction through the norm
 SMALL_GAIN = 0.1
 
 
-def _first_pass(block, layer, seen, batch, args, kwargs, through_norms=True):
-    """The block's output on the first batch, and how the layer's output reaches it: "sum"
-    (added to the residual), a :class:`NormRelay` (through an RMS norm, then added), or None.
-    The modules fed the layer's output tensor itself are noted on the way."""
+def _first_pass(block, layer, seen, batch, args, kwargs, through_norms):
+    """The block's output on the first batch, whether the layer's output reaches it (added to
+    the residual, directly or through an RMS norm), and that norm as a :class:`NormRelay`
+    (None for a plain sum). The modules fed the layer's output tensor itself are noted on the
+    way."""
     fed: list[tuple[nn.Module, torch.Tensor]] = []
 
     def record(module, args_, output):
@@ -291,9 +295,7 @@ def _first_pass(block, layer, seen, batch, args, kwargs, through_norms=True):
     first = dict(seen)  # the probe's pass must not replace the layer's tensors of this one
     adds = _adds_to_residual(block, shifted, batch, args, kwargs, out)
     seen.update(first)
-    if not adds:
-        return out, None
-    return out, relay if relay is not None else "sum"
+    return out, adds, relay if adds else None
 
 
 def _as_rms_norm(module: nn.Module, normed: torch.Tensor, y: torch.Tensor) -> NormRelay | None:
@@ -306,8 +308,7 @@ def _as_rms_norm(module: nn.Module, normed: torch.Tensor, y: torch.Tensor) -> No
     with torch.no_grad():  # on a row of ones, an RMS norm gives its gain / sqrt(1 + eps)
         ones = torch.ones(1, y.shape[-1], dtype=y.dtype, device=y.device)
         gain = module(ones).float().squeeze(0) * (1.0 + eps) ** 0.5
-    relay = NormRelay(gain, eps, torch.zeros_like(gain))
-    if not torch.allclose(normed.float(), gain * y / relay.rms(y), rtol=1e-3, atol=1e-5):
+    if not torch.allclose(normed.float(), gain * y / _token_rms(y, eps), rtol=1e-3, atol=1e-5):
         return None
     usable = gain.abs() >= SMALL_GAIN * gain.abs().median()
     inverse = torch.where(usable, 1.0 / gain.where(usable, torch.ones_like(gain)), 0.0)
