@@ -617,7 +617,8 @@ def shrink(
             "What the refit matches: layer (the layer's own output on the pruned model's "
             "inputs), dense (the dense model's block output, which also makes up for earlier "
             "blocks and removed ones, but fits the calibration text more than new text) or "
-            "auto (dense right after removed blocks, layer elsewhere).",
+            "auto (dense right after removed blocks, layer elsewhere, weighted as a norm "
+            "after the layer passes errors on, as Gemma-3's post-FFN norm).",
             _UNIT_METHODS,
         ),
     ] = "auto",

@@ -15,6 +15,7 @@ from secateurs.core.structure import (
     mean_shift,
     refit,
 )
+from secateurs.core.targets import Target
 from secateurs.core.units import find_attention, head_layout
 from secateurs.errors import SecateursError
 from secateurs.formats.shrink import cut_structure
@@ -171,6 +172,22 @@ def test_refit_solves_least_squares_and_is_exact_without_removal():
     assert torch.allclose(same, weight, atol=1e-4)
 
 
+def test_refit_towards_a_weighted_target_solves_the_weighted_problem():
+    # a target through a norm weighs each token (1 / rms^2); the fit must use its moments,
+    # not the layer's plain input statistics (which once gave Gemma-3 perplexity 1632)
+    torch.manual_seed(2)
+    x, t = torch.randn(400, 12).double(), torch.randn(400, 5).double()
+    scale = torch.rand(400, 1).double() * 3 + 0.05
+    xs, ts = x / scale, t / scale
+    target = Target(xs.t() @ ts, ts.sum(0), float(ts.square().sum()), xs.t() @ xs, xs.sum(0), 400)
+    stats = ActivationStats(12, request=StatsRequest(mean=True, gram=True))
+    stats.add_batch(x.float().unsqueeze(0))
+    keep = torch.tensor([0, 2, 3, 5, 7, 8, 11])
+    new, _ = refit(torch.randn(5, 12), stats, keep, 1e-9, target=target)
+    expected = torch.linalg.lstsq(xs[:, keep], ts).solution.t()
+    assert torch.allclose(new[:, keep].double(), expected, atol=1e-4)
+
+
 def test_affine_refit_and_mean_shift_use_the_bias():
     torch.manual_seed(1)
     x = torch.randn(300, 6) + 3.0  # a large mean, which the bias must carry
@@ -221,6 +238,9 @@ def test_pruner_refuses_what_the_model_cannot_do():
     model = make_model("llama")
     with pytest.raises(SecateursError, match="every block"):
         _pruner(model, StructureSpec(blocks=3))
+    with pytest.raises(SecateursError, match="remove at most 1, or add --compensation none"):
+        _pruner(model, StructureSpec(blocks=2))
+    _pruner(model, StructureSpec(blocks=2, compensation="none"))
     with pytest.raises(SecateursError, match="removes no head"):
         _pruner(model, StructureSpec(heads=0.2))
 
@@ -238,7 +258,7 @@ def _output_gap(model, dense, windows) -> float:
         return float((model(windows).logits - dense(windows).logits).square().mean())
 
 
-@pytest.mark.parametrize("name", ["llama", "opt"])
+@pytest.mark.parametrize("name", ["llama", "opt", "gemma3"])
 def test_dense_target_brings_the_model_closer_to_the_dense_one(name):
     windows = make_windows(8, 16)
     dense = make_model(name)
@@ -272,6 +292,24 @@ def test_auto_target_aims_at_the_dense_model_only_after_removed_blocks(spec, sam
     assert not all(torch.equal(weights["auto"][k], weights[other][k]) for k in weights["auto"])
 
 
+def test_auto_target_weighs_tokens_through_gemma_post_norms():
+    windows = make_windows(8, 16)
+    weights, plans = {}, {}
+    for target in ("auto", "layer"):
+        model = make_model("gemma3")
+        plans[target] = _pruner(model, StructureSpec(neurons=0.5, heads=0.5, target=target))
+        plans[target] = plans[target].prune(windows)
+        weights[target] = model.state_dict()
+    key = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(weights["auto"][key], weights["layer"][key])
+    # the attention's output also feeds the MLP, so o_proj has no one-for-one route
+    key = "model.layers.0.self_attn.o_proj.weight"
+    assert torch.equal(weights["auto"][key], weights["layer"][key])
+    for cut in plans["auto"].cuts.values():
+        for before, after in cut.errors.values():
+            assert after <= before + 1e-9
+
+
 def test_removed_blocks_are_made_up_for_by_the_next_block():
     windows = make_windows(8, 16)
     dense = make_model("llama")
@@ -287,20 +325,34 @@ def test_removed_blocks_are_made_up_for_by_the_next_block():
     assert gaps["least_squares"] < gaps["none"]
 
 
+def test_compensated_depth_keeps_the_last_block_to_make_up_for_the_others():
+    def tail(_band, blocks, remove):  # a depth method that always picks the last blocks
+        return list(range(blocks - remove, blocks))
+
+    removed = {}
+    for compensation in ("least_squares", "none"):
+        spec = StructureSpec(blocks=1, compensation=compensation)
+        pruner = StructurePruner(make_model("llama"), spec, None, tail, progress=False)
+        removed[compensation] = pruner.prune(make_windows(4, 16)).removed_blocks
+    assert removed == {"least_squares": [1], "none": [2]}  # three blocks
+
+
 def model_without(model, plan):
     cut_structure(model, plan)
     return model
 
 
-def test_gemma_post_norm_falls_back_to_the_layer_target():
+def test_gemma_dense_target_goes_through_the_post_norm_with_token_weights():
     model = make_model("gemma3")
     _, blocks = find_blocks(model)
     inputs = capture_block_inputs(model, make_windows(2, 8), torch.device("cpu"), 2)
-    assert dense_target(blocks[0], blocks[0], "mlp.down_proj", 0, inputs, inputs, 2) is None
+    target = dense_target(blocks[0], blocks[0], "mlp.down_proj", 0, inputs, inputs, 2)
+    assert target is not None and target.gram is not None  # weighted: carries its own moments
     llama = make_model("llama")
     inputs = capture_block_inputs(llama, make_windows(2, 8), torch.device("cpu"), 2)
     block = find_blocks(llama)[1][0]
-    assert dense_target(block, block, "mlp.down_proj", 0, inputs, inputs, 2) is not None
+    target = dense_target(block, block, "mlp.down_proj", 0, inputs, inputs, 2)
+    assert target is not None and target.gram is None
 
 
 def test_parameter_budget_sets_the_neuron_share():

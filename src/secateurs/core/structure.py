@@ -142,6 +142,26 @@ class StructurePlan:
         }
 
 
+@dataclass(frozen=True)
+class InputMoments:
+    """A layer's inputs over the calibration tokens: ``sum x x^T``, the mean of ``x`` and the
+    count, each token weighted as the refit's target weighs it (a target through a norm does)."""
+
+    gram: torch.Tensor
+    mean: torch.Tensor
+    tokens: int
+
+
+def input_moments(stats: ActivationStats, target: Target | None = None) -> InputMoments:
+    """The moments a fit towards ``target`` must use: the target's own where it carries them
+    (weighted through a norm), else the layer's plain input statistics."""
+    if target is not None and target.gram is not None:
+        assert target.inputs_sum is not None
+        mean = target.inputs_sum.double() / max(target.tokens, 1)
+        return InputMoments(target.gram.double(), mean, target.tokens)
+    return InputMoments(stats.gram.double(), stats.mean.double(), stats.tokens)
+
+
 def refit(
     weight: torch.Tensor,
     stats: ActivationStats,
@@ -154,16 +174,17 @@ def refit(
 
     The target is the layer's own output ``W x`` unless ``target`` gives another (the dense
     model's). ``W_S = (C_S + lambda W_S) (G[S, S] + lambda I)^-1``, with ``G`` the inputs'
-    second moment, ``C`` the inputs' moment with the target, and ``lambda`` = ``damp`` times
-    the mean diagonal of ``G[S, S]``: a ridge that pulls towards the unchanged weights, so
-    that with few tokens the refit stays close to them. With a bias the fit is affine
-    (covariances; the bias takes the means). Returns the full-width weight (removed columns
-    zero) and the new bias.
+    second moment (weighted as the target weighs tokens), ``C`` the inputs' moment with the
+    target, and ``lambda`` = ``damp`` times the mean diagonal of ``G[S, S]``: a ridge that
+    pulls towards the unchanged weights, so that with few tokens the refit stays close to
+    them. With a bias the fit is affine (covariances; the bias takes the means). Returns the
+    full-width weight (removed columns zero) and the new bias.
     """
-    tokens = max(stats.tokens, 1)
-    moment = stats.gram.double() / tokens
+    moments = input_moments(stats, target)
+    tokens = max(moments.tokens, 1)
+    moment = moments.gram / tokens
     dense = weight.double()
-    mean = stats.mean.double()
+    mean = moments.mean
     if target is None:  # the layer's own output, W x + b
         cross = moment @ dense.t()
         target_mean = dense @ mean
@@ -189,15 +210,15 @@ def refit(
 
 
 def output_change(
-    stats: ActivationStats, weight: torch.Tensor, bias: torch.Tensor | None = None
+    moments: InputMoments, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> float:
-    """``sum over tokens of ||weight x + bias||^2`` from the input statistics alone."""
+    """``sum over tokens of ||weight x + bias||^2`` from the input moments alone."""
     weight = weight.double()
-    total = float(((weight @ stats.gram.double()) * weight).sum())
+    total = float(((weight @ moments.gram) * weight).sum())
     if bias is not None:
         bias = bias.double()
-        total += 2 * stats.tokens * float(bias @ weight @ stats.mean.double())
-        total += stats.tokens * float(bias @ bias)
+        total += 2 * moments.tokens * float(bias @ weight @ moments.mean)
+        total += moments.tokens * float(bias @ bias)
     return max(total, 0.0)
 
 
@@ -243,6 +264,12 @@ class StructurePruner:
             raise SecateursError(
                 f"--blocks {self.spec.blocks} would remove every block; the model has {count}"
             )
+        if self._compensates_depth() and self.spec.blocks >= count - 1:
+            raise SecateursError(
+                f"--blocks {self.spec.blocks} leaves no block after the removed ones to make up "
+                f"for them (the model has {count}): remove at most {count - 2}, or add "
+                "--compensation none"
+            )
         if (self.spec.neurons or self.spec.heads) and self.width is None:
             raise SecateursError("width pruning needs a width method")
         if self.spec.blocks and self.depth is None:
@@ -281,7 +308,7 @@ class StructurePruner:
             plan.similarity = self._similarity(inputs)
             assert self.depth is not None
             plan.removed_blocks = sorted(
-                self.depth(plan.similarity, len(self.blocks), self.spec.blocks)
+                self.depth(plan.similarity, self._depth_candidates(), self.spec.blocks)
             )
             inputs.hidden = start
         if self.spec.neurons or self.spec.heads or self._compensates_depth():
@@ -304,6 +331,13 @@ class StructurePruner:
         makes up for. Elsewhere the layer's own output on the pruned stream carries over to
         new text better (BENCHMARKS.md, structured pruning)."""
         return self.spec.target == "dense" or (self.spec.target == "auto" and after_gap)
+
+    def _depth_candidates(self) -> int:
+        """How many blocks, from the first, the depth method may remove: all, or with
+        compensation all but the last, which must stay to make up for the ones before it (on
+        Gemma-3-270M the angular choice of four was the last four, 927 perplexity with
+        nothing left to refit)."""
+        return len(self.blocks) - 1 if self._compensates_depth() else len(self.blocks)
 
     def _compensates_depth(self) -> bool:
         """Removed blocks are made up for by refitting the MLP of the next kept block."""
@@ -397,15 +431,29 @@ class StructurePruner:
             scores = self.width(weight_matrix(consumer), stats, units, remove)
             keep[choose_units(scores, remove)] = False
         keep_index = keep.nonzero().squeeze(1)
-        target = None
         if original is not None and dense is not None:
             target = dense_target(
                 block, original, group.consumer, index, inputs, dense, self.batch_size
             )
+        else:
+            target = self._own_target(block, group.consumer, index, inputs)
         cut.errors["neurons"] = self._compensate(consumer, stats, keep_index, target)
         if remove:
             mask_neurons(block, group, keep_index)
             cut.keep_neurons = keep_index
+
+    def _own_target(self, block, consumer: str, index: int, inputs) -> Target | None:
+        """With ``auto``, where an RMS norm stands between the consumer and the block's
+        output (Gemma-3's post-FFN norm): the consumer's own output, each token weighted by
+        how the norm passes an error on (``1 / rms(y)^2``). On Gemma-3-270M at half the
+        neurons this took perplexity from 71.5 to 65.1 (BENCHMARKS.md). None elsewhere (one
+        batch to find out): the plain refit fits the own output already. (Not for o_proj: its
+        output also feeds the MLP, so no norm passes it on to the block's output alone.)"""
+        if self.spec.target != "auto" or self.spec.compensation != "least_squares":
+            return None
+        return paired_target(
+            block, consumer, index, inputs, None, self.batch_size, "block", norm_only=True
+        )
 
     def _compensate(
         self,
@@ -429,16 +477,17 @@ class StructurePruner:
         elif mode == "mean" and bias is not None:
             bias.data.copy_(mean_shift(dense, stats, keep, bias.data))
         weight.copy_(new)
-        reference = output_change(stats, dense) or 1.0
+        moments = input_moments(stats, target)
+        reference = output_change(moments, dense) or 1.0
         if target is not None:
             new_bias = None if bias is None else bias.data
-            before = target_error(output_change(stats, plain, old_bias), plain, old_bias, target)
-            after = target_error(output_change(stats, new, new_bias), new, new_bias, target)
+            before = target_error(output_change(moments, plain, old_bias), plain, old_bias, target)
+            after = target_error(output_change(moments, new, new_bias), new, new_bias, target)
             return math.sqrt(before / reference), math.sqrt(after / reference)
         shift = None if bias is None else bias.data - old_bias
         return (
-            math.sqrt(output_change(stats, plain - dense) / reference),
-            math.sqrt(output_change(stats, new - dense, shift) / reference),
+            math.sqrt(output_change(moments, plain - dense) / reference),
+            math.sqrt(output_change(moments, new - dense, shift) / reference),
         )
 
 
@@ -453,14 +502,12 @@ def dense_target(
 ) -> Target | None:
     """The output the consumer should give so that the block's output is the dense model's
     (see :func:`secateurs.core.targets.paired_target`): matching it also corrects what the
-    blocks before (pruned, or removed) changed in the residual stream. None where the
-    consumer does not add to the block's output (Gemma-3's post-FFN norm): the correction
-    through that norm, which block reconstruction uses, is not taken here; with it, four
-    blocks removed from Gemma-3-270M gave perplexity 927 (BENCHMARKS.md)."""
+    blocks before (pruned, or removed) changed in the residual stream. Through an RMS norm
+    (Gemma-3's post-FFN norm) the target weighs each token, and :func:`refit` then fits on
+    the target's weighted moments. None where the consumer's output does not reach the
+    block's output."""
     wanted = reference_outputs(original, [], index, dense, batch_size)
-    return paired_target(
-        block, consumer, index, inputs, wanted, batch_size, "block", through_norms=False
-    )
+    return paired_target(block, consumer, index, inputs, wanted, batch_size, "block")
 
 
 @contextlib.contextmanager

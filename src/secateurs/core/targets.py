@@ -156,13 +156,14 @@ def paired_target(
     layer_name: str,
     index: int,
     inputs: BlockInputs,
-    wanted: Reference,
+    wanted: Reference | None,
     batch_size: int,
     aim: str = "block",
     with_gram: bool = False,
     dtype: torch.dtype = torch.float64,
     combine: CombineTargets | None = None,
     through_norms: bool = True,
+    norm_only: bool = False,
 ) -> Target | None:
     """The output ``layer_name`` of ``block`` (number ``index``) should give, as moments.
 
@@ -172,13 +173,15 @@ def paired_target(
     block's output)``, which also makes up for what the other layers (and, on the dense
     stream, the blocks before) changed; it needs the layer's output to add to the block's
     output (checked on the first batch: a shift of ``y`` must shift the block's output by as
-    much). Where an RMS norm ``n(y) = g y / rms(y)`` stands between the layer and the
-    residual sum (Gemma-3's post-attention and post-MLP norms) the correction goes back
-    through the norm, linearised at ``y``: ``t = y + rms(y) (wanted - out) / g``, each
+    much); ``wanted`` None aims at this block's own output (``t = y``). Where an RMS norm
+    ``n(y) = g y / rms(y)`` stands between the layer and the residual sum (Gemma-3's
+    post-attention and post-MLP norms) the correction goes back through the norm, linearised
+    at ``y``: ``t = y + rms(y) (wanted - out) / g``, each
     token's terms weighted by ``1 / rms(y)^2`` so that the fit minimises the error the
     block's output sees (channels whose gain is under a tenth of the median take no
     correction: they barely reach the output and would be blown up); ``through_norms`` off
-    leaves that route out. Where neither holds, None is returned. ``with_gram`` also sums
+    leaves that route out, ``norm_only`` returns None (after one batch) where the route has no
+    norm. Where neither holds, None is returned. ``with_gram`` also sums
     ``x^T x`` of the layer's inputs in ``block`` (always, for a weighted target). Each
     batch's products are computed in ``dtype`` and summed in float64. With ``combine`` (a
     data-parallel run) the batches' terms are kept, combined with the other processes' and
@@ -205,19 +208,21 @@ def paired_target(
                 if aim == "layer":
                     with contextlib.suppress(_Enough):
                         block(batch, *args, **kwargs)
+                    assert wanted is not None, "a layer aim needs the unpruned layer's outputs"
                     x = _flat(seen["x"], dtype)
                     t = _flat(wanted.layers[layer_name][rows], dtype)
                 else:
                     if start == 0:
                         out, reaches, relay = _first_pass(
-                            block, layer, seen, batch, args, kwargs, through_norms
+                            block, layer, seen, batch, args, kwargs, through_norms, norm_only
                         )
                         if not reaches:
                             return None
                     else:
                         out = block_output(block(batch, *args, **kwargs))
                     x, y = _flat(seen["x"], dtype), _flat(seen["y"], dtype)
-                    reach, got = _flat(wanted.output[rows], dtype), _flat(out, dtype)
+                    got = _flat(out, dtype)
+                    reach = got if wanted is None else _flat(wanted.output[rows], dtype)
                     if relay is None:
                         t = y + reach - got
                     else:
@@ -270,11 +275,11 @@ def _token_rms(y: torch.Tensor, eps: float) -> torch.Tensor:
 SMALL_GAIN = 0.1
 
 
-def _first_pass(block, layer, seen, batch, args, kwargs, through_norms):
+def _first_pass(block, layer, seen, batch, args, kwargs, through_norms, norm_only=False):
     """The block's output on the first batch, whether the layer's output reaches it (added to
-    the residual, directly or through an RMS norm), and that norm as a :class:`NormRelay`
-    (None for a plain sum). The modules fed the layer's output tensor itself are noted on the
-    way."""
+    the residual, directly or through an RMS norm; with ``norm_only``, through a norm), and
+    that norm as a :class:`NormRelay` (None for a plain sum). The modules fed the layer's
+    output tensor itself are noted on the way."""
     fed: list[tuple[nn.Module, torch.Tensor]] = []
 
     def record(module, args_, output):
@@ -291,6 +296,8 @@ def _first_pass(block, layer, seen, batch, args, kwargs, through_norms):
     # weighted sums leave no room for a bias
     if through_norms and len(fed) == 1 and getattr(layer, "bias", None) is None:
         relay = _as_rms_norm(*fed[0], seen["y"])
+    if norm_only and relay is None:
+        return out, False, None
     shifted = fed[0][0] if relay is not None else layer
     first = dict(seen)  # the probe's pass must not replace the layer's tensors of this one
     adds = _adds_to_residual(block, shifted, batch, args, kwargs, out)
