@@ -238,9 +238,6 @@ def test_pruner_refuses_what_the_model_cannot_do():
     model = make_model("llama")
     with pytest.raises(SecateursError, match="every block"):
         _pruner(model, StructureSpec(blocks=3))
-    with pytest.raises(SecateursError, match="remove at most 1, or add --compensation none"):
-        _pruner(model, StructureSpec(blocks=2))
-    _pruner(model, StructureSpec(blocks=2, compensation="none"))
     with pytest.raises(SecateursError, match="removes no head"):
         _pruner(model, StructureSpec(heads=0.2))
 

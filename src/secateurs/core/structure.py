@@ -264,12 +264,6 @@ class StructurePruner:
             raise SecateursError(
                 f"--blocks {self.spec.blocks} would remove every block; the model has {count}"
             )
-        if self._compensates_depth() and self.spec.blocks >= count - 1:
-            raise SecateursError(
-                f"--blocks {self.spec.blocks} leaves no block after the removed ones to make up "
-                f"for them (the model has {count}): remove at most {count - 2}, or add "
-                "--compensation none"
-            )
         if (self.spec.neurons or self.spec.heads) and self.width is None:
             raise SecateursError("width pruning needs a width method")
         if self.spec.blocks and self.depth is None:
