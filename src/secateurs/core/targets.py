@@ -176,16 +176,16 @@ def paired_target(
     much); ``wanted`` None aims at this block's own output (``t = y``). Where an RMS norm
     ``n(y) = g y / rms(y)`` stands between the layer and the residual sum (Gemma-3's
     post-attention and post-MLP norms) the correction goes back through the norm, linearised
-    at ``y``: ``t = y + rms(y) (wanted - out) / g``, each
-    token's terms weighted by ``1 / rms(y)^2`` so that the fit minimises the error the
-    block's output sees (channels whose gain is under a tenth of the median take no
-    correction: they barely reach the output and would be blown up); ``through_norms`` off
-    leaves that route out, ``norm_only`` returns None (after one batch) where the route has no
-    norm. Where neither holds, None is returned. ``with_gram`` also sums
-    ``x^T x`` of the layer's inputs in ``block`` (always, for a weighted target). Each
-    batch's products are computed in ``dtype`` and summed in float64. With ``combine`` (a
-    data-parallel run) the batches' terms are kept, combined with the other processes' and
-    folded in global batch order: the sums of one process, bit for bit.
+    at ``y``: ``t = y + rms(y) (wanted - out) / g``, each token's terms weighted by
+    ``1 / rms(y)^2`` so that the fit minimises the error the block's output sees (channels whose
+    gain is under a tenth of the median take no correction: they barely reach the output and
+    would be blown up); ``through_norms`` off leaves that route out, ``norm_only`` returns
+    None (after one batch) where the route has no norm. Where neither holds, None is
+    returned. ``with_gram`` also sums ``x^T x`` of the layer's inputs in ``block`` (always,
+    for a weighted target). Each batch's products are computed in ``dtype`` and summed in
+    float64. With ``combine`` (a data-parallel run) the batches' terms are kept, combined
+    with the other processes' and folded in global batch order: the sums of one process, bit
+    for bit.
     """
     layer = find_linears(block)[layer_name]
     seen: dict[str, torch.Tensor] = {}
