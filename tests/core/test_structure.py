@@ -307,6 +307,27 @@ def test_auto_target_weighs_tokens_through_gemma_post_norms():
             assert after <= before + 1e-9
 
 
+@pytest.mark.parametrize("family, weighted", [("gemma3", True), ("llama", False)])
+def test_the_choice_of_neurons_reads_the_moments_the_refit_fits(family, weighted):
+    seen = {}
+
+    def recording(target):
+        def choose(weight, stats, units, remove):
+            seen.setdefault(target, (stats.gram.double(), stats.mean.double(), stats.norm))
+            return unit_method("ziplm", "width").fn(weight, stats, units, remove)
+
+        return choose
+
+    for target in ("auto", "layer"):
+        spec = StructureSpec(neurons=0.5, target=target)
+        pruner = StructurePruner(make_model(family), spec, recording(target), None, progress=False)
+        pruner.prune(make_windows(8, 16))
+    (gram, mean, norm), (plain_gram, plain_mean, plain_norm) = seen["auto"], seen["layer"]
+    assert torch.equal(norm, plain_norm)  # first-order statistics stay as gathered
+    assert torch.allclose(gram, plain_gram) != weighted  # weighted by 1/rms(y)^2 on Gemma
+    assert torch.allclose(mean, plain_mean) != weighted
+
+
 def test_removed_blocks_are_made_up_for_by_the_next_block():
     windows = make_windows(8, 16)
     dense = make_model("llama")

@@ -6,6 +6,7 @@ never by the number of calibration tokens, except the opt-in exact selectivity m
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, replace
 
@@ -536,6 +537,14 @@ class ActivationStats:
         of the tokens: an estimate, cheap enough for error reports.
         """
         return self._needs(self._gram, "gram")
+
+    def reweighted(self, gram: torch.Tensor, total: torch.Tensor, tokens: int) -> ActivationStats:
+        """A copy whose ``gram``, ``mean`` and token count come from ``gram``, ``total`` (the
+        inputs' sum) and ``tokens``, each token weighted as a fit through a norm weighs it; the
+        other statistics stay as gathered."""
+        view = copy.copy(self)
+        view._gram, view._sum, view.tokens = gram, total, tokens
+        return view
 
     @property
     def selectivity_rates(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -162,6 +162,16 @@ def input_moments(stats: ActivationStats, target: Target | None = None) -> Input
     return InputMoments(stats.gram.double(), stats.mean.double(), stats.tokens)
 
 
+def fit_statistics(stats: ActivationStats, target: Target | None) -> ActivationStats:
+    """The statistics a choice of units reads: with a target that weighs tokens through a
+    norm, its weighted second moments, so that a second-order choice (ZipLM) costs each unit
+    on the problem the refit then solves."""
+    if target is None or target.gram is None:
+        return stats
+    assert target.inputs_sum is not None
+    return stats.reweighted(target.gram, target.inputs_sum, target.tokens)
+
+
 def refit(
     weight: torch.Tensor,
     stats: ActivationStats,
@@ -419,18 +429,20 @@ class StructurePruner:
         width = weight_matrix(consumer).shape[1]
         remove = int(width * self.spec.neurons)
         keep = torch.ones(width, dtype=torch.bool)
-        if remove:
-            assert self.width is not None
-            units = torch.arange(width).unsqueeze(1)
-            scores = self.width(weight_matrix(consumer), stats, units, remove)
-            keep[choose_units(scores, remove)] = False
-        keep_index = keep.nonzero().squeeze(1)
         if original is not None and dense is not None:
             target = dense_target(
                 block, original, group.consumer, index, inputs, dense, self.batch_size
             )
         else:
             target = self._own_target(block, group.consumer, index, inputs)
+        if remove:
+            assert self.width is not None
+            units = torch.arange(width).unsqueeze(1)
+            scores = self.width(
+                weight_matrix(consumer), fit_statistics(stats, target), units, remove
+            )
+            keep[choose_units(scores, remove)] = False
+        keep_index = keep.nonzero().squeeze(1)
         cut.errors["neurons"] = self._compensate(consumer, stats, keep_index, target)
         if remove:
             mask_neurons(block, group, keep_index)

@@ -2,7 +2,8 @@
 best make up for.
 
 Kurtic, Frantar and Alistarh, "ZipLM: Inference-Aware Structured Pruning of Language Models",
-NeurIPS 2023. With ``H = X^T X`` (damped) and the consumer's weight ``W``, removing the columns
+NeurIPS 2023. With ``H = X^T X`` (damped; tokens weighted as the refit weighs them where a norm
+follows the consumer) and the consumer's weight ``W``, removing the columns
 ``M`` of a unit and refitting the rest optimally costs ``tr(W_M (H^-1_MM)^-1 W_M^T)`` on the
 calibration inputs (the Optimal Brain Surgeon error); the cheapest unit goes, ``W`` and
 ``H^-1`` are updated as if it had never been there, and the search repeats. The engine's
