@@ -543,7 +543,8 @@ class ActivationStats:
         inputs' sum) and ``tokens``, each token weighted as a fit through a norm weighs it; the
         other statistics stay as gathered."""
         view = copy.copy(self)
-        view._gram, view._sum, view.tokens = gram, total, tokens
+        view._gram, view._sum = gram, total
+        view.tokens = view.gram_tokens = tokens  # the weighted Gram sums over every token
         return view
 
     @property
